@@ -1,0 +1,33 @@
+"""Model code of hf_eenet: only torch/transformers imports, so this folder can also ship as Hub remote code."""
+
+from .configuration_eenet import EENET_CONFIG_FORMAT, EENET_VERSION, EENetBertConfig, EENetConfigMixin
+from .early_exit import EarlyExitMixin, multi_exit_loss
+from .exit_policies import (
+    EXIT_POLICY_CLASSES,
+    ConfidenceThresholdPolicy,
+    ExitPolicy,
+    ForcedExitPolicy,
+    default_budget_grid,
+    exit_policy_from_config,
+    register_exit_policy,
+)
+from .modeling_eenet_bert import EENetBertForSequenceClassification
+from .modeling_outputs import EarlyExitClassifierOutput
+
+__all__ = [
+    "EENET_CONFIG_FORMAT",
+    "EENET_VERSION",
+    "EXIT_POLICY_CLASSES",
+    "ConfidenceThresholdPolicy",
+    "EENetBertConfig",
+    "EENetBertForSequenceClassification",
+    "EENetConfigMixin",
+    "EarlyExitClassifierOutput",
+    "EarlyExitMixin",
+    "ExitPolicy",
+    "ForcedExitPolicy",
+    "default_budget_grid",
+    "exit_policy_from_config",
+    "multi_exit_loss",
+    "register_exit_policy",
+]

@@ -1,0 +1,339 @@
+"""The early-exit engine shared by every EENet backbone.
+
+A backbone plugs in through a thin adapter (the four `*_` methods of [`EarlyExitMixin`] that it implements):
+
+- `embed_inputs(**inputs)`: model inputs -> a *state*, a dict of batch-first tensors (hidden states, masks, ...);
+- `run_blocks(state, start, end)`: run backbone blocks `start..end-1` on the state;
+- `exit_features(state, k)`: pool the state for exit `k`'s head;
+- `exit_logits(k, features)`: exit `k`'s head;
+- `select_samples(state, index)` (optional): keep only some samples (the default indexes every tensor; text backbones
+  also trim padding to the longest survivor).
+
+The engine owns everything else: the three forward modes, the policy calls, batch compaction, cost accounting, the
+multi-exit loss, latency calibration and the output.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+from .configuration_eenet import validate_budget
+from .exit_policies import ExitPolicy, exit_policy_from_config
+from .modeling_outputs import EarlyExitClassifierOutput
+
+__all__ = ["EarlyExitMixin", "multi_exit_loss"]
+
+logger = logging.get_logger(__name__)
+
+State = dict[str, torch.Tensor]
+
+
+def multi_exit_loss(all_exit_logits: torch.Tensor, labels: torch.Tensor, weights) -> torch.Tensor:
+    """
+    `sum_k w_k CE(logits_k, labels) / sum_k w_k`.
+
+    Args:
+        all_exit_logits (`torch.FloatTensor` of shape `(batch, num_exits, num_labels)`)
+        labels (`torch.LongTensor` of shape `(batch,)`)
+        weights (`Sequence[float]`): one weight per exit.
+    """
+    batch, num_exits, num_labels = all_exit_logits.shape
+    per_exit = F.cross_entropy(
+        all_exit_logits.reshape(batch * num_exits, num_labels).float(),
+        labels.repeat_interleave(num_exits),
+        reduction="none",
+    ).view(batch, num_exits)
+    weights = torch.as_tensor(weights, dtype=per_exit.dtype, device=per_exit.device)
+    return (per_exit.mean(0) * weights).sum() / weights.sum()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EarlyExitMixin:
+    r"""
+    Mixed into a `PreTrainedModel` whose config is an [`EENetConfigMixin`]; provides `early_exit_forward`, policy
+    storage (`set_exit_policy`) and `calibrate_exit_costs`. The model's `forward` validates its own inputs and calls
+    `early_exit_forward`.
+    """
+
+    accepts_loss_kwargs = False  # the multi-exit loss is a mean: Trainer must not rescale it
+
+    # --- adapter interface (implemented by each backbone) ---------------------------------------------------------
+    def embed_inputs(self, **inputs) -> State:
+        raise NotImplementedError
+
+    def run_blocks(self, state: State, start: int, end: int) -> State:
+        raise NotImplementedError
+
+    def exit_features(self, state: State, exit_index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def exit_logits(self, exit_index: int, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select_samples(self, state: State, index: torch.Tensor) -> State:
+        """Keep only the samples at `index` (a `torch.LongTensor`) of every batch-first tensor of the state."""
+        return {name: value.index_select(0, index) for name, value in state.items()}
+
+    # --- exit policy ----------------------------------------------------------------------------------------------
+    def _init_exit_policy(self) -> None:
+        """Build the policy described by `config.exit_policy` (its tensors are then filled from the weights)."""
+        self.exit_policy = exit_policy_from_config(self.config.exit_policy) if self.config.exit_policy else None
+
+    def set_exit_policy(self, policy: ExitPolicy | None) -> None:
+        """
+        Store a fitted exit policy in the model: its tensors join the weights and its description joins
+        `config.exit_policy`, so `save_pretrained` / `from_pretrained` keep it. `None` removes the policy.
+        """
+        if policy is None:
+            self.exit_policy = None
+            self.config.exit_policy = None
+            return
+        if not isinstance(policy, ExitPolicy):
+            raise TypeError(f"`policy` must be an ExitPolicy, got {type(policy).__name__}.")
+        if not policy.persistable or not policy.is_fitted:
+            raise ValueError(f"Only a fitted, persistable policy can be stored in a model; got {policy!r}.")
+        if policy.num_exits != self.config.num_exits:
+            raise ValueError(f"The policy has {policy.num_exits} exits but the model has {self.config.num_exits}.")
+        self.exit_policy = policy.to(self.device)
+        self.config.exit_policy = policy.get_config()
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def early_exit_forward(
+        self,
+        inputs: Mapping[str, torch.Tensor | None],
+        *,
+        labels: torch.Tensor | None = None,
+        budget: float | None = None,
+        exit_policy: ExitPolicy | None = None,
+        output_all_exits: bool | None = None,
+        output_exit_features: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> EarlyExitClassifierOutput | tuple:
+        """Run the model in the mode its arguments ask for (see the backbone's `forward`)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None or self.training or output_all_exits or output_exit_features:
+            if budget is not None or exit_policy is not None:
+                reason = "`labels` are given" if labels is not None else "all exits are computed"
+                raise ValueError(
+                    f"A budget or exit policy cannot be used when {reason} (training, evaluation with labels, or "
+                    "`output_all_exits=True`): every exit runs on every sample. Call the model without labels and in "
+                    "eval mode to exit early."
+                )
+            output = self._all_exits_forward(inputs, labels, output_exit_features=bool(output_exit_features))
+        else:
+            policy, budget_index = self._resolve_policy(budget, exit_policy)
+            if policy is None:
+                output = self._full_forward(inputs)
+            else:
+                output = self._budgeted_forward(inputs, policy, budget_index)
+        return output if return_dict else output.to_tuple()
+
+    def _resolve_policy(self, budget, exit_policy: ExitPolicy | None) -> tuple[ExitPolicy | None, int | None]:
+        """Validate the budget and pick the policy and its fitted budget; `(None, None)` means the full model."""
+        if budget is None:
+            budget = self.config.default_budget
+        if budget is not None:
+            budget = validate_budget(budget)
+        num_exits, costs = self.config.num_exits, self.config.exit_costs
+        if exit_policy is not None:
+            if not isinstance(exit_policy, ExitPolicy):
+                raise TypeError(f"`exit_policy` must be an ExitPolicy, got {type(exit_policy).__name__}.")
+            if exit_policy.num_exits > num_exits or (exit_policy.persistable and exit_policy.num_exits != num_exits):
+                raise ValueError(f"The exit policy has {exit_policy.num_exits} exits but the model has {num_exits}.")
+            if not exit_policy.requires_budget:
+                return exit_policy, None
+            if budget is None:
+                raise ValueError(f"The {exit_policy.policy_type} exit policy needs a `budget`.")
+        if budget is None or budget >= 1.0:
+            return None, None
+        if budget < costs[0] - 1e-9:
+            raise ValueError(
+                f"budget {budget} is below the cost of the cheapest exit ({costs[0]:.4f} of the full model); the "
+                f"smallest budget this model can meet is {costs[0]:.4f}."
+            )
+        policy = exit_policy if exit_policy is not None else self.exit_policy
+        if policy is None:
+            raise ValueError(
+                f"budget {budget} needs a fitted exit policy, but this model has none. Fit one with "
+                "`ExitSchedulerTrainer` (or `model.set_exit_policy(policy.fit(...))`), or use budget=1.0 for the "
+                "full model."
+            )
+        return policy, policy.budget_index(budget)
+
+    def _check_batch(self, state: State) -> int:
+        batch_size = next(iter(state.values())).shape[0]
+        if batch_size == 0:
+            raise ValueError("The batch is empty: pass at least one sample.")
+        return batch_size
+
+    def _costs_tensor(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.config.exit_costs, dtype=torch.float32, device=device)
+
+    def _all_exits_forward(self, inputs, labels, *, output_exit_features: bool) -> EarlyExitClassifierOutput:
+        state = self.embed_inputs(**inputs)
+        batch_size = self._check_batch(state)
+        if labels is not None:
+            self._check_labels(labels, batch_size)
+        all_logits, all_features, start = [], [], 0
+        for k, end in enumerate(self.config.exit_layers):
+            state = self.run_blocks(state, start, end)
+            start = end
+            features = self.exit_features(state, k)
+            all_logits.append(self.exit_logits(k, features))
+            all_features.append(features)
+        all_exit_logits = torch.stack(all_logits, dim=1)
+        loss = None
+        if labels is not None:
+            loss = multi_exit_loss(all_exit_logits, labels.to(all_exit_logits.device), self.config.exit_loss_weights)
+        last = self.config.num_exits - 1
+        device = all_exit_logits.device
+        return EarlyExitClassifierOutput(
+            loss=loss,
+            logits=all_logits[-1],
+            exit_index=torch.full((batch_size,), last, dtype=torch.long, device=device),
+            exit_cost=self._costs_tensor(device)[last].expand(batch_size),
+            all_exit_logits=all_exit_logits,
+            all_exit_features=tuple(all_features) if output_exit_features else None,
+        )
+
+    def _check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
+        if labels.shape != (batch_size,):
+            raise ValueError(f"`labels` must have shape ({batch_size},) (one class index per sample), got {tuple(labels.shape)}.")
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"`labels` must be integer class indices (single-label classification), got {labels.dtype}.")
+        num_labels = self.config.num_labels
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+            raise ValueError(
+                f"`labels` must lie in [0, {num_labels - 1}] for a model with {num_labels} labels, got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]."
+            )
+
+    def _full_forward(self, inputs) -> EarlyExitClassifierOutput:
+        """The plain backbone: every block, then the backbone's own head; no exit head runs (cost 1.0)."""
+        state = self.embed_inputs(**inputs)
+        batch_size = self._check_batch(state)
+        last = self.config.num_exits - 1
+        state = self.run_blocks(state, 0, self.config.exit_layers[-1])
+        logits = self.exit_logits(last, self.exit_features(state, last))
+        return EarlyExitClassifierOutput(
+            logits=logits,
+            exit_index=torch.full((batch_size,), last, dtype=torch.long, device=logits.device),
+            exit_cost=torch.ones(batch_size, device=logits.device),
+        )
+
+    def _budgeted_forward(self, inputs, policy: ExitPolicy, budget_index: int | None) -> EarlyExitClassifierOutput:
+        """Block by block; after each exit the policy picks who leaves and the batch is compacted to the rest."""
+        state = self.embed_inputs(**inputs)
+        batch_size = self._check_batch(state)
+        device = next(iter(state.values())).device
+        last = self.config.num_exits - 1
+        policy_state = policy.initial_state(batch_size, device)
+        active = torch.arange(batch_size, device=device)  # original positions of the samples still running
+        exit_index = torch.full((batch_size,), last, dtype=torch.long, device=device)
+        logits_out, start = None, 0
+        for k, end in enumerate(self.config.exit_layers):
+            state = self.run_blocks(state, start, end)
+            start = end
+            features = self.exit_features(state, k)
+            logits = self.exit_logits(k, features)
+            if logits_out is None:
+                logits_out = logits.new_empty((batch_size, logits.shape[-1]))
+            if k == last:
+                logits_out[active] = logits
+                break
+            leave, policy_state = policy.decide(k, logits, features, policy_state, budget_index)
+            leaving = leave.nonzero().squeeze(1)
+            if leaving.numel() == 0:
+                continue
+            logits_out[active[leaving]] = logits[leaving]
+            exit_index[active[leaving]] = k
+            staying = (~leave).nonzero().squeeze(1)
+            if staying.numel() == 0:
+                break
+            active = active[staying]
+            state = self.select_samples(state, staying)
+            policy_state = {name: value.index_select(0, staying) for name, value in policy_state.items()}
+        return EarlyExitClassifierOutput(
+            logits=logits_out,
+            exit_index=exit_index,
+            exit_cost=self._costs_tensor(device)[exit_index],
+        )
+
+    # --- latency calibration --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate_exit_costs(
+        self, example_inputs: Mapping[str, torch.Tensor], num_repeats: int = 20, num_warmup: int = 3
+    ) -> list[float]:
+        """
+        Measure the exit costs on the current device and store them in the config (`exit_cost_source="latency"`).
+
+        The plain full forward and a pass through every exit are timed alternately on `example_inputs` (a batch
+        shaped like deployment traffic); exit `k`'s cost is the median time to reach its logits divided by the median
+        time of the full forward.
+
+        Args:
+            example_inputs (`Mapping[str, torch.Tensor]`): model inputs, e.g. a tokenizer's output.
+            num_repeats (`int`, *optional*, defaults to 20): timed repetitions.
+            num_warmup (`int`, *optional*, defaults to 3): untimed repetitions first.
+
+        Returns:
+            `list[float]`: the new `config.exit_costs`.
+        """
+        if num_repeats < 1 or num_warmup < 0:
+            raise ValueError(f"`num_repeats` must be >= 1 and `num_warmup` >= 0, got {num_repeats}, {num_warmup}.")
+        was_training = self.training
+        self.eval()
+        inputs = {name: value.to(self.device) if torch.is_tensor(value) else value for name, value in example_inputs.items()}
+        full_times, exit_times = [], []
+        try:
+            for repeat in range(num_warmup + num_repeats):
+                full_time = self._time_full_forward(inputs)
+                cumulative = self._time_exits(inputs)
+                if repeat >= num_warmup:
+                    full_times.append(full_time)
+                    exit_times.append(cumulative)
+        finally:
+            self.train(was_training)
+        full = statistics.median(full_times)
+        costs = [statistics.median(times[k] for times in exit_times) / full for k in range(self.config.num_exits)]
+        for k in range(1, len(costs)):  # medians of cumulative times can tie: keep costs strictly increasing
+            costs[k] = max(costs[k], costs[k - 1] * (1 + 1e-6))
+        if self.exit_policy is not None:
+            logger.warning(
+                "Exit costs changed after the exit policy was fitted; refit the policy so its budgets match the new "
+                "costs."
+            )
+        self.config.set_exit_costs(costs, source="latency")
+        return costs
+
+    def _time_full_forward(self, inputs) -> float:
+        device = self.device
+        _synchronize(device)
+        start = time.perf_counter()
+        self._full_forward(inputs)
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    def _time_exits(self, inputs) -> list[float]:
+        device = self.device
+        _synchronize(device)
+        begin = time.perf_counter()
+        state = self.embed_inputs(**inputs)
+        times, start = [], 0
+        for k, end in enumerate(self.config.exit_layers):
+            state = self.run_blocks(state, start, end)
+            start = end
+            self.exit_logits(k, self.exit_features(state, k))
+            _synchronize(device)
+            times.append(time.perf_counter() - begin)
+        return times

@@ -1,0 +1,169 @@
+"""Multi-exit BERT for sequence classification: a thin adapter of BERT to the early-exit engine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
+
+from .configuration_eenet import EENetBertConfig
+from .early_exit import EarlyExitMixin
+from .exit_policies import ExitPolicy
+from .modeling_outputs import EarlyExitClassifierOutput
+
+__all__ = ["EENetBertExitHead", "EENetBertForSequenceClassification"]
+
+
+class EENetBertExitHead(nn.Module):
+    """An early exit's head, shaped like BERT's own: pooler (dense + tanh), dropout, linear classifier."""
+
+    def __init__(self, config: EENetBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.activation(self.dense(pooled))))
+
+
+class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
+    r"""
+    BERT with a classifier head after several encoder layers (`config.exit_layers`) that exits early, per sample,
+    inside a batch.
+
+    The backbone, pooler and classifier keep the names of [`BertForSequenceClassification`], so a stock BERT
+    checkpoint (a pretrained `BertModel` or a fine-tuned `BertForSequenceClassification`) loads with only the early
+    exits (and the exit policy) newly initialised. The last exit *is* the stock classifier.
+
+    Example:
+
+    ```python
+    >>> import hf_eenet
+    >>> from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    >>> model = AutoModelForSequenceClassification.from_pretrained("org/bert-eenet-sst2")
+    >>> tokenizer = AutoTokenizer.from_pretrained("org/bert-eenet-sst2")
+    >>> inputs = tokenizer(["a gorgeous, witty film", "dull"], padding=True, return_tensors="pt")
+    >>> out = model(**inputs, budget=0.5)
+    >>> out.logits, out.exit_index, out.exit_cost
+    ```
+    """
+
+    config_class = EENetBertConfig
+
+    def __init__(self, config: EENetBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=True)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.exit_heads = nn.ModuleList(EENetBertExitHead(config) for _ in config.exit_layers[:-1])
+        self._init_exit_policy()
+        self.post_init()
+
+    # --- adapter --------------------------------------------------------------------------------------------------
+    def embed_inputs(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        hidden_states = self.bert.embeddings(
+            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )
+        batch_size, length = hidden_states.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, length, dtype=torch.long, device=hidden_states.device)
+        elif attention_mask.shape != (batch_size, length):
+            raise ValueError(
+                f"`attention_mask` must have shape {(batch_size, length)} like the inputs, got {tuple(attention_mask.shape)}."
+            )
+        return {"hidden_states": hidden_states, "attention_mask": attention_mask}
+
+    def run_blocks(self, state, start, end):
+        hidden_states = state["hidden_states"]
+        if "attention_bias" not in state:  # built once per batch composition, as BertModel does once per forward
+            bias = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=state["attention_mask"]
+            )
+            state = {**state, "attention_bias": bias if bias is not None else hidden_states.new_empty(0)}
+        bias = state["attention_bias"] if state["attention_bias"].numel() else None
+        for layer in self.bert.encoder.layer[start:end]:
+            hidden_states = layer(hidden_states, bias)
+        return {**state, "hidden_states": hidden_states}
+
+    def exit_features(self, state, exit_index):
+        hidden_states = state["hidden_states"]
+        if self.config.exit_pooling == "cls":
+            return hidden_states[:, 0]
+        mask = state["attention_mask"].unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def exit_logits(self, exit_index, features):
+        if exit_index < len(self.exit_heads):
+            return self.exit_heads[exit_index](features)
+        pooler = self.bert.pooler
+        return self.classifier(self.dropout(pooler.activation(pooler.dense(features))))
+
+    def select_samples(self, state, index):
+        """Keep the samples at `index` and trim trailing padding to the longest of them."""
+        mask = state["attention_mask"].index_select(0, index)
+        length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+        return {
+            "hidden_states": state["hidden_states"].index_select(0, index)[:, :length],
+            "attention_mask": mask[:, :length],
+        }
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        budget: float | None = None,
+        exit_policy: ExitPolicy | None = None,
+        output_all_exits: bool | None = None,
+        output_exit_features: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> EarlyExitClassifierOutput | tuple:
+        r"""
+        Args:
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds:
+                As for [`BertForSequenceClassification`]. Padding must be on the right (BERT tokenizers' default)
+                for padding trimming.
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class indices. Every exit is computed and the multi-exit loss is returned.
+            budget (`float`, *optional*):
+                Allowed average cost per sample relative to the full model. `None` uses `config.default_budget`
+                (and the full model when that is `None`); `>= 1.0` runs the plain full model; below 1.0 the fitted
+                exit policy decides, using its nearest fitted budget not above `budget`. Budgets below the cheapest
+                exit, or on a model without a fitted policy, raise a `ValueError`.
+            exit_policy (`ExitPolicy`, *optional*):
+                A policy to use for this call instead of the stored one (e.g. a `ForcedExitPolicy`).
+            output_all_exits (`bool`, *optional*):
+                Compute every exit for every sample and return `all_exit_logits`.
+            output_exit_features (`bool`, *optional*):
+                With all exits computed, also return the pooled features each exit head received.
+            return_dict (`bool`, *optional*):
+                Return an [`EarlyExitClassifierOutput`] (default) or a tuple.
+        """
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+        }
+        return self.early_exit_forward(
+            inputs,
+            labels=labels,
+            budget=budget,
+            exit_policy=exit_policy,
+            output_all_exits=output_all_exits,
+            output_exit_features=output_exit_features,
+            return_dict=return_dict,
+        )

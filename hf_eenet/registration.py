@@ -1,0 +1,21 @@
+"""Registration of the EENet classes with the transformers Auto classes (idempotent)."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from .models import EENetBertConfig, EENetBertForSequenceClassification
+
+__all__ = ["register"]
+
+_registered = False
+
+
+def register() -> None:
+    """Register the configs and models with `AutoConfig` / `AutoModelFor*`; safe to call more than once."""
+    global _registered
+    if _registered:
+        return
+    AutoConfig.register(EENetBertConfig.model_type, EENetBertConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(EENetBertConfig, EENetBertForSequenceClassification, exist_ok=True)
+    _registered = True
