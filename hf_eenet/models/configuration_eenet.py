@@ -78,14 +78,20 @@ class EENetConfigMixin:
                 f"the backbone's own classifier, got {exit_layers}."
             )
         if any(b <= a for a, b in zip(exit_layers, exit_layers[1:])) or exit_layers[0] < 1:
-            raise ValueError(f"`exit_layers` must be strictly increasing integers in [1, {num_blocks}], got {exit_layers}.")
+            raise ValueError(
+                f"`exit_layers` must be strictly increasing integers in [1, {num_blocks}], got {exit_layers}."
+            )
         self.exit_layers = exit_layers
         num_exits = len(exit_layers)
 
         if exit_loss_weights is None:
             exit_loss_weights = [float(k + 1) for k in range(num_exits)]
         exit_loss_weights = [float(w) for w in exit_loss_weights]
-        if len(exit_loss_weights) != num_exits or any(not w >= 0 for w in exit_loss_weights) or sum(exit_loss_weights) <= 0:
+        if (
+            len(exit_loss_weights) != num_exits
+            or any(not w >= 0 for w in exit_loss_weights)
+            or sum(exit_loss_weights) <= 0
+        ):
             raise ValueError(
                 f"`exit_loss_weights` must hold {num_exits} non-negative numbers with a positive sum (one per exit), "
                 f"got {exit_loss_weights}."

@@ -208,9 +208,13 @@ class EarlyExitMixin:
 
     def _check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
         if labels.shape != (batch_size,):
-            raise ValueError(f"`labels` must have shape ({batch_size},) (one class index per sample), got {tuple(labels.shape)}.")
+            raise ValueError(
+                f"`labels` must have shape ({batch_size},) (one class index per sample), got {tuple(labels.shape)}."
+            )
         if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"`labels` must be integer class indices (single-label classification), got {labels.dtype}.")
+            raise ValueError(
+                f"`labels` must be integer class indices (single-label classification), got {labels.dtype}."
+            )
         num_labels = self.config.num_labels
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
             raise ValueError(
@@ -293,7 +297,9 @@ class EarlyExitMixin:
             raise ValueError(f"`num_repeats` must be >= 1 and `num_warmup` >= 0, got {num_repeats}, {num_warmup}.")
         was_training = self.training
         self.eval()
-        inputs = {name: value.to(self.device) if torch.is_tensor(value) else value for name, value in example_inputs.items()}
+        inputs = {
+            name: value.to(self.device) if torch.is_tensor(value) else value for name, value in example_inputs.items()
+        }
         full_times, exit_times = [], []
         try:
             for repeat in range(num_warmup + num_repeats):

@@ -66,7 +66,9 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
         self.post_init()
 
     # --- adapter --------------------------------------------------------------------------------------------------
-    def embed_inputs(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+    def embed_inputs(
+        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None
+    ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         hidden_states = self.bert.embeddings(

