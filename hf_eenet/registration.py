@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .models import EENetBertConfig, EENetBertForSequenceClassification
+from .pipelines import register_pipelines
 
 __all__ = ["register"]
 
@@ -12,10 +13,11 @@ _registered = False
 
 
 def register() -> None:
-    """Register the configs and models with `AutoConfig` / `AutoModelFor*`; safe to call more than once."""
+    """Register configs, models and budgeted pipelines with transformers; safe to call more than once."""
     global _registered
     if _registered:
         return
     AutoConfig.register(EENetBertConfig.model_type, EENetBertConfig, exist_ok=True)
     AutoModelForSequenceClassification.register(EENetBertConfig, EENetBertForSequenceClassification, exist_ok=True)
+    register_pipelines()
     _registered = True
