@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .models import EENetBertConfig, EENetBertForSequenceClassification
+from . import model_card
+from .models import EarlyExitMixin, EENetBertConfig, EENetBertForSequenceClassification
 from .pipelines import register_pipelines
 
 __all__ = ["register"]
@@ -20,4 +21,5 @@ def register() -> None:
     AutoConfig.register(EENetBertConfig.model_type, EENetBertConfig, exist_ok=True)
     AutoModelForSequenceClassification.register(EENetBertConfig, EENetBertForSequenceClassification, exist_ok=True)
     register_pipelines()
+    EarlyExitMixin.hub_integration = model_card
     _registered = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,9 @@ class EarlyExitMixin:
     """
 
     accepts_loss_kwargs = False  # the multi-exit loss is a mean: Trainer must not rescale it
+    # Model-card and Hub support (`hf_eenet.model_card`), installed by `import hf_eenet`. The model code alone (e.g. as
+    # Hub remote code) runs without it and then saves and uploads like any transformers model.
+    hub_integration: ClassVar[Any] = None
 
     # --- adapter interface (implemented by each backbone) ---------------------------------------------------------
     def embed_inputs(self, **inputs) -> State:
@@ -106,6 +110,37 @@ class EarlyExitMixin:
             raise ValueError(f"The policy has {policy.num_exits} exits but the model has {self.config.num_exits}.")
         self.exit_policy = policy.to(self.device)
         self.config.exit_policy = policy.get_config()
+
+    # --- saving, loading, uploading (with the model card) ----------------------------------------------------------
+    def save_pretrained(
+        self, save_directory, *args, write_model_card: bool = True, overwrite_model_card: bool = False, **kwargs
+    ):
+        """
+        `PreTrainedModel.save_pretrained`, plus the model card (`README.md`, its data and plot) when `hf_eenet` is
+        installed. An existing README that hf_eenet did not generate is kept unless `overwrite_model_card=True`.
+        """
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if write_model_card and self.hub_integration is not None and kwargs.get("is_main_process", True):
+            self.hub_integration.write_model_card(self, save_directory, overwrite=overwrite_model_card)
+        return result
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        """
+        Upload config, weights (with the exit policy) and the generated model card. An existing README on the Hub is
+        kept unless `overwrite_model_card=True`. See `hf_eenet.model_card.push_to_hub` for the arguments.
+        """
+        if self.hub_integration is None:
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        return self.hub_integration.push_to_hub(self, repo_id, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the model card data saved with the model (if any)."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if cls.hub_integration is not None and pretrained_model_name_or_path is not None:
+            model = loaded[0] if isinstance(loaded, tuple) else loaded
+            cls.hub_integration.load_card_data(model, pretrained_model_name_or_path, **kwargs)
+        return loaded
 
     # --- forward --------------------------------------------------------------------------------------------------
     def early_exit_forward(

@@ -1,0 +1,183 @@
+"""Model cards: rendering, parsing back, persistence with the model, push_to_hub (Hub faked at the upload boundary)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib
+import pytest
+import torch
+from conftest import random_text_batch, tiny_bert_config
+from huggingface_hub import HfApi, ModelCard
+
+from hf_eenet import ConfidenceThresholdPolicy, EENetBertForSequenceClassification
+from hf_eenet.model_card import EENetModelCardData, render_model_card
+
+matplotlib.use("Agg")
+
+
+def make_plot(path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots()
+    axis.plot([0.3, 0.5, 1.0], [0.85, 0.87, 0.88])
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+@pytest.fixture
+def carded_model(tmp_path):
+    model = EENetBertForSequenceClassification(tiny_bert_config(num_labels=2)).eval()
+    batch = random_text_batch(16)
+    with torch.no_grad():
+        logits = model(**batch, output_all_exits=True).all_exit_logits
+    policy = ConfidenceThresholdPolicy(model.config.num_exits).fit(
+        logits, torch.randint(0, 2, (16,)), model.config.exit_costs, budgets=[0.4, 0.6]
+    )
+    model.set_exit_policy(policy)
+    model.model_card_data = EENetModelCardData(
+        model_name="EENet MiniLM SST-2",
+        base_model="sentence-transformers/all-MiniLM-L6-v2",
+        language="en",
+        license="apache-2.0",
+        dataset_id="nyu-mll/glue",
+        dataset_name="SST-2",
+        dataset_config="sst2",
+        exit_accuracies=[0.80, 0.85, 0.88],
+        exit_accuracy_split="test",
+        plot_path=str(make_plot(tmp_path / "plot.png")),
+        training_hyperparameters={"learning_rate": 5e-5, "exit_head_learning_rate": 1e-3},
+        fitting_hyperparameters={"calibration split": "validation"},
+    )
+    rows = [
+        {"policy": "confidence-threshold", "budget": 0.4, "accuracy": 0.861, "cost": 0.398},
+        {"policy": "confidence-threshold", "budget": 0.6, "accuracy": 0.874, "cost": 0.597},
+        {"policy": "oracle", "budget": 0.4, "accuracy": 0.93, "cost": 0.27},
+    ]
+    model.model_card_data.add_budget_table("simulated", "test", rows)
+    model.model_card_data.add_budget_table("measured", "test", [{**rows[0], "ms_per_sample": 1.5}])
+    return model
+
+
+def test_card_renders_every_section_and_parses_back(carded_model, tmp_path):
+    card = render_model_card(carded_model)
+    text = str(card)
+    for heading in (
+        "## How to use",
+        "## Exits",
+        "## Budget → accuracy and cost",
+        "### Simulated on test",
+        "### Measured on test",
+        "## Training",
+        "## Exit policy fitting",
+        "## Framework versions",
+    ):
+        assert heading in text, heading
+    assert 'pipeline("text-classification", model="path/to/this-model", budget=0.5)' in text
+    assert "| 2 | 3 | 1.0" in text and "88.00 %" in text  # the last exit's row with its accuracy
+    assert "| confidence-threshold | 0.40 | 86.10 % | 0.398 | 1.5 |" in text  # the measured row
+    assert "![Accuracy against average cost for every policy](budget_plot.png)" in text
+    assert "| learning_rate | 5e-05 |" in text and "| fitted budgets | 0.4, 0.6 |" in text
+
+    card.save(tmp_path / "README.md")
+    parsed = ModelCard.load(tmp_path / "README.md")
+    assert parsed.data.pipeline_tag == "text-classification"
+    assert parsed.data.library_name == "transformers"
+    assert {"hf_eenet", "early-exit"} <= set(parsed.data.tags)
+    assert parsed.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert parsed.data.datasets == ["nyu-mll/glue"]
+    results = parsed.data.eval_results
+    assert [r.metric_value for r in results] == [0.861, 0.874, 0.861]  # the stored policy's rows only
+    assert results[0].dataset_split == "test" and "simulated" in results[0].metric_name
+    assert results[2].metric_name.startswith("accuracy at budget 0.4 (measured")
+
+
+def test_card_renders_identically_and_without_data(carded_model):
+    assert str(render_model_card(carded_model)) == str(render_model_card(carded_model))
+    bare = EENetBertForSequenceClassification(tiny_bert_config())
+    text = str(render_model_card(bare))
+    assert "No budget evaluation has been recorded" in text and "No exit policy has been fitted" in text
+
+
+def test_save_pretrained_writes_card_and_from_pretrained_restores_its_data(carded_model, tmp_path):
+    out = tmp_path / "model"
+    carded_model.save_pretrained(out)
+    assert {"README.md", "config.json", "model.safetensors", "eenet_card_data.json", "budget_plot.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    loaded = EENetBertForSequenceClassification.from_pretrained(out)
+    assert loaded.model_card_data.budget_tables == carded_model.model_card_data.budget_tables
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)
+    assert (again / "README.md").read_text() == (out / "README.md").read_text()
+    assert (again / "budget_plot.png").read_bytes() == (out / "budget_plot.png").read_bytes()
+
+
+def test_an_existing_handwritten_readme_is_kept_unless_asked(carded_model, tmp_path):
+    (tmp_path / "README.md").write_text("# My own notes\n")
+    carded_model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# My own notes\n"
+    carded_model.save_pretrained(tmp_path, overwrite_model_card=True)
+    assert "## Budget → accuracy and cost" in (tmp_path / "README.md").read_text()
+
+
+def test_bad_card_data_is_rejected(carded_model, tmp_path):
+    with pytest.raises(ValueError, match="Unknown model card fields"):
+        EENetModelCardData.from_dict({"model_name": "x", "colour": "blue"})
+    with pytest.raises(ValueError, match="'simulated' or 'measured'"):
+        carded_model.model_card_data.add_budget_table("guessed", "test", [])
+    carded_model.model_card_data.exit_accuracies = [0.5]
+    with pytest.raises(ValueError, match="1 values for 3 exits"):
+        render_model_card(carded_model)
+    carded_model.model_card_data.exit_accuracies = None
+    carded_model.model_card_data.plot_path = str(tmp_path / "missing.png")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        carded_model.save_pretrained(tmp_path / "out")
+
+
+class FakeHub:
+    """Stands in for the Hub at the HTTP boundary of `HfApi`: records what would be created and uploaded."""
+
+    def __init__(self, monkeypatch, remote_readme: bool):
+        self.uploads = []
+        hub = self
+
+        def create_repo(api, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"user/{repo_id}")
+
+        def file_exists(api, repo_id, filename, **kwargs):
+            return remote_readme and filename == "README.md"
+
+        def upload_folder(api, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+            files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+            for pattern in ignore_patterns or []:
+                files.pop(pattern, None)
+            hub.uploads.append({"repo_id": repo_id, "files": files, **kwargs})
+            return SimpleNamespace(commit_url=f"https://example.invalid/{repo_id}")
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "file_exists", file_exists)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+
+def test_push_to_hub_uploads_config_weights_and_our_card(carded_model, monkeypatch):
+    hub = FakeHub(monkeypatch, remote_readme=False)
+    carded_model.push_to_hub("org/eenet-tiny", commit_message="first")
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "org/eenet-tiny" and upload["commit_message"] == "first"
+    files = upload["files"]
+    assert {"config.json", "model.safetensors", "README.md", "eenet_card_data.json", "budget_plot.png"} <= set(files)
+    readme = files["README.md"].decode()
+    assert 'pipeline("text-classification", model="org/eenet-tiny", budget=0.5)' in readme
+    assert json.loads(files["config.json"])["exit_policy"]["policy_type"] == "confidence-threshold"
+
+
+def test_push_to_hub_keeps_an_existing_remote_card_unless_asked(carded_model, monkeypatch):
+    hub = FakeHub(monkeypatch, remote_readme=True)
+    carded_model.push_to_hub("org/eenet-tiny")
+    assert "README.md" not in hub.uploads[0]["files"] and "model.safetensors" in hub.uploads[0]["files"]
+    carded_model.push_to_hub("org/eenet-tiny", overwrite_model_card=True)
+    assert "README.md" in hub.uploads[1]["files"]
