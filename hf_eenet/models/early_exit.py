@@ -88,6 +88,10 @@ class EarlyExitMixin:
         """Keep only the samples at `index` (a `torch.LongTensor`) of every batch-first tensor of the state."""
         return {name: value.index_select(0, index) for name, value in state.items()}
 
+    def exit_head_parameters(self):
+        """Parameters of the early-exit heads (`exit_heads`); the last exit is the backbone's own head."""
+        return self.exit_heads.parameters()
+
     # --- exit policy ----------------------------------------------------------------------------------------------
     def _init_exit_policy(self) -> None:
         """Build the policy described by `config.exit_policy` (its tensors are then filled from the weights)."""

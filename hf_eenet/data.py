@@ -1,0 +1,649 @@
+"""Dataset loading for the hf_eenet scripts: a Hub dataset id or local files, the same arguments for both.
+
+The pipeline is split so that the vision path can reuse the generic parts:
+
+1. [`load_raw_splits`] (generic): a Hub id (`datasets.load_dataset(name, config)`) or local files (csv, tsv,
+   json/jsonl, parquet; one file or a directory of split files such as `train.tsv` / `dev.tsv` or the Hub's
+   `data/train-00000-of-00001.parquet`), keyed by *role* (`"train"`, `"calibration"`, `"test"`), validated and cut to
+   the maximum number of samples.
+2. [`resolve_column`] and [`encode_labels`] (generic): columns by name or 0-based index; labels as integer class ids
+   with one label list shared by every split.
+3. Text only: [`prepare_text_columns`], [`load_text_classification_data`], [`tokenize_text_splits`] and
+   [`text_data_collator`] (dynamic padding: the tokenized rows stay unpadded, so `train_sampling_strategy=
+   "group_by_length"` groups them by their real length).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Dataset, DatasetDict, Value
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers.utils import logging
+
+__all__ = [
+    "DATA_ROLES",
+    "ClassificationData",
+    "DatasetArguments",
+    "encode_labels",
+    "load_raw_splits",
+    "load_text_classification_data",
+    "prepare_text_columns",
+    "resolve_column",
+    "text_data_collator",
+    "tokenize_text_splits",
+]
+
+logger = logging.get_logger(__name__)
+
+# The roles a split plays in the EENet workflow, and the `DatasetArguments` field naming the split of each.
+DATA_ROLES = ("train", "calibration", "test")
+
+# Local file suffixes -> `datasets` builder.
+LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+# Column names tried, in order, when no text column is given.
+TEXT_COLUMN_CANDIDATES = ("sentence", "text", "sentence1", "question", "content", "review", "document")
+
+# Interchangeable names of the validation split (GLUE's files call it "dev", the Hub calls it "validation").
+SPLIT_ALIASES = {
+    "validation": ("dev", "valid", "val"),
+    "dev": ("validation", "valid", "val"),
+    "valid": ("validation", "dev", "val"),
+    "val": ("validation", "dev", "valid"),
+}
+
+_SHARD_SUFFIX = re.compile(r"[-_]\d{5}[-_]of[-_]\d{5}$")
+
+
+@dataclass
+class DatasetArguments:
+    r"""
+    Which dataset to load and how to read it, as [`~transformers.HfArgumentParser`] flags. The same arguments work
+    for a Hub dataset id (online) and local files (offline).
+
+    Args:
+        dataset_name (`str`):
+            A Hub dataset id (e.g. `"nyu-mll/glue"`), a local file (csv, tsv, json/jsonl or parquet: one split named
+            `"train"`), or a local directory of split files named after their split (`train.tsv`, `dev.tsv`,
+            `test.tsv`, `train.parquet`, or the Hub's layout `data/train-00000-of-00001.parquet`).
+        dataset_config_name (`str`, *optional*):
+            Configuration of a Hub dataset (e.g. `"sst2"` for `"nyu-mll/glue"`).
+        train_split, calibration_split, test_split (`str`):
+            Split names for training the exits, fitting the exit scheduler, and reporting. `"validation"` and
+            `"dev"` stand for each other when only one of them exists.
+        text_column (`str`, *optional*):
+            Column holding the text, by name or 0-based index. Defaults to the first of `sentence`, `text`,
+            `sentence1`, ... that exists, else the first string column.
+        text_pair_column (`str`, *optional*):
+            Column holding the second text of a pair (e.g. the hypothesis of NLI), by name or index.
+        label_column (`str`, *optional*, defaults to `"label"`):
+            Column holding the label, by name or 0-based index. Labels may be integer class ids, integral floats,
+            or strings (mapped through `label_names`).
+        label_names (`list[str]`, *optional*):
+            The label list, in class-id order. String labels are mapped through it; without it they are mapped
+            through their sorted set over every loaded split (pass the model's labels when loading data for a
+            trained model).
+        has_header (`bool`, *optional*, defaults to `True`):
+            Whether local csv/tsv files start with a header row. Without one their columns are named `column_0`,
+            `column_1`, ... and are usually selected by index.
+        delimiter (`str`, *optional*):
+            Field delimiter of local csv/tsv files; defaults to `","` for `.csv` and a tab for `.tsv`. tsv files are
+            read without quote handling (as GLUE's are), csv files with standard double quotes.
+        max_train_samples, max_calibration_samples, max_test_samples (`int`, *optional*):
+            Keep only the first this many rows of a split.
+        max_seq_length (`int`, *optional*, defaults to 128):
+            Truncate tokenized texts to this many tokens. `None` uses the tokenizer's maximum.
+        cache_dir (`str`, *optional*):
+            Where `datasets` caches downloaded and converted data.
+    """
+
+    dataset_name: str = field(
+        metadata={"help": "A Hub dataset id, a local data file (csv/tsv/json/jsonl/parquet) or a directory of them."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split the exits are trained on."})
+    calibration_split: str = field(
+        default="validation",
+        metadata={"help": "Held-out labelled split the exit scheduler is fitted on ('validation' and 'dev' alias)."},
+    )
+    test_split: str = field(default="test", metadata={"help": "Labelled split the budget tables are reported on."})
+    text_column: str | None = field(
+        default=None,
+        metadata={"help": "Text column, by name or 0-based index (default: 'sentence', 'text', ... if present)."},
+    )
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Optional second text column of a text pair, by name or 0-based index."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Label column, by name or 0-based index."})
+    label_names: list[str] | None = field(
+        default=None, metadata={"help": "Label list in class-id order; string labels are mapped through it."}
+    )
+    has_header: bool = field(default=True, metadata={"help": "Whether local csv/tsv files start with a header row."})
+    delimiter: str | None = field(
+        default=None, metadata={"help": "Delimiter of local csv/tsv files (default: ',' for .csv, tab for .tsv)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_calibration_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N calibration rows."}
+    )
+    max_test_samples: int | None = field(default=None, metadata={"help": "Keep only the first N test rows."})
+    max_seq_length: int | None = field(
+        default=128, metadata={"help": "Truncate tokenized texts to this many tokens (None: tokenizer maximum)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache directory of `datasets`."})
+
+    def __post_init__(self):
+        if not self.dataset_name:
+            raise ValueError("`dataset_name` must be a Hub dataset id or a local path.")
+        for role in DATA_ROLES:
+            limit = getattr(self, f"max_{role}_samples")
+            if limit is not None and limit < 1:
+                raise ValueError(f"`max_{role}_samples` must be >= 1 or None, got {limit}.")
+        if self.max_seq_length is not None and self.max_seq_length < 1:
+            raise ValueError(f"`max_seq_length` must be >= 1 or None, got {self.max_seq_length}.")
+
+    def split_name(self, role: str) -> str:
+        """The split name given for a role (`"train"`, `"calibration"` or `"test"`)."""
+        if role not in DATA_ROLES:
+            raise ValueError(f"Unknown data role {role!r}; roles are {list(DATA_ROLES)}.")
+        return getattr(self, f"{role}_split")
+
+
+@dataclass
+class ClassificationData:
+    r"""
+    Splits prepared for classification, keyed by role, and their label list.
+
+    Args:
+        splits (`datasets.DatasetDict`):
+            One dataset per requested role, with an integer `label` column (a `ClassLabel`) and the input columns
+            (`text` and optionally `text_pair` for text).
+        label_names (`list[str]`):
+            Label of each class id.
+    """
+
+    splits: DatasetDict
+    label_names: list[str]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.label_names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.label_names)}
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+# --- generic: loading ---------------------------------------------------------------------------------------------
+def load_raw_splits(args: DatasetArguments, roles: Sequence[str] = DATA_ROLES) -> DatasetDict:
+    """
+    Load the splits that play `roles`, as they are stored (no column processing).
+
+    Args:
+        args ([`DatasetArguments`]): the dataset and split names.
+        roles (`Sequence[str]`, *optional*): any of `"train"`, `"calibration"`, `"test"`.
+
+    Returns:
+        `datasets.DatasetDict`: keyed by role, each cut to its `max_<role>_samples`.
+
+    Raises:
+        `FileNotFoundError`: a local path that does not exist. `ValueError`: an empty file, an unknown split (the
+        message lists the available ones) or a split without rows.
+    """
+    if not roles:
+        raise ValueError("Ask for at least one data role.")
+    for role in roles:
+        args.split_name(role)  # validates the role
+    path = Path(args.dataset_name).expanduser()
+    if path.exists():
+        available = _load_local(path, args)
+        source = str(path)
+    else:
+        if _looks_like_a_path(args.dataset_name):
+            raise FileNotFoundError(f"No such file or directory: {args.dataset_name!r}.")
+        available = _load_hub(args)
+        source = args.dataset_name + (f" ({args.dataset_config_name})" if args.dataset_config_name else "")
+    result = DatasetDict()
+    for role in roles:
+        split = _match_split(args.split_name(role), list(available), source, role)
+        dataset = available[split]
+        if len(dataset) == 0:
+            raise ValueError(f"The {split!r} split of {source} ({role} data) has no rows.")
+        limit = getattr(args, f"max_{role}_samples")
+        if limit is not None and limit < len(dataset):
+            dataset = dataset.select(range(limit))
+        result[role] = dataset
+    return result
+
+
+def _looks_like_a_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or Path(name).suffix.lower() in LOCAL_FORMATS
+        or name.count("/") > 1
+    )
+
+
+def _load_hub(args: DatasetArguments) -> DatasetDict:
+    """A Hub dataset id with its configuration (every split)."""
+    loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    if not isinstance(loaded, DatasetDict):
+        raise ValueError(f"Expected the splits of {args.dataset_name!r}, got a {type(loaded).__name__}.")
+    return loaded
+
+
+def _match_split(split: str, available: list[str], source: str, role: str) -> str:
+    if split in available:
+        return split
+    for alias in SPLIT_ALIASES.get(split, ()):
+        if alias in available:
+            logger.info(f"Using split {alias!r} of {source} for the requested {split!r} ({role} data).")
+            return alias
+    raise ValueError(
+        f"Unknown split {split!r} ({role} data) in {source}; available splits: {sorted(available)}. "
+        f"Choose one with `--{role}_split`."
+    )
+
+
+def _split_of_file(path: Path) -> str:
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return _SHARD_SUFFIX.sub("", stem)
+
+
+def _local_data_files(path: Path) -> dict[str, list[Path]]:
+    """Split name -> files of a local file or directory."""
+    if path.is_file():
+        if path.suffix.lower() not in LOCAL_FORMATS:
+            raise ValueError(
+                f"Unsupported data file {str(path)!r}: use one of {sorted(LOCAL_FORMATS)} (or a Hub dataset id)."
+            )
+        return {"train": [path]}
+    for folder in (path, path / "data"):
+        files = sorted(f for f in folder.glob("*") if f.is_file() and f.suffix.lower() in LOCAL_FORMATS)
+        if files:
+            break
+    else:
+        present = sorted(p.name for p in path.iterdir())[:20]
+        raise ValueError(
+            f"The directory {str(path)!r} holds no data files ({', '.join(sorted(LOCAL_FORMATS))}), directly or "
+            f"under data/; it holds: {present}."
+        )
+    kinds = {".json" if f.suffix.lower() == ".jsonl" else f.suffix.lower() for f in files}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"The directory {str(path)!r} mixes data formats ({[f.name for f in files]}); keep one format per "
+            "directory or point `dataset_name` at one file."
+        )
+    by_split: dict[str, list[Path]] = {}
+    for file in files:
+        by_split.setdefault(_split_of_file(file), []).append(file)
+    return by_split
+
+
+def _check_not_empty(file: Path) -> None:
+    size = file.stat().st_size
+    if size == 0:
+        raise ValueError(f"The data file {str(file)!r} is empty.")
+    if file.suffix.lower() != ".parquet" and size < 1 << 16 and not file.read_bytes().strip():
+        raise ValueError(f"The data file {str(file)!r} is empty (only whitespace).")
+
+
+def _load_local(path: Path, args: DatasetArguments) -> DatasetDict:
+    """Local files: csv/tsv (with or without header), json/jsonl, parquet."""
+    by_split = _local_data_files(path)
+    first = next(iter(by_split.values()))[0]
+    suffix = first.suffix.lower()
+    builder = LOCAL_FORMATS[suffix]
+    for files in by_split.values():
+        for file in files:
+            _check_not_empty(file)
+    kwargs: dict = {}
+    if builder == "csv":
+        delimiter = args.delimiter if args.delimiter is not None else ("\t" if suffix == ".tsv" else ",")
+        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+        kwargs = {"sep": delimiter, "quoting": quoting}
+        if not args.has_header:
+            kwargs["header"] = None
+            kwargs["column_names"] = [f"column_{i}" for i in range(_count_fields(first, delimiter, quoting))]
+    data_files = {split: [str(f) for f in files] for split, files in by_split.items()}
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, cache_dir=args.cache_dir, **kwargs)
+    except Exception as error:  # pandas/pyarrow parse errors: say which files could not be read
+        no_rows = re.search(r'Instruction "(.+?)" corresponds to no data', str(error))
+        if no_rows and no_rows.group(1) in data_files:
+            split = no_rows.group(1)
+            raise ValueError(f"The {split!r} split of {path} has no rows ({data_files[split]}).") from error
+        raise ValueError(
+            f"Could not read the {builder} files {data_files} ({type(error).__name__}: {error})."
+        ) from error
+
+
+def _count_fields(file: Path, delimiter: str, quoting: int) -> int:
+    with file.open(newline="", encoding="utf-8-sig") as handle:
+        for row in csv.reader(handle, delimiter=delimiter, quoting=quoting):
+            if any(cell.strip() for cell in row):
+                return len(row)
+    raise ValueError(f"The data file {str(file)!r} is empty.")
+
+
+# --- generic: columns and labels ----------------------------------------------------------------------------------
+def resolve_column(dataset: Dataset, column: str | int, *, what: str = "column", where: str = "") -> str:
+    """
+    The name of a column given by name or 0-based index (a name wins over an index).
+
+    Args:
+        dataset (`datasets.Dataset`): the dataset.
+        column (`str` or `int`): a column name, or an index such as `1` or `"1"`.
+        what (`str`, *optional*): what the column is for, for the error message (e.g. `"label column"`).
+        where (`str`, *optional*): which split, for the error message.
+
+    Raises:
+        `ValueError` listing the available columns.
+    """
+    names = dataset.column_names
+    if isinstance(column, str) and column in names:
+        return column
+    index = column if isinstance(column, int) else int(column) if str(column).strip().isdigit() else None
+    if index is not None and 0 <= index < len(names):
+        return names[index]
+    location = f" of {where}" if where else ""
+    raise ValueError(f"The {what} {column!r} is not a column{location}; available columns (0-based): {names}.")
+
+
+def encode_labels(
+    splits: DatasetDict, label_column: str | int = "label", label_names: Sequence[str] | None = None
+) -> ClassificationData:
+    """
+    Turn the label column of every split into integer class ids (a `ClassLabel` column named `label`) with one label
+    list for all splits.
+
+    - `ClassLabel` columns keep their names (they must agree across splits, and with `label_names` if given).
+    - Integers (and integral floats, and booleans) are class ids; their names are `label_names` or `"0"`, `"1"`, ...
+    - Strings are mapped through `label_names`, or through their sorted set over all splits; strings that all
+      spell integers are class ids.
+
+    Args:
+        splits (`datasets.DatasetDict`): keyed by role.
+        label_column (`str` or `int`, *optional*): by name or 0-based index.
+        label_names (`Sequence[str]`, *optional*): the label list in class-id order.
+
+    Returns:
+        [`ClassificationData`].
+
+    Raises:
+        `ValueError` for missing labels, negative ids (e.g. GLUE's unlabelled test splits use -1), ids beyond the
+        label list, non-integral numbers or strings not in `label_names`.
+    """
+    resolved = {
+        role: resolve_column(ds, label_column, what="label column", where=f"the {role} split")
+        for role, ds in splits.items()
+    }
+    label_names = [str(name) for name in label_names] if label_names is not None else None
+    if label_names is not None and len(set(label_names)) != len(label_names):
+        raise ValueError(f"`label_names` must be distinct, got {label_names}.")
+
+    values: dict[str, list] = {}
+    class_names: dict[str, list[str]] = {}
+    for role, dataset in splits.items():
+        feature = dataset.features[resolved[role]]
+        column = dataset[resolved[role]]
+        values[role] = list(column)
+        missing = sum(value is None for value in values[role])
+        if missing:
+            raise ValueError(f"The {role} split has {missing} rows without a label in column {resolved[role]!r}.")
+        if isinstance(feature, ClassLabel):
+            class_names[role] = list(feature.names)
+
+    if class_names:
+        name_lists = {tuple(names) for names in class_names.values()}
+        if len(name_lists) > 1 or len(class_names) != len(splits):
+            raise ValueError(f"The splits label their classes differently: {class_names}.")
+        feature_names = list(next(iter(name_lists)))
+        if label_names is not None and label_names != feature_names:
+            remap = _mapping_from_names(feature_names, label_names)
+            values = {role: [remap[v] if v >= 0 else v for v in column] for role, column in values.items()}
+        else:
+            label_names = feature_names
+
+    kinds = {_label_kind(column) for column in values.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"The splits mix label types ({sorted(kinds)}); use one type of label in every split.")
+    kind = kinds.pop()
+    if kind == "float":
+        for role, column in values.items():
+            bad = [v for v in column if not float(v).is_integer()]
+            if bad:
+                raise ValueError(
+                    f"The {role} split has non-integer labels such as {bad[0]!r}: hf_eenet trains classifiers, so "
+                    "labels must be class ids or label names (regression is not supported)."
+                )
+        values = {role: [int(v) for v in column] for role, column in values.items()}
+        kind = "int"
+    if kind == "str":
+        if label_names is None and all(_is_int_string(v) for column in values.values() for v in column):
+            values = {role: [int(v) for v in column] for role, column in values.items()}
+            kind = "int"
+        else:
+            if label_names is None:
+                label_names = sorted({v for column in values.values() for v in column})
+            index = {name: i for i, name in enumerate(label_names)}
+            for role, column in values.items():
+                unknown = sorted({v for v in column if v not in index})
+                if unknown:
+                    raise ValueError(
+                        f"The {role} split has labels {unknown[:10]} that are not in the label list {label_names}."
+                    )
+            values = {role: [index[v] for v in column] for role, column in values.items()}
+    if kind in ("int", "bool"):
+        values = {role: [int(v) for v in column] for role, column in values.items()}
+        for role, column in values.items():
+            negative = sum(v < 0 for v in column)
+            if negative:
+                raise ValueError(
+                    f"The {role} split has {negative} rows with a negative label (e.g. -1, how GLUE marks the "
+                    "unlabelled rows of its test splits): every split used here must be labelled."
+                )
+        largest = max(max(column) for column in values.values())
+        if label_names is None:
+            label_names = [str(i) for i in range(largest + 1)]
+        elif largest >= len(label_names):
+            raise ValueError(f"Label id {largest} is out of range for the {len(label_names)} labels {label_names}.")
+    if len(label_names) < 2:
+        logger.warning(f"Only one class ({label_names}) was found: a classifier needs at least two.")
+
+    feature = ClassLabel(names=label_names)
+    result = DatasetDict()
+    for role, dataset in splits.items():
+        dataset = dataset.remove_columns(resolved[role])
+        if "label" in dataset.column_names:
+            dataset = dataset.remove_columns("label")
+        result[role] = dataset.add_column("label", values[role], feature=feature)
+    return ClassificationData(splits=result, label_names=list(label_names))
+
+
+def _mapping_from_names(source: list[str], target: list[str]) -> dict[int, int]:
+    missing = [name for name in source if name not in target]
+    if missing:
+        raise ValueError(f"The dataset's labels {missing} are not in `label_names` {target}.")
+    return {i: target.index(name) for i, name in enumerate(source)}
+
+
+def _label_kind(column: list) -> str:
+    kinds = set()
+    for value in column:
+        if isinstance(value, bool):
+            kinds.add("bool")
+        elif isinstance(value, int):
+            kinds.add("int")
+        elif isinstance(value, float):
+            kinds.add("float")
+        elif isinstance(value, str):
+            kinds.add("str")
+        else:
+            raise ValueError(f"Labels must be class ids or label names, got a {type(value).__name__}: {value!r}.")
+    if kinds <= {"int", "bool"}:
+        return "int" if "int" in kinds else "bool"
+    if kinds <= {"int", "float"}:
+        return "float"
+    if len(kinds) > 1:
+        raise ValueError(f"A label column mixes label types: {sorted(kinds)}.")
+    return kinds.pop()
+
+
+def _is_int_string(value: str) -> bool:
+    return bool(re.fullmatch(r"\s*\d+\s*", value))
+
+
+# --- text ---------------------------------------------------------------------------------------------------------
+def prepare_text_columns(
+    splits: DatasetDict, text_column: str | int | None = None, text_pair_column: str | int | None = None
+) -> DatasetDict:
+    """
+    Keep a split's text in a string column `text` (and `text_pair` when given), dropping the other input columns
+    (the `label` column is kept). Missing texts become empty strings.
+
+    Args:
+        splits (`datasets.DatasetDict`): keyed by role.
+        text_column (`str` or `int`, *optional*): by name or 0-based index; guessed when `None`.
+        text_pair_column (`str` or `int`, *optional*): by name or 0-based index.
+    """
+    result = DatasetDict()
+    for role, dataset in splits.items():
+        where = f"the {role} split"
+        if text_column is None:
+            text = _guess_text_column(dataset, where)
+        else:
+            text = resolve_column(dataset, text_column, what="text column", where=where)
+        columns = {"text": text}
+        if text_pair_column is not None:
+            columns["text_pair"] = resolve_column(dataset, text_pair_column, what="text-pair column", where=where)
+            if columns["text_pair"] == text:
+                raise ValueError(f"The text and text-pair columns are the same column ({text!r}).")
+        for target, source in columns.items():
+            if source == "label":
+                raise ValueError(f"The {target} column cannot be the label column.")
+        texts = {
+            target: [("" if v is None else str(v)) for v in dataset[source]] for target, source in columns.items()
+        }
+        keep = dataset.select_columns(["label"]) if "label" in dataset.column_names else None
+        if keep is None:
+            prepared = Dataset.from_dict(texts, features=datasets.Features({t: Value("string") for t in texts}))
+        else:
+            prepared = keep
+            for target, column in texts.items():
+                prepared = prepared.add_column(target, column, feature=Value("string"))
+        result[role] = prepared
+    return result
+
+
+def _guess_text_column(dataset: Dataset, where: str) -> str:
+    for name in TEXT_COLUMN_CANDIDATES:
+        if name in dataset.column_names:
+            return name
+    for name, feature in dataset.features.items():
+        if name != "label" and isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+            return name
+    raise ValueError(
+        f"Could not find a text column in {where}; pass `--text_column` (name or 0-based index). Available columns: "
+        f"{dataset.column_names}."
+    )
+
+
+def load_text_classification_data(
+    args: DatasetArguments, roles: Sequence[str] = DATA_ROLES, label_names: Sequence[str] | None = None
+) -> ClassificationData:
+    """
+    Load, validate and standardise text-classification splits: columns `text` (and `text_pair`) and `label`.
+
+    Args:
+        args ([`DatasetArguments`]): the dataset, splits and columns.
+        roles (`Sequence[str]`, *optional*): which of `"train"`, `"calibration"`, `"test"` to load.
+        label_names (`Sequence[str]`, *optional*):
+            The label list to map labels through, e.g. a trained model's labels in class-id order; overrides
+            `args.label_names`.
+
+    Returns:
+        [`ClassificationData`]: the splits keyed by role, and the label list.
+
+    Example:
+
+    ```python
+    >>> from hf_eenet.data import DatasetArguments, load_text_classification_data
+    >>> args = DatasetArguments("../shared/data/sst2", calibration_split="dev", max_train_samples=2000)
+    >>> data = load_text_classification_data(args)
+    >>> data.splits["calibration"][0], data.label_names
+    ```
+    """
+    raw = load_raw_splits(args, roles)
+    names = label_names if label_names is not None else args.label_names
+    # labels first (while the columns still have their original positions), then the text columns
+    label_column = args.label_column
+    text_column, pair_column = args.text_column, args.text_pair_column
+    positions = {
+        role: {
+            "text": None
+            if text_column is None
+            else resolve_column(ds, text_column, what="text column", where=f"the {role} split"),
+            "pair": None
+            if pair_column is None
+            else resolve_column(ds, pair_column, what="text-pair column", where=f"the {role} split"),
+        }
+        for role, ds in raw.items()
+    }
+    data = encode_labels(raw, label_column, names)
+    splits = DatasetDict()
+    for role, dataset in data.splits.items():
+        prepared = prepare_text_columns(DatasetDict({role: dataset}), positions[role]["text"], positions[role]["pair"])
+        splits[role] = prepared[role]
+    return ClassificationData(splits=splits, label_names=data.label_names)
+
+
+def tokenize_text_splits(
+    splits: DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int | None = 128,
+    num_proc: int | None = None,
+) -> DatasetDict:
+    """
+    Tokenize the `text` (and `text_pair`) columns without padding (pad per batch with [`text_data_collator`]),
+    truncating to `max_seq_length`. The text columns are replaced by the tokenizer's outputs; `label` is kept.
+
+    Args:
+        splits (`datasets.DatasetDict`): as returned in [`ClassificationData.splits`].
+        tokenizer ([`PreTrainedTokenizerBase`]): the model's tokenizer.
+        max_seq_length (`int`, *optional*, defaults to 128): `None` uses the tokenizer's `model_max_length`.
+        num_proc (`int`, *optional*): processes for `Dataset.map`.
+    """
+    max_length = max_seq_length if max_seq_length is not None else tokenizer.model_max_length
+
+    def tokenize(batch):
+        pair = batch.get("text_pair")
+        return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+
+    result = DatasetDict()
+    for role, dataset in splits.items():
+        if "text" not in dataset.column_names:
+            raise ValueError(f"The {role} split has no `text` column; prepare it with `prepare_text_columns` first.")
+        remove = [c for c in ("text", "text_pair") if c in dataset.column_names]
+        result[role] = dataset.map(
+            tokenize, batched=True, remove_columns=remove, num_proc=num_proc, desc=f"Tokenizing the {role} split"
+        )
+    return result
+
+
+def text_data_collator(
+    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None
+) -> DataCollatorWithPadding:
+    """Dynamic padding to the longest sequence of each batch (`label` becomes `labels`)."""
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
