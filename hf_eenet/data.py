@@ -84,9 +84,9 @@ class DatasetArguments:
             Column holding the second text of a pair (e.g. the hypothesis of NLI), by name or index.
         label_column (`str`, *optional*, defaults to `"label"`):
             Column holding the label, by name or 0-based index. Labels may be integer class ids, integral floats,
-            or strings (mapped through `label_names`).
-        label_names (`list[str]`, *optional*):
-            The label list, in class-id order. String labels are mapped through it; without it they are mapped
+            or strings (mapped through `class_names`).
+        class_names (`list[str]`, *optional*):
+            The label list, in class-id order (named so as not to clash with `TrainingArguments.label_names`). String labels are mapped through it; without it they are mapped
             through their sorted set over every loaded split (pass the model's labels when loading data for a
             trained model).
         has_header (`bool`, *optional*, defaults to `True`):
@@ -121,7 +121,7 @@ class DatasetArguments:
         default=None, metadata={"help": "Optional second text column of a text pair, by name or 0-based index."}
     )
     label_column: str = field(default="label", metadata={"help": "Label column, by name or 0-based index."})
-    label_names: list[str] | None = field(
+    class_names: list[str] | None = field(
         default=None, metadata={"help": "Label list in class-id order; string labels are mapped through it."}
     )
     has_header: bool = field(default=True, metadata={"help": "Whether local csv/tsv files start with a header row."})
@@ -571,7 +571,7 @@ def load_text_classification_data(
         roles (`Sequence[str]`, *optional*): which of `"train"`, `"calibration"`, `"test"` to load.
         label_names (`Sequence[str]`, *optional*):
             The label list to map labels through, e.g. a trained model's labels in class-id order; overrides
-            `args.label_names`.
+            `args.class_names`.
 
     Returns:
         [`ClassificationData`]: the splits keyed by role, and the label list.
@@ -586,7 +586,7 @@ def load_text_classification_data(
     ```
     """
     raw = load_raw_splits(args, roles)
-    names = label_names if label_names is not None else args.label_names
+    names = label_names if label_names is not None else args.class_names
     # labels first (while the columns still have their original positions), then the text columns
     label_column = args.label_column
     text_column, pair_column = args.text_column, args.text_pair_column

@@ -204,7 +204,7 @@ def test_bad_labels_and_paths(tmp_path):
 def test_label_id_out_of_range(tmp_path):
     file = write(tmp_path / "train.csv", "text,label\na,0\nb,2\n")
     with pytest.raises(ValueError, match=r"Label id 2 is out of range for the 2 labels"):
-        load_text_classification_data(make_args(file, tmp_path, label_names=["neg", "pos"]), roles=["train"])
+        load_text_classification_data(make_args(file, tmp_path, class_names=["neg", "pos"]), roles=["train"])
 
 
 # --- the Hub branch (at the `datasets.load_dataset` boundary) --------------------------------------------------------
@@ -274,7 +274,7 @@ def test_hf_argument_parser(tmp_path):
             "--dataset_name",
             "d",
             "--no_has_header",
-            "--label_names",
+            "--class_names",
             "neg",
             "pos",
             "--text_column",
@@ -283,7 +283,7 @@ def test_hf_argument_parser(tmp_path):
             "64",
         ]
     )
-    assert args.has_header is False and args.label_names == ["neg", "pos"] and args.text_column == "1"
+    assert args.has_header is False and args.class_names == ["neg", "pos"] and args.text_column == "1"
     assert args.max_seq_length == 64 and args.calibration_split == "validation"
     with pytest.raises(ValueError, match="max_train_samples"):
         DatasetArguments("d", max_train_samples=0)

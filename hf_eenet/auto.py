@@ -1,0 +1,61 @@
+"""Loading an EENet model from either an EENet checkpoint or a stock backbone checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+from transformers import AutoConfig, PretrainedConfig
+
+from .models import EENetBertForSequenceClassification
+
+__all__ = ["EENET_MODEL_FOR_BACKBONE", "eenet_model_class", "load_eenet_model"]
+
+# Stock backbone model type -> the EENet class that loads its checkpoints (only exits and policy newly initialised).
+EENET_MODEL_FOR_BACKBONE: dict[str, type] = {"bert": EENetBertForSequenceClassification}
+
+
+def eenet_model_class(config: PretrainedConfig) -> type:
+    """The EENet class for a config: its own class for an EENet config, the matching EENet class for a stock one."""
+    for cls in EENET_MODEL_FOR_BACKBONE.values():
+        if config.model_type == cls.config_class.model_type:
+            return cls
+    if config.model_type in EENET_MODEL_FOR_BACKBONE:
+        return EENET_MODEL_FOR_BACKBONE[config.model_type]
+    supported = sorted(EENET_MODEL_FOR_BACKBONE) + sorted(
+        c.config_class.model_type for c in EENET_MODEL_FOR_BACKBONE.values()
+    )
+    raise ValueError(f"No EENet model for checkpoints of type {config.model_type!r}; supported types: {supported}.")
+
+
+class _DropModelTypeMismatchWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "to instantiate a model of type" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_backbone_loading():
+    """Loading a stock backbone into its EENet class is intended: drop transformers' model-type mismatch warning."""
+    logger = logging.getLogger("transformers.configuration_utils")
+    log_filter = _DropModelTypeMismatchWarning()
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+
+
+def load_eenet_model(pretrained_model_name_or_path: str, **kwargs):
+    """
+    Load an EENet model from an EENet checkpoint, or from a stock checkpoint of a supported backbone (e.g. a BERT
+    `BertModel` / `BertForSequenceClassification`), in which case only the exits (and the policy) are new.
+
+    Args:
+        pretrained_model_name_or_path (`str`): Hub id or local directory.
+        kwargs: config overrides and `from_pretrained` arguments (e.g. `num_labels`, `exit_pooling`).
+    """
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+    cls = eenet_model_class(config)
+    with _quiet_backbone_loading():
+        return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)

