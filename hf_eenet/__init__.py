@@ -6,9 +6,15 @@ Importing the package registers its configs and models with the transformers Aut
 from .models import *  # noqa: F403
 from .models import EENET_VERSION as __version__
 from .models import __all__ as _models_all
-from .pipelines import EENetTextClassificationPipeline
+from .pipelines import EENetImageClassificationPipeline, EENetTextClassificationPipeline
 from .registration import register
 
 register()
 
-__all__ = ["__version__", "register", "EENetTextClassificationPipeline", *_models_all]
+__all__ = [
+    "__version__",
+    "register",
+    "EENetImageClassificationPipeline",
+    "EENetTextClassificationPipeline",
+    *_models_all,
+]

@@ -7,12 +7,20 @@ from contextlib import contextmanager
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .models import EENetBertForSequenceClassification
+from .models import (
+    EENetBertForSequenceClassification,
+    EENetResNetForImageClassification,
+    EENetViTForImageClassification,
+)
 
 __all__ = ["EENET_MODEL_FOR_BACKBONE", "eenet_model_class", "load_eenet_model"]
 
 # Stock backbone model type -> the EENet class that loads its checkpoints (only exits and policy newly initialised).
-EENET_MODEL_FOR_BACKBONE: dict[str, type] = {"bert": EENetBertForSequenceClassification}
+EENET_MODEL_FOR_BACKBONE: dict[str, type] = {
+    "bert": EENetBertForSequenceClassification,
+    "vit": EENetViTForImageClassification,
+    "resnet": EENetResNetForImageClassification,
+}
 
 
 def eenet_model_class(config: PretrainedConfig) -> type:

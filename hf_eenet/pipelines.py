@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging as _logging
 from typing import Any
 
-from transformers import TextClassificationPipeline
+from transformers import ImageClassificationPipeline, TextClassificationPipeline
 
 from .models.configuration_eenet import validate_budget
 from .models.early_exit import EarlyExitMixin
 
-__all__ = ["BudgetedPipelineMixin", "EENetTextClassificationPipeline"]
+__all__ = ["BudgetedPipelineMixin", "EENetImageClassificationPipeline", "EENetTextClassificationPipeline"]
 
 
 class BudgetedPipelineMixin:
@@ -93,9 +93,49 @@ class EENetTextClassificationPipeline(BudgetedPipelineMixin, TextClassificationP
         return self._with_exit(super().postprocess(model_outputs, **postprocess_params), model_outputs)
 
 
+class EENetImageClassificationPipeline(BudgetedPipelineMixin, ImageClassificationPipeline):
+    r"""
+    [`ImageClassificationPipeline`] with an early-exit budget.
+
+    Args:
+        budget (`float`, *optional*):
+            Allowed average cost per image relative to the full model (EENet models only), given when the pipeline
+            is built and/or per call (`classifier(images, budget=0.3)`); `None` uses the model's
+            `config.default_budget`.
+        kwargs:
+            As for [`ImageClassificationPipeline`].
+
+    Each of an image's top-k results also carries `exit_index` (the exit the image took) and `exit_cost` (its
+    relative cost) for EENet models.
+
+    Example:
+
+    ```python
+    >>> import hf_eenet
+    >>> from transformers import pipeline
+    >>> classifier = pipeline("image-classification", model="path/to/eenet-resnet-cifar10", budget=0.5)
+    >>> classifier(images, batch_size=64, top_k=1)
+    [[{'label': 'cat', 'score': 0.91, 'exit_index': 1, 'exit_cost': 0.42}], ...]
+    ```
+    """
+
+    def _sanitize_parameters(self, budget=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        forward_params.update(self._budget_forward_params(budget))
+        return preprocess_params, forward_params, postprocess_params
+
+    def _forward(self, model_inputs, budget=None):
+        if not self.is_early_exit_model:
+            return super()._forward(model_inputs)
+        return self._early_exit_forward(model_inputs, budget)
+
+    def postprocess(self, model_outputs, **postprocess_params):
+        return self._with_exit(super().postprocess(model_outputs, **postprocess_params), model_outputs)
+
+
 def register_pipelines() -> None:
     """Register the budgeted pipelines under the built-in task names (quietly: the override is intended)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
     from transformers.pipelines import PIPELINE_REGISTRY
 
     registry_logger = _logging.getLogger("transformers.pipelines.base")
@@ -108,6 +148,13 @@ def register_pipelines() -> None:
             pt_model=AutoModelForSequenceClassification,
             default=PIPELINE_REGISTRY.supported_tasks["text-classification"].get("default"),
             type="text",
+        )
+        PIPELINE_REGISTRY.register_pipeline(
+            "image-classification",
+            pipeline_class=EENetImageClassificationPipeline,
+            pt_model=AutoModelForImageClassification,
+            default=PIPELINE_REGISTRY.supported_tasks["image-classification"].get("default"),
+            type="image",
         )
     finally:
         registry_logger.setLevel(level)

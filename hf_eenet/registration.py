@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 from . import model_card
-from .models import EarlyExitMixin, EENetBertConfig, EENetBertForSequenceClassification
+from .models import (
+    EarlyExitMixin,
+    EENetBertConfig,
+    EENetBertForSequenceClassification,
+    EENetResNetConfig,
+    EENetResNetForImageClassification,
+    EENetViTConfig,
+    EENetViTForImageClassification,
+)
 from .pipelines import register_pipelines
 
 __all__ = ["register"]
@@ -20,6 +28,10 @@ def register() -> None:
         return
     AutoConfig.register(EENetBertConfig.model_type, EENetBertConfig, exist_ok=True)
     AutoModelForSequenceClassification.register(EENetBertConfig, EENetBertForSequenceClassification, exist_ok=True)
+    AutoConfig.register(EENetViTConfig.model_type, EENetViTConfig, exist_ok=True)
+    AutoModelForImageClassification.register(EENetViTConfig, EENetViTForImageClassification, exist_ok=True)
+    AutoConfig.register(EENetResNetConfig.model_type, EENetResNetConfig, exist_ok=True)
+    AutoModelForImageClassification.register(EENetResNetConfig, EENetResNetForImageClassification, exist_ok=True)
     register_pipelines()
     EarlyExitMixin.hub_integration = model_card
     _registered = True

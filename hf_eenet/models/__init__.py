@@ -1,6 +1,13 @@
 """Model code of hf_eenet: only torch/transformers imports, so this folder can also ship as Hub remote code."""
 
-from .configuration_eenet import EENET_CONFIG_FORMAT, EENET_VERSION, EENetBertConfig, EENetConfigMixin
+from .configuration_eenet import (
+    EENET_CONFIG_FORMAT,
+    EENET_VERSION,
+    EENetBertConfig,
+    EENetConfigMixin,
+    EENetResNetConfig,
+    EENetViTConfig,
+)
 from .early_exit import EarlyExitMixin, multi_exit_loss
 from .exit_policies import (
     EXIT_POLICY_CLASSES,
@@ -12,6 +19,8 @@ from .exit_policies import (
     register_exit_policy,
 )
 from .modeling_eenet_bert import EENetBertForSequenceClassification
+from .modeling_eenet_resnet import EENetResNetForImageClassification
+from .modeling_eenet_vit import EENetViTForImageClassification
 from .modeling_outputs import EarlyExitClassifierOutput
 
 __all__ = [
@@ -22,6 +31,10 @@ __all__ = [
     "EENetBertConfig",
     "EENetBertForSequenceClassification",
     "EENetConfigMixin",
+    "EENetResNetConfig",
+    "EENetResNetForImageClassification",
+    "EENetViTConfig",
+    "EENetViTForImageClassification",
     "EarlyExitClassifierOutput",
     "EarlyExitMixin",
     "ExitPolicy",

@@ -6,12 +6,20 @@ into it unchanged) and adds the same early-exit fields through [`EENetConfigMixi
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
-from transformers import BertConfig
+from transformers import BertConfig, ResNetConfig, ViTConfig
 
-__all__ = ["EENET_CONFIG_FORMAT", "EENET_VERSION", "EENetConfigMixin", "EENetBertConfig"]
+__all__ = [
+    "EENET_CONFIG_FORMAT",
+    "EENET_VERSION",
+    "EENetConfigMixin",
+    "EENetBertConfig",
+    "EENetResNetConfig",
+    "EENetViTConfig",
+]
 
 # Version of the package, stamped into every saved config. Kept here (not in `hf_eenet/__init__.py`) so the
 # `models/` folder stays importable on its own as Hub remote code.
@@ -157,6 +165,34 @@ class EENetConfigMixin:
         self.exit_costs = self._validated_exit_costs(exit_costs)
         self.exit_cost_source = source
 
+    # --- loading --------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """
+        As `PreTrainedConfig.from_dict`, but early-exit arguments given as keyword arguments (e.g.
+        `from_pretrained(path, exit_layers=[4, 8, 12])`) reach `__init__`, so they are validated and the fields derived
+        from them (FLOPs-based costs, ...) are recomputed; transformers would set them afterwards, leaving those stale.
+        A stock checkpoint's `model_type` (e.g. `"vit"`) is replaced by this class's own.
+        """
+        config_dict = {key: value for key, value in config_dict.items() if key != "model_type"}
+        parameters = inspect.signature(cls.__init__).parameters
+        own = {name for name, p in parameters.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
+        if overrides:
+            cls._drop_derived_fields(config_dict, overrides)
+            config_dict.update(overrides)
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def _drop_derived_fields(cls, config_dict: dict, overrides: dict) -> None:
+        """Remove the saved fields that `overrides` invalidate, so `__init__` derives them again."""
+        if "exit_layers" in overrides:  # per-exit fields of another exit layout no longer apply
+            for key in ("exit_costs", "exit_cost_source", "exit_loss_weights", "exit_policy"):
+                if key not in overrides:
+                    config_dict.pop(key, None)
+        elif "exit_costs" not in overrides and config_dict.get("exit_cost_source", "flops") == "flops":
+            config_dict.pop("exit_costs", None)
+
 
 def validate_budget(budget, *, name: str = "budget") -> float:
     """Check that `budget` is a positive, finite real number and return it as a float."""
@@ -243,3 +279,257 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
     def exit_head_flops(self) -> list[float]:
         head = 2.0 * (self.hidden_size * self.hidden_size + self.hidden_size * self.num_labels)
         return [head] * len(self.exit_layers)
+
+
+def _pair(size) -> tuple[int, int]:
+    """`(height, width)` of an int or a two-item sequence."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+class EENetViTConfig(EENetConfigMixin, ViTConfig):
+    r"""
+    Configuration of [`EENetViTForImageClassification`]: a [`ViTConfig`] plus the early-exit fields of
+    [`EENetConfigMixin`]. Any ViT `config.json` (e.g. of `google/vit-base-patch16-224` or a fine-tuned
+    `ViTForImageClassification`) loads into it; the early-exit fields then take their defaults (an exit after every
+    transformer layer).
+
+    The FLOPs-based exit costs are computed at `image_size` (`(image_size / patch_size)**2` patches plus the CLS token),
+    counting the matrix multiplications of the patch embedding, the transformer layers and the heads.
+
+    Args:
+        exit_pooling (`str`, *optional*, defaults to `"cls"`):
+            How every exit, the last one included, pools the token states before its layer norm and linear
+            classifier: `"cls"` (the CLS token, as stock [`ViTForImageClassification`] does) or `"mean"` (the mean over
+            the patch tokens, CLS excluded, as BEiT-style mean pooling does: mean first, then the layer norm).
+        kwargs:
+            The [`ViTConfig`] arguments and the early-exit fields of [`EENetConfigMixin`].
+
+    Example:
+
+    ```python
+    >>> from hf_eenet import EENetViTConfig
+    >>> config = EENetViTConfig(image_size=32, patch_size=4, num_hidden_layers=6, exit_layers=[2, 4, 6])
+    >>> len(config.exit_costs)
+    3
+    ```
+    """
+
+    model_type = "eenet-vit"
+
+    def __init__(
+        self,
+        exit_layers: Sequence[int] | None = None,
+        exit_loss_weights: Sequence[float] | None = None,
+        exit_pooling: str = "cls",
+        exit_costs: Sequence[float] | None = None,
+        exit_cost_source: str = "flops",
+        default_budget: float | None = None,
+        exit_policy: dict | None = None,
+        hf_eenet_version: str | None = None,
+        eenet_format_version: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if exit_pooling not in ("cls", "mean"):
+            raise ValueError(f"`exit_pooling` must be 'cls' or 'mean', got {exit_pooling!r}.")
+        self.exit_pooling = exit_pooling
+        self._init_early_exit_fields(
+            num_blocks=self.num_hidden_layers,
+            exit_layers=exit_layers,
+            exit_loss_weights=exit_loss_weights,
+            exit_costs=exit_costs,
+            exit_cost_source=exit_cost_source,
+            default_budget=default_budget,
+            exit_policy=exit_policy,
+            eenet_format_version=eenet_format_version,
+        )
+
+    @property
+    def num_patches(self) -> int:
+        (height, width), (patch_height, patch_width) = _pair(self.image_size), _pair(self.patch_size)
+        return (height // patch_height) * (width // patch_width)
+
+    def stem_flops(self) -> float:
+        patch_height, patch_width = _pair(self.patch_size)
+        return 2.0 * self.num_patches * self.num_channels * patch_height * patch_width * self.hidden_size
+
+    def block_flops(self) -> list[float]:
+        tokens, hidden, inter = self.num_patches + 1, self.hidden_size, self.intermediate_size
+        projections = 4 * tokens * hidden * hidden  # query, key, value, output
+        attention = 2 * tokens * tokens * hidden  # scores and weighted sum
+        feed_forward = 2 * tokens * hidden * inter
+        return [2.0 * (projections + attention + feed_forward)] * self.num_hidden_layers
+
+    def exit_head_flops(self) -> list[float]:
+        pooling = self.num_patches * self.hidden_size if self.exit_pooling == "mean" else 0
+        head = pooling + 2.0 * self.hidden_size * self.num_labels  # layer norm + linear classifier
+        return [head] * len(self.exit_layers)
+
+
+class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
+    r"""
+    Configuration of [`EENetResNetForImageClassification`]: a [`ResNetConfig`] plus the early-exit fields of
+    [`EENetConfigMixin`]. Any ResNet `config.json` (e.g. of `microsoft/resnet-50`) loads into it; the early-exit
+    fields then take their defaults.
+
+    Exits sit after *stages* (`len(depths)` of them): `exit_layers` counts stages, and its last entry is the number of
+    stages (the stock pooler and classifier). An early exit's head is a 3x3 convolution (stride
+    `exit_head_strides[k]`) with batch norm and ReLU, a global average pool giving the exit's features, and a linear
+    classifier. The convolution keeps the width of its stage's own 3x3 convolutions: `hidden_sizes[s]` channels for
+    `"basic"` layers, `hidden_sizes[s] // 4` for `"bottleneck"` layers, so a head costs about one 3x3 convolution of
+    its stage (a quarter of one when it downsamples).
+
+    The FLOPs-based exit costs count the convolutions and linear layers (batch norm, activations, pooling and residual
+    additions are negligible) for a square input of `exit_cost_reference_size` pixels.
+
+    Args:
+        exit_cost_reference_size (`int`, *optional*, defaults to 224):
+            Side of the square input at which the FLOPs-based exit costs are computed and at which the default
+            `exit_head_strides` are chosen: 224 for ImageNet checkpoints such as `microsoft/resnet-50`; set it to the
+            resolution the model actually sees (e.g. 32 for CIFAR-10 images fed unresized).
+        exit_head_strides (`list[int]`, *optional*):
+            Stride (1 or 2) of each early exit's 3x3 convolution (one per exit but the last). Defaults to 2 where the
+            stage's feature map at `exit_cost_reference_size` is larger than 4x4, else 1. Stored in the config, so the
+            architecture does not change if `exit_cost_reference_size` is edited later.
+        kwargs:
+            The [`ResNetConfig`] arguments and the early-exit fields of [`EENetConfigMixin`].
+
+    Example:
+
+    ```python
+    >>> from hf_eenet import EENetResNetConfig
+    >>> config = EENetResNetConfig(layer_type="basic", hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2])
+    >>> config.exit_layers
+    [1, 2, 3, 4]
+    ```
+    """
+
+    model_type = "eenet-resnet"
+
+    def __init__(
+        self,
+        exit_layers: Sequence[int] | None = None,
+        exit_loss_weights: Sequence[float] | None = None,
+        exit_costs: Sequence[float] | None = None,
+        exit_cost_source: str = "flops",
+        exit_cost_reference_size: int = 224,
+        exit_head_strides: Sequence[int] | None = None,
+        default_budget: float | None = None,
+        exit_policy: dict | None = None,
+        hf_eenet_version: str | None = None,
+        eenet_format_version: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if len(self.hidden_sizes) != len(self.depths):
+            raise ValueError(
+                f"`hidden_sizes` and `depths` must have one entry per stage, got {self.hidden_sizes} and {self.depths}."
+            )
+        if isinstance(exit_cost_reference_size, bool) or int(exit_cost_reference_size) < 1:
+            raise ValueError(f"`exit_cost_reference_size` must be an integer >= 1, got {exit_cost_reference_size}.")
+        self.exit_cost_reference_size = int(exit_cost_reference_size)
+        # set before `_init_early_exit_fields`, which computes the FLOPs-based costs (and so needs the strides)
+        self.exit_head_strides = None if exit_head_strides is None else [int(s) for s in exit_head_strides]
+        self._init_early_exit_fields(
+            num_blocks=len(self.depths),
+            exit_layers=exit_layers,
+            exit_loss_weights=exit_loss_weights,
+            exit_costs=exit_costs,
+            exit_cost_source=exit_cost_source,
+            default_budget=default_budget,
+            exit_policy=exit_policy,
+            eenet_format_version=eenet_format_version,
+        )
+        self._resolve_exit_head_strides()
+
+    def _resolve_exit_head_strides(self) -> list[int]:
+        """Fill in the default strides (once `exit_layers` is validated) and check them."""
+        if self.exit_head_strides is None:
+            sizes = self.stage_output_sizes()
+            self.exit_head_strides = [2 if sizes[end - 1] > 4 else 1 for end in self.exit_layers[:-1]]
+        strides = self.exit_head_strides
+        if len(strides) != len(self.exit_layers) - 1 or any(s not in (1, 2) for s in strides):
+            raise ValueError(
+                f"`exit_head_strides` must hold one stride (1 or 2) per early exit ({len(self.exit_layers) - 1}), "
+                f"got {strides}."
+            )
+        return strides
+
+    @classmethod
+    def _drop_derived_fields(cls, config_dict: dict, overrides: dict) -> None:
+        super()._drop_derived_fields(config_dict, overrides)
+        if "exit_head_strides" not in overrides and {"exit_layers", "exit_cost_reference_size"} & overrides.keys():
+            config_dict.pop("exit_head_strides", None)
+
+    def exit_head_channels(self) -> list[int]:
+        """Width of each early exit's 3x3 convolution (= the size of its pooled features)."""
+        reduction = 4 if self.layer_type == "bottleneck" else 1
+        return [max(1, self.hidden_sizes[end - 1] // reduction) for end in self.exit_layers[:-1]]
+
+    # --- analytic costs -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _conv_output_size(size: int, kernel: int, stride: int) -> int:
+        return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+    @staticmethod
+    def _conv_flops(out_size: int, kernel: int, in_channels: int, out_channels: int) -> float:
+        return 2.0 * out_size * out_size * kernel * kernel * in_channels * out_channels
+
+    def _stem_output_size(self) -> int:
+        size = self._conv_output_size(self.exit_cost_reference_size, 7, 2)  # 7x7 convolution, stride 2
+        return self._conv_output_size(size, 3, 2)  # 3x3 max pool, stride 2
+
+    def _stage_flops_and_size(self, stage: int, size: int) -> tuple[float, int]:
+        """FLOPs of one stage at input side `size`, and its output side."""
+        in_channels = self.embedding_size if stage == 0 else self.hidden_sizes[stage - 1]
+        out_channels = self.hidden_sizes[stage]
+        stride = 2 if stage > 0 or self.downsample_in_first_stage else 1
+        flops = 0.0
+        for layer in range(self.depths[stage]):
+            layer_in, layer_stride = (in_channels, stride) if layer == 0 else (out_channels, 1)
+            out_size = self._conv_output_size(size, 3, layer_stride)
+            if layer_in != out_channels or layer_stride != 1:  # 1x1 projection shortcut
+                flops += self._conv_flops(out_size, 1, layer_in, out_channels)
+            if self.layer_type == "basic":
+                flops += self._conv_flops(out_size, 3, layer_in, out_channels)
+                flops += self._conv_flops(out_size, 3, out_channels, out_channels)
+            else:
+                reduced = out_channels // 4
+                first_size = out_size if self.downsample_in_bottleneck else size
+                flops += self._conv_flops(first_size, 1, layer_in, reduced)
+                flops += self._conv_flops(out_size, 3, reduced, reduced)
+                flops += self._conv_flops(out_size, 1, reduced, out_channels)
+            size = out_size
+        return flops, size
+
+    def stage_output_sizes(self) -> list[int]:
+        """Side of each stage's output feature map for the reference input."""
+        sizes, size = [], self._stem_output_size()
+        for stage in range(len(self.depths)):
+            size = self._stage_flops_and_size(stage, size)[1]
+            sizes.append(size)
+        return sizes
+
+    def stem_flops(self) -> float:
+        stem_size = self._conv_output_size(self.exit_cost_reference_size, 7, 2)
+        return self._conv_flops(stem_size, 7, self.num_channels, self.embedding_size)
+
+    def block_flops(self) -> list[float]:
+        flops, size = [], self._stem_output_size()
+        for stage in range(len(self.depths)):
+            stage_flops, size = self._stage_flops_and_size(stage, size)
+            flops.append(stage_flops)
+        return flops
+
+    def exit_head_flops(self) -> list[float]:
+        sizes, strides = self.stage_output_sizes(), self._resolve_exit_head_strides()
+        heads = []
+        for k, (end, channels) in enumerate(zip(self.exit_layers[:-1], self.exit_head_channels())):
+            stage_channels = self.hidden_sizes[end - 1]
+            out_size = self._conv_output_size(sizes[end - 1], 3, strides[k])
+            heads.append(self._conv_flops(out_size, 3, stage_channels, channels) + 2.0 * channels * self.num_labels)
+        heads.append(2.0 * self.hidden_sizes[-1] * self.num_labels)  # the stock pooler + linear classifier
+        return heads
