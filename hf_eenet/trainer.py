@@ -19,7 +19,13 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-__all__ = ["EarlyExitTrainer", "EarlyExitTrainingArguments", "compute_exit_accuracies", "exit_head_parameters"]
+__all__ = [
+    "EENetModelCardMixin",
+    "EarlyExitTrainer",
+    "EarlyExitTrainingArguments",
+    "compute_exit_accuracies",
+    "exit_head_parameters",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -188,7 +194,46 @@ def compute_exit_accuracies(eval_prediction) -> dict[str, float]:
     return metrics
 
 
-class EarlyExitTrainer(Trainer):
+class EENetModelCardMixin:
+    """`Trainer.create_model_card` writing hf_eenet's card (stock Trainer would write its own generic one)."""
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """
+        Write the model's hf_eenet card (`README.md`, card data, plot) into `output_dir`, as `trainer.push_to_hub()`
+        uploads it. The stock arguments update the card data when given.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .model_card import EENetModelCardData, write_model_card
+
+        model = self.accelerator.unwrap_model(self.model)
+        data = getattr(model, "model_card_data", None) or EENetModelCardData()
+        updates = {"language": language, "license": license, "model_name": model_name, "base_model": finetuned_from}
+        for name, value in updates.items():
+            if value is not None:
+                setattr(data, name, value)
+        if dataset_tags is not None:
+            data.dataset_id = dataset_tags if isinstance(dataset_tags, str) else dataset_tags[0]
+        if tags is not None:
+            extra = [tags] if isinstance(tags, str) else list(tags)
+            data.tags = list(dict.fromkeys([*data.tags, *extra]))
+        data.model_id = data.model_id or getattr(self, "hub_model_id", None)
+        model.model_card_data = data
+        write_model_card(model, self.args.output_dir, overwrite=True)
+
+
+class EarlyExitTrainer(EENetModelCardMixin, Trainer):
     r"""
     A [`~transformers.Trainer`] for the exits of an EENet model (phase 1 of the EENet workflow).
 
