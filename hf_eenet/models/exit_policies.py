@@ -11,6 +11,17 @@ Conventions:
   fitted budget **not above** it (never overspending);
 - per-sample state (e.g. earlier scores, patience counters) is a dict of batch-first tensors that the engine compacts
   together with the batch, so a policy never sees samples that already left.
+
+Policies (`policy_type`):
+- `"confidence-threshold"` ([`ConfidenceThresholdPolicy`]): max-prob or entropy confidence with a global
+  (DeeBERT / FastBERT / BranchyNet) or geometric (MSDNet) threshold allocation, budget-matched;
+- `"eenet-paper"` ([`EENetPaperPolicy`]): EENet as published (Ilhan et al., WACV 2024), with the fixes of the design;
+- `"eenet"` ([`EENetPolicy`]): our default EENet (optimised allocation, richer features, held-out guard);
+- `"patience"` ([`PatiencePolicy`], PABEE) and `"static"` ([`StaticExitPolicy`]): not budget-matched, their cost is
+  whatever their hyperparameter gives;
+- [`ForcedExitPolicy`]: given exits, for tests and timing (not storable).
+
+The oracle (first correct exit) needs labels, so it is not a policy: see `hf_eenet.evaluation.oracle_exits`.
 """
 
 from __future__ import annotations
@@ -20,20 +31,27 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "EXIT_POLICY_CLASSES",
     "ConfidenceThresholdPolicy",
+    "EENetPaperPolicy",
+    "EENetPolicy",
     "ExitPolicy",
     "ForcedExitPolicy",
+    "PatiencePolicy",
+    "StaticExitPolicy",
     "default_budget_grid",
     "exit_policy_from_config",
     "expected_cost",
     "first_exit_over_threshold",
     "geometric_exit_fractions",
+    "match_thresholds",
     "register_exit_policy",
     "thresholds_for_exit_fractions",
+    "tilt_exit_fractions",
 ]
 
 EXIT_POLICY_CLASSES: dict[str, type[ExitPolicy]] = {}
@@ -47,6 +65,8 @@ def register_exit_policy(cls: type[ExitPolicy]) -> type[ExitPolicy]:
 
 def exit_policy_from_config(config: dict) -> ExitPolicy:
     """Rebuild an (unfitted-valued) policy from `config.exit_policy`; its tensors are then loaded from the weights."""
+    if not isinstance(config, dict) or "policy_type" not in config:
+        raise ValueError(f"An exit policy config must be a dict with a 'policy_type' key, got {config!r}.")
     config = dict(config)
     policy_type = config.pop("policy_type")
     if policy_type not in EXIT_POLICY_CLASSES:
@@ -74,13 +94,12 @@ def first_exit_over_threshold(scores: torch.Tensor, thresholds: torch.Tensor) ->
     Exit each sample takes when it leaves at the first exit whose score reaches the threshold.
 
     Args:
-        scores (`torch.Tensor` of shape `(num_samples, num_exits)`): per-exit exit scores.
+        scores (`torch.Tensor` of shape `(..., num_samples, num_exits)`): per-exit exit scores.
         thresholds (`torch.Tensor` of shape `(..., num_exits)`): thresholds; the last exit always takes the rest.
 
     Returns:
         `torch.LongTensor` of shape `(..., num_samples)`.
     """
-    num_exits = scores.shape[-1]
     over = scores[..., :-1] >= thresholds[..., None, :-1]  # (..., N, K-1)
     over = torch.cat([over, torch.ones_like(over[..., :1])], dim=-1)
     return over.to(torch.int8).argmax(-1)  # first True
@@ -94,48 +113,114 @@ def geometric_exit_fractions(exit_costs: Sequence[float], budget: float) -> torc
     costs = torch.as_tensor(exit_costs, dtype=torch.float64)
     if not costs[0] - 1e-9 <= budget <= costs[-1] + 1e-9:
         raise ValueError(f"budget {budget} is outside the reachable range [{costs[0]:.4f}, {costs[-1]:.4f}].")
-    powers = torch.arange(len(costs), dtype=torch.float64)
+    return tilt_exit_fractions(torch.ones(len(costs), dtype=torch.float64), costs, budget).to(torch.float32)
 
-    def fractions(log_q: float) -> torch.Tensor:
-        weights = torch.exp(log_q * powers - (log_q * powers).max())
-        return weights / weights.sum()
 
-    low, high = -60.0, 60.0  # log q: cost increases with q
-    for _ in range(200):
+def tilt_exit_fractions(fractions: torch.Tensor, exit_costs, budgets) -> torch.Tensor:
+    """
+    Exponentially tilt exit fractions so their expected cost equals the budget: `f'_k ∝ f_k q**k` with `q` solved by
+    bisection (`q > 1` moves mass to later exits, `q < 1` to earlier ones). With uniform `fractions` this is MSDNet's
+    geometric allocation. Budgets are clipped to the reachable range `[c_0, c_{K-1}]`; every exit keeps a tiny mass
+    (1e-9) so any budget in that range is reachable.
+
+    Args:
+        fractions (`torch.Tensor` of shape `(..., num_exits)`): non-negative exit fractions (need not sum to 1).
+        exit_costs (`Sequence[float]` or `torch.Tensor` of shape `(num_exits,)`): cumulative exit costs.
+        budgets (`float` or `torch.Tensor` broadcastable to `fractions.shape[:-1]`): target expected costs.
+
+    Returns:
+        `torch.Tensor` like `fractions`, summing to 1 along the last dimension.
+    """
+    dtype = fractions.dtype
+    fractions = fractions.to(torch.float64)
+    costs = torch.as_tensor(exit_costs, dtype=torch.float64, device=fractions.device)
+    budgets = torch.as_tensor(budgets, dtype=torch.float64, device=fractions.device)
+    budgets = budgets.clamp(float(costs[0]), float(costs[-1])).expand(fractions.shape[:-1])
+    base = fractions.clamp_min(0) / fractions.clamp_min(0).sum(-1, keepdim=True).clamp_min(1e-300) + 1e-9
+    log_base = base.log()
+    powers = torch.arange(costs.numel(), dtype=torch.float64, device=fractions.device)
+
+    def tilted(log_q: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(log_base + log_q[..., None] * powers, dim=-1)
+
+    low = torch.full(budgets.shape, -80.0, dtype=torch.float64, device=fractions.device)
+    high = torch.full(budgets.shape, 80.0, dtype=torch.float64, device=fractions.device)
+    for _ in range(100):  # the expected cost increases with log q
         mid = 0.5 * (low + high)
-        if float(fractions(mid) @ costs) > budget:
-            high = mid
-        else:
-            low = mid
-    return fractions(low).to(torch.float32)
+        over = tilted(mid) @ costs > budgets
+        high = torch.where(over, mid, high)
+        low = torch.where(over, low, mid)
+    return tilted(low).to(dtype)
+
+
+def match_thresholds(scores: torch.Tensor, fractions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Quantile-matched thresholds for many score sets and fraction vectors at once: walk the exits in order over the
+    samples not yet assigned and set `t_k` so that (at least) `ceil(F_k * N)` samples have left by exit `k`, where
+    `F_k` is the cumulative fraction; the last exit takes the rest (threshold `-inf`).
+
+    Rounding up the cumulative counts sends samples earlier, never later, so the realized cost on these samples never
+    exceeds the expected cost of `fractions`. Thresholds sit half-way between the last score that leaves and the next
+    lower one, so float noise in recomputed scores does not flip decisions.
+
+    Args:
+        scores (`torch.Tensor` of shape `(S, num_samples, num_exits)`): `S` score sets (e.g. one per budget).
+        fractions (`torch.Tensor` of shape `(S, Q, num_exits)`): `Q` target fraction vectors per score set.
+
+    Returns:
+        `(thresholds, exits)`: `torch.Tensor` of shape `(S, Q, num_exits)` and the exit every sample takes,
+        `torch.LongTensor` of shape `(S, Q, num_samples)`.
+    """
+    num_sets, num_samples, num_exits = scores.shape
+    num_q = fractions.shape[1]
+    device = scores.device
+    by_exit = scores.transpose(1, 2).contiguous()  # (S, K, N): sort along contiguous memory
+    sorted_scores, order = by_exit.sort(dim=-1, descending=True, stable=True)
+    counts = torch.ceil(fractions.double().cumsum(-1) * num_samples - 1e-3).clamp(0, num_samples).long()
+    thresholds = torch.full((num_sets, num_q, num_exits), -math.inf, dtype=scores.dtype, device=device)
+    exits = torch.full((num_sets, num_q, num_samples), num_exits - 1, dtype=torch.long, device=device)
+    remaining = torch.ones(num_sets, num_q, num_samples, dtype=torch.bool, device=device)
+    assigned = torch.zeros(num_sets, num_q, dtype=torch.long, device=device)
+    shape = (num_sets, num_q, num_samples)
+    for k in range(num_exits - 1):
+        target = counts[..., k] - assigned  # (S, Q): how many of the remaining samples must leave here
+        left = remaining.sum(-1)
+        remaining_sorted = remaining.gather(2, order[:, None, k].expand(shape))
+        cumulative = remaining_sorted.cumsum(-1, dtype=torch.int32)
+        position = (cumulative < target[..., None]).sum(-1).clamp(max=num_samples - 1)  # the target-th remaining
+        sorted_k = sorted_scores[:, None, k].expand(shape)
+        value = sorted_k.gather(2, position[..., None]).squeeze(-1)
+        lower = remaining_sorted & (sorted_k < value[..., None])
+        next_value = sorted_k.gather(2, lower.to(torch.int8).argmax(-1, keepdim=True)).squeeze(-1)
+        threshold = torch.where(lower.any(-1), 0.5 * (value + next_value), -math.inf)
+        threshold = torch.where(target >= left, -math.inf, threshold)  # every remaining sample leaves
+        threshold = torch.where(target <= 0, math.inf, threshold)  # nobody leaves
+        thresholds[..., k] = threshold
+        leaving = remaining & (by_exit[:, None, k] >= threshold[..., None])
+        exits = torch.where(leaving, k, exits)
+        remaining &= ~leaving
+        assigned += leaving.sum(-1)
+    return thresholds, exits
 
 
 def thresholds_for_exit_fractions(scores: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
     """
-    Quantile-matched thresholds: walk the exits in order over the samples not yet assigned and set `t_k` so that
-    `round(f_k * N)` of them have `score_k >= t_k`; the last exit takes the rest (threshold `-inf`).
+    Quantile-matched thresholds for one score set (see [`match_thresholds`]).
 
     Args:
         scores (`torch.Tensor` of shape `(num_samples, num_exits)`)
         fractions (`torch.Tensor` of shape `(num_exits,)`): target fraction of all samples leaving at each exit.
+
+    Returns:
+        `torch.Tensor` of shape `(num_exits,)`.
     """
-    num_samples, num_exits = scores.shape
-    thresholds = torch.full((num_exits,), -math.inf)
-    remaining = torch.ones(num_samples, dtype=torch.bool)
-    assigned = 0
-    for k in range(num_exits - 1):
-        target = int(round(float(fractions[: k + 1].sum()) * num_samples)) - assigned
-        candidates = scores[remaining, k]
-        if target <= 0 or candidates.numel() == 0:
-            thresholds[k] = math.inf
-            continue
-        target = min(target, candidates.numel())
-        threshold = torch.topk(candidates, target).values[-1]
-        thresholds[k] = threshold
-        leaving = remaining & (scores[:, k] >= threshold)
-        assigned += int(leaving.sum())
-        remaining &= ~leaving
-    return thresholds
+    fractions = torch.as_tensor(fractions, device=scores.device)
+    return match_thresholds(scores[None], fractions[None, None])[0][0, 0]
+
+
+def _check_is_budget_grid(budgets) -> None:
+    if any(not math.isfinite(b) or b <= 0 for b in budgets):
+        raise ValueError(f"`budgets` must be finite and > 0, got {list(budgets)}.")
 
 
 class ExitPolicy(nn.Module):
@@ -159,10 +244,11 @@ class ExitPolicy(nn.Module):
 
     def __init__(self, num_exits: int, budgets: Sequence[float] | None = None):
         super().__init__()
-        if int(num_exits) < 1:
-            raise ValueError(f"`num_exits` must be >= 1, got {num_exits}.")
+        if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
+            raise ValueError(f"`num_exits` must be an integer >= 1, got {num_exits!r}.")
         self.num_exits = int(num_exits)
         self.budgets = [float(b) for b in (budgets or [])]
+        _check_is_budget_grid(self.budgets)
         if any(b <= a for a, b in zip(self.budgets, self.budgets[1:])):
             raise ValueError(f"`budgets` must be strictly increasing, got {self.budgets}.")
 
@@ -180,6 +266,11 @@ class ExitPolicy(nn.Module):
             "budgets": list(self.budgets),
             **self.hyperparameters(),
         }
+
+    def extra_repr(self) -> str:
+        return f"num_exits={self.num_exits}, budgets={self.budgets}, " + ", ".join(
+            f"{k}={v!r}" for k, v in self.hyperparameters().items()
+        )
 
     @property
     def is_fitted(self) -> bool:
@@ -226,7 +317,11 @@ class ExitPolicy(nn.Module):
         """
         raise NotImplementedError
 
-    def _check_fit_inputs(self, exit_logits, labels, exit_costs, budgets) -> tuple[torch.Tensor, list[float]]:
+    def _check_fit_inputs(
+        self, exit_logits, labels, exit_costs, budgets, exit_features=None
+    ) -> tuple[torch.Tensor, list[float]]:
+        if not torch.is_tensor(exit_logits) or not exit_logits.is_floating_point():
+            raise TypeError(f"`exit_logits` must be a floating-point tensor, got {type(exit_logits).__name__}.")
         if exit_logits.ndim != 3 or exit_logits.shape[1] != self.num_exits:
             raise ValueError(
                 f"`exit_logits` must have shape (num_samples, {self.num_exits}, num_labels), got "
@@ -234,19 +329,45 @@ class ExitPolicy(nn.Module):
             )
         if exit_logits.shape[0] == 0:
             raise ValueError("Cannot fit an exit policy on zero samples.")
-        if labels.shape != exit_logits.shape[:1]:
+        if not torch.isfinite(exit_logits).all():
+            raise ValueError("`exit_logits` contains NaN or infinite values.")
+        if not torch.is_tensor(labels) or labels.shape != exit_logits.shape[:1]:
+            shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
             raise ValueError(
-                f"`labels` must have shape ({exit_logits.shape[0]},) to match `exit_logits`, got {tuple(labels.shape)}."
+                f"`labels` must have shape ({exit_logits.shape[0]},) to match `exit_logits`, got {shape}."
+            )
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"`labels` must be integer class indices, got dtype {labels.dtype}.")
+        num_labels = exit_logits.shape[-1]
+        if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
+            raise ValueError(
+                f"`labels` must lie in [0, {num_labels - 1}] for {num_labels} classes, got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]."
             )
         if len(exit_costs) != self.num_exits:
             raise ValueError(f"`exit_costs` must hold {self.num_exits} costs, got {list(exit_costs)}.")
         budgets = sorted(float(b) for b in budgets)
         if not budgets:
             raise ValueError("`budgets` must hold at least one budget.")
+        _check_is_budget_grid(budgets)
+        if len(set(budgets)) != len(budgets):
+            raise ValueError(f"`budgets` must not repeat a budget, got {budgets}.")
         if budgets[0] < exit_costs[0] - 1e-9:
             raise ValueError(
-                f"budget {budgets[0]} is below the cheapest exit's cost {exit_costs[0]:.4f}: no policy can meet it."
+                f"budget {budgets[0]} is below the cheapest exit's cost {exit_costs[0]:.4f}: no policy can meet it; "
+                f"the smallest budget allowed is {exit_costs[0]:.4f}."
             )
+        if exit_features is not None:
+            if len(exit_features) != self.num_exits:
+                raise ValueError(
+                    f"`exit_features` must hold one tensor per exit ({self.num_exits}), got {len(exit_features)}."
+                )
+            for k, features in enumerate(exit_features):
+                if not torch.is_tensor(features) or features.ndim != 2 or features.shape[0] != exit_logits.shape[0]:
+                    shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+                    raise ValueError(
+                        f"`exit_features[{k}]` must have shape ({exit_logits.shape[0]}, feature_size), got {shape}."
+                    )
         costs = torch.as_tensor(exit_costs, dtype=torch.float32)
         return costs, budgets
 
@@ -302,6 +423,14 @@ class ExitPolicy(nn.Module):
         return exits
 
 
+def _confidence(logits: torch.Tensor, score: str) -> torch.Tensor:
+    probs = logits.float().softmax(-1)
+    if score == "max_prob":
+        return probs.amax(-1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    return 1.0 - entropy / math.log(max(probs.shape[-1], 2))
+
+
 @register_exit_policy
 class ConfidenceThresholdPolicy(ExitPolicy):
     r"""
@@ -314,9 +443,11 @@ class ConfidenceThresholdPolicy(ExitPolicy):
             Confidence score: `"max_prob"` (largest softmax probability) or `"entropy"` (`1 - H(p) / log C`).
         allocation (`str`, *optional*, defaults to `"global"`):
             How thresholds are matched to a budget on the calibration split: `"global"` (one threshold shared by all
-            exits, the largest whose calibration cost stays within the budget: DeeBERT / FastBERT / BranchyNet) or
+            exits, the lowest whose calibration cost stays within the budget: DeeBERT / FastBERT / BranchyNet) or
             `"geometric"` (MSDNet: exit fractions proportional to `q**k` with expected cost equal to the budget,
-            thresholds by quantile matching).
+            thresholds by quantile matching, counts rounded so the calibration cost never exceeds the budget).
+
+    Thresholds lie half-way between neighbouring calibration scores, so decisions do not flip under float noise.
     """
 
     policy_type = "confidence-threshold"
@@ -341,35 +472,34 @@ class ConfidenceThresholdPolicy(ExitPolicy):
 
     def confidence(self, logits: torch.Tensor) -> torch.Tensor:
         """Confidence score of logits `(..., num_labels)`."""
-        probs = logits.float().softmax(-1)
-        if self.score == "max_prob":
-            return probs.amax(-1)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        return 1.0 - entropy / math.log(probs.shape[-1])
+        return _confidence(logits, self.score)
 
     def fit(self, exit_logits, labels, exit_costs, budgets, exit_features=None):
         costs, budgets = self._check_fit_inputs(exit_logits, labels, exit_costs, budgets)
-        scores = self.confidence(exit_logits)  # (N, K)
-        thresholds = torch.stack(
-            [
-                self._global_thresholds(scores, costs, b)
-                if self.allocation == "global"
-                else thresholds_for_exit_fractions(scores, geometric_exit_fractions(exit_costs, b))
-                for b in budgets
-            ]
-        )
+        scores = self.confidence(exit_logits.detach())  # (N, K)
+        if self.allocation == "global":
+            thresholds = torch.stack([self._global_thresholds(scores, costs.to(scores.device), b) for b in budgets])
+        else:
+            fractions = torch.stack(
+                [geometric_exit_fractions(exit_costs, min(b, float(costs[-1]))) for b in budgets]
+            ).to(scores.device)
+            thresholds = match_thresholds(scores.expand(len(budgets), *scores.shape), fractions[:, None])[0][:, 0]
         self.budgets = budgets
         self.thresholds = thresholds.to(self.thresholds.device)
         return self
 
     def _global_thresholds(self, scores: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
-        """The largest single threshold whose calibration cost stays within `budget` (exact search over scores)."""
+        """The lowest single threshold whose calibration cost stays within `budget` (exact search over scores)."""
         candidates = torch.unique(scores[:, :-1])  # sorted ascending; cost is non-decreasing in the threshold
         num_exits = scores.shape[1]
 
         def cost_at(threshold: torch.Tensor) -> float:
             return float(expected_cost(first_exit_over_threshold(scores, threshold.expand(num_exits)), costs))
 
+        if cost_at(candidates[-1] + 1.0) <= budget + 1e-9:  # everyone can go to the last exit
+            thresholds = torch.full((num_exits,), math.inf, device=scores.device)
+            thresholds[-1] = -math.inf
+            return thresholds
         low, high = 0, candidates.numel() - 1  # the lowest candidate sends everyone to exit 0: always affordable
         while low < high:
             mid = (low + high + 1) // 2
@@ -377,7 +507,9 @@ class ConfidenceThresholdPolicy(ExitPolicy):
                 low = mid
             else:
                 high = mid - 1
-        thresholds = candidates[low].expand(num_exits).clone()
+        # every score >= candidates[low] leaves; put the threshold half-way to the next lower score
+        threshold = 0.5 * (candidates[low] + candidates[low - 1]) if low > 0 else torch.tensor(-math.inf)
+        thresholds = threshold.to(scores.device).expand(num_exits).clone()
         thresholds[-1] = -math.inf
         return thresholds
 
@@ -401,7 +533,9 @@ class ForcedExitPolicy(ExitPolicy):
     def __init__(self, exit_indices: torch.Tensor):
         exit_indices = torch.as_tensor(exit_indices, dtype=torch.long)
         if exit_indices.ndim != 1:
-            raise ValueError(f"`exit_indices` must be 1-D (one exit per sample), got shape {tuple(exit_indices.shape)}.")
+            raise ValueError(
+                f"`exit_indices` must be 1-D (one exit per sample), got shape {tuple(exit_indices.shape)}."
+            )
         super().__init__(num_exits=int(exit_indices.max()) + 1 if exit_indices.numel() else 1)
         if exit_indices.numel() and int(exit_indices.min()) < 0:
             raise ValueError(f"`exit_indices` must be >= 0, got {exit_indices.tolist()}.")
@@ -416,3 +550,919 @@ class ForcedExitPolicy(ExitPolicy):
 
     def decide(self, exit_index, logits, features, state, budget_index):
         return state["target_exit"] <= exit_index, state
+
+
+class _UnbudgetedPolicy(ExitPolicy):
+    """A storable policy that is not budget-matched: it needs no fitting and its cost is whatever it gives."""
+
+    requires_budget = False
+
+    @property
+    def is_fitted(self) -> bool:
+        return True
+
+    def budget_index(self, budget: float) -> int:
+        raise ValueError(
+            f"The {self.policy_type} exit policy ({self.extra_repr()}) is not budget-matched, so it cannot honour "
+            f"budget {budget}: call the model without `budget` and with `exit_policy=` this policy, or store a "
+            "budget-matched policy (e.g. 'eenet' or 'confidence-threshold')."
+        )
+
+    def fit(self, exit_logits, labels, exit_costs, budgets=(), exit_features=None):
+        """Nothing to fit (checks the inputs only, so it can run in the same harness as the other policies)."""
+        if exit_logits.ndim != 3 or exit_logits.shape[1] != self.num_exits:
+            raise ValueError(
+                f"`exit_logits` must have shape (num_samples, {self.num_exits}, num_labels), got "
+                f"{tuple(exit_logits.shape)}."
+            )
+        return self
+
+
+@register_exit_policy
+class PatiencePolicy(_UnbudgetedPolicy):
+    r"""
+    PABEE (Zhou et al., 2020): exit once the argmax prediction has stayed the same for `patience` consecutive exits
+    (exit `k` leaves when the predictions of exits `k - patience .. k` agree). Not budget-matched: its cost is
+    whatever `patience` gives on the data (evaluation tables list one row per `patience`, without a budget).
+    `patience = num_exits - 1` never exits early.
+
+    Args:
+        num_exits (`int`): number of exits.
+        patience (`int`, *optional*, defaults to 1): consecutive agreeing exits needed, `1 .. num_exits - 1`.
+        budgets: ignored (kept for the common config format; must be empty).
+    """
+
+    policy_type = "patience"
+
+    def __init__(self, num_exits: int, patience: int = 1, budgets: Sequence[float] | None = None):
+        super().__init__(num_exits)
+        if budgets:
+            raise ValueError(
+                f"The patience exit policy is not budget-matched: `budgets` must be empty, got {budgets}."
+            )
+        if self.num_exits < 2:
+            raise ValueError(f"The patience exit policy needs at least 2 exits, got num_exits={num_exits}.")
+        if isinstance(patience, bool) or not isinstance(patience, int) or not 1 <= patience <= self.num_exits - 1:
+            raise ValueError(f"`patience` must be an integer in [1, {self.num_exits - 1}], got {patience!r}.")
+        self.patience = patience
+
+    def hyperparameters(self) -> dict:
+        return {"patience": self.patience}
+
+    def initial_state(self, batch_size, device):
+        return {
+            "previous_prediction": torch.full((batch_size,), -1, dtype=torch.long, device=device),
+            "agreements": torch.zeros(batch_size, dtype=torch.long, device=device),
+        }
+
+    def decide(self, exit_index, logits, features, state, budget_index):
+        prediction = logits.argmax(-1)
+        same = prediction == state["previous_prediction"]
+        agreements = torch.where(same, state["agreements"] + 1, torch.zeros_like(state["agreements"]))
+        return agreements >= self.patience, {"previous_prediction": prediction, "agreements": agreements}
+
+
+@register_exit_policy
+class StaticExitPolicy(_UnbudgetedPolicy):
+    r"""
+    Every sample leaves at exit `exit` (a smaller static model). Not budget-matched: its cost is `exit_costs[exit]`.
+
+    Args:
+        num_exits (`int`): number of exits.
+        exit (`int`, *optional*, defaults to 0): the exit every sample takes, `0 .. num_exits - 1`.
+        budgets: ignored (kept for the common config format; must be empty).
+    """
+
+    policy_type = "static"
+
+    def __init__(self, num_exits: int, exit: int = 0, budgets: Sequence[float] | None = None):
+        super().__init__(num_exits)
+        if budgets:
+            raise ValueError(f"The static exit policy is not budget-matched: `budgets` must be empty, got {budgets}.")
+        if isinstance(exit, bool) or not isinstance(exit, int) or not 0 <= exit < self.num_exits:
+            raise ValueError(f"`exit` must be an integer in [0, {self.num_exits - 1}], got {exit!r}.")
+        self.exit = exit
+
+    def hyperparameters(self) -> dict:
+        return {"exit": self.exit}
+
+    def decide(self, exit_index, logits, features, state, budget_index):
+        return torch.full((logits.shape[0],), exit_index >= self.exit, dtype=torch.bool, device=logits.device), state
+
+
+_LOSS_WEIGHTS = {"kl": 1e-3, "budget": 1e-2}
+
+
+@register_exit_policy
+class EENetPaperPolicy(ExitPolicy):
+    r"""
+    EENet's exit scheduler as published (Ilhan et al., "Adaptive Deep Neural Network Inference Optimization with
+    EENet", WACV 2024), with the fixes its released code needs, fitted for a whole budget grid at once.
+
+    Per exit `k` and sample `i`, with `p_k` the softmax of exit `k` over `C` classes:
+
+    1. features `x_k = [p_k, max p_k, 1 - H(p_k) / log C, s_0 .. s_{k-1}]`, the `s_j` being the (clamped,
+       detached) scores of the earlier exits;
+    2. a linear scoring function `s_k = g_k(x_k)`, initialised to `s_k = max p_k` and trained as P(exit k is right);
+    3. assignment MLPs `h_k(x_k)` (hidden size `assignment_hidden_ratio * dim(x)`, used only while fitting) giving
+       the soft exit distribution `pi_i = softmax_k h_k(x_k)`;
+    4. losses on a minibatch of `batch_size`: (a) BCE between the clamped `s_k` and the correctness of exit `k`, each
+       sample weighted by its detached `pi_ik` normalised over the batch; (b) KL from `tau_ik ∝ clamped s_ik` to
+       `pi_i` (weight 1e-3); (c) `|sum_k mean_i(pi_ik) c_k - b| / b` (weight 1e-2); alternating every
+       `phase_epochs` epochs between (a) alone and (b) + (c). Gradients are zeroed every step and the best state
+       is copied (the released code does neither). Early stopping on the total loss (epoch mean over the fitting
+       data): a state counts as an improvement when its budget term is below `budget_tolerance` and its total
+       loss is 0.2 % below the best so far; a model stops once both phases have run and it has not improved for
+       `patience` epochs; fitting ends when every model (budget x restart) has stopped or after `max_epochs`;
+    5. thresholds by quantile matching of the learned fractions `f_k = mean_i pi_ik` (see below);
+    6. `restarts` restarts (the assignment heads' initialisation and a small perturbation of `g`); the restart with
+       the best calibration accuracy is kept;
+    7. every budget of the grid is fitted at once: every parameter has a leading (budget x restart) dimension and one
+       batched optimisation trains them all.
+
+    Choices and deviations (measured with `benchmarks/bench_policy_fitting.py`, 10,000 synthetic samples, 6 exits):
+    - **AdamW** (decoupled weight decay 1e-2) instead of Adam's coupled L2: with the 1e-3 / 1e-2 loss weights, the
+      coupled decay gradient outweighs the KL and budget gradients, so the assignment heads stay near zero and the
+      learned fractions near uniform (the under-spending the design reports): the median budget error stayed at
+      26 % for 120 epochs with Adam, and fell below 1 % within 10 epochs of the first (b) + (c) phase with AdamW;
+    - learning rate 1e-2 (the authors use 3e-5, which barely moves the max-prob initialisation): 1e-3 reached the
+      same test accuracy in about twice the epochs;
+    - `assignment_hidden_ratio` 0.5 (the paper's vision setting) for every modality: the assignment MLPs dominate
+      the fitting time, and the text setting (2.0) was about 4x slower for no accuracy we could measure;
+    - step 5 tilts the fractions `f_k ∝ f_k q**k` so that `sum_k f_k c_k = b` exactly (the paper only rescales when
+      over budget), so a budget is spent rather than wasted; counts are rounded so the calibration cost never
+      exceeds the budget;
+    - step 6 also considers the fitted solutions of the smaller budgets of the grid (they meet the larger budget
+      too), so calibration accuracy never decreases along the grid (a budget that keeps a smaller budget's solution
+      then spends less than it may; `fit_summary_` says so in `solution_of_budget`).
+
+    At inference the state is the earlier scores; a sample leaves at the first exit with `s_k >= t_k` (unclamped
+    linear score; the last exit takes the rest).
+
+    Args:
+        num_exits (`int`): number of exits.
+        budgets (`Sequence[float]`, *optional*): fitted budget grid (set by `fit`).
+        num_labels (`int`, *optional*): number of classes (set by `fit`; needed to rebuild a fitted policy).
+        learning_rate (`float`, *optional*, defaults to 1e-2): Adam learning rate.
+        weight_decay (`float`, *optional*, defaults to 1e-2): AdamW (decoupled) weight decay.
+        batch_size (`int`, *optional*, defaults to 512): minibatch size.
+        max_epochs (`int`, *optional*, defaults to 1000): epoch limit.
+        patience (`int`, *optional*, defaults to 10): early-stopping patience in epochs.
+        phase_epochs (`int`, *optional*, defaults to 10): epochs per phase of the alternating optimisation.
+        restarts (`int`, *optional*, defaults to 2): restarts per budget.
+        assignment_hidden_ratio (`float`, *optional*, defaults to 0.5): hidden size of the assignment MLPs relative
+            to the feature dimension (the paper: 2 for text, 0.5 for vision).
+        budget_tolerance (`float`, *optional*, defaults to 0.05): relative budget error below which a state may be
+            kept as the best one.
+        seed (`int`, *optional*, defaults to 0): seed of the fitting (initialisation and minibatch order).
+    """
+
+    policy_type = "eenet-paper"
+    num_rich_features: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        num_exits: int,
+        budgets: Sequence[float] | None = None,
+        num_labels: int | None = None,
+        learning_rate: float = 1e-2,
+        weight_decay: float = 1e-2,
+        batch_size: int = 512,
+        max_epochs: int = 1000,
+        patience: int = 10,
+        phase_epochs: int = 10,
+        restarts: int = 2,
+        assignment_hidden_ratio: float = 0.5,
+        budget_tolerance: float = 0.05,
+        seed: int = 0,
+    ):
+        super().__init__(num_exits, budgets)
+        for name, value, minimum in (
+            ("batch_size", batch_size, 1),
+            ("max_epochs", max_epochs, 1),
+            ("patience", patience, 1),
+            ("phase_epochs", phase_epochs, 1),
+            ("restarts", restarts, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        for name, value in (
+            ("learning_rate", learning_rate),
+            ("assignment_hidden_ratio", assignment_hidden_ratio),
+            ("budget_tolerance", budget_tolerance),
+        ):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}.")
+        if num_labels is not None and (
+            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2
+        ):
+            raise ValueError(f"`num_labels` must be an integer >= 2, got {num_labels!r}.")
+        if self.budgets and num_labels is None:
+            raise ValueError(f"A fitted {self.policy_type} policy (budgets {self.budgets}) needs `num_labels`.")
+        self.num_labels = num_labels
+        self.learning_rate, self.weight_decay, self.batch_size = float(learning_rate), float(weight_decay), batch_size
+        self.max_epochs, self.patience, self.phase_epochs, self.restarts = max_epochs, patience, phase_epochs, restarts
+        self.assignment_hidden_ratio, self.budget_tolerance = float(assignment_hidden_ratio), float(budget_tolerance)
+        self.seed = int(seed)
+        self.fit_summary_: list[dict] = []
+        self._allocate_buffers()
+
+    def _allocate_buffers(self) -> None:
+        num_budgets, num_features = len(self.budgets), self.num_features if self.num_labels else 0
+        for name, shape in (
+            ("score_weight", (num_budgets, self.num_exits, num_features)),
+            ("score_bias", (num_budgets, self.num_exits)),
+            ("thresholds", (num_budgets, self.num_exits)),
+        ):
+            device = getattr(self, name).device if hasattr(self, name) else None
+            self.register_buffer(name, torch.zeros(shape, device=device))
+
+    def hyperparameters(self) -> dict:
+        return {
+            "num_labels": self.num_labels,
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "batch_size": self.batch_size,
+            "max_epochs": self.max_epochs,
+            "patience": self.patience,
+            "phase_epochs": self.phase_epochs,
+            "restarts": self.restarts,
+            "assignment_hidden_ratio": self.assignment_hidden_ratio,
+            "budget_tolerance": self.budget_tolerance,
+            "seed": self.seed,
+        }
+
+    # --- features and scores (shared by fitting and inference) -------------------------------------------------------
+    @property
+    def fitted_with_features(self) -> bool:
+        """Whether the policy uses the exits' pooled features (then `decide` needs them)."""
+        return False
+
+    @property
+    def num_static_features(self) -> int:
+        """Features of `x_k` computed from the exits' outputs (everything but the earlier scores)."""
+        return self.num_labels + 2 + self.num_rich_features
+
+    @property
+    def num_features(self) -> int:
+        return self.num_static_features + self.num_exits - 1
+
+    def _static_features(
+        self, exit_index: int, logits: torch.Tensor, features: torch.Tensor | None, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`[p_k, max p_k, 1 - H(p_k)/log C]` for a batch `(B, C)` of exit `exit_index`'s logits."""
+        if logits.shape[-1] != self.num_labels:
+            raise ValueError(
+                f"The exit logits have {logits.shape[-1]} classes but the policy was fitted on {self.num_labels}."
+            )
+        probs = logits.float().softmax(-1)
+        confidence = 1.0 - -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(self.num_labels)
+        return torch.cat([probs, probs.amax(-1, keepdim=True), confidence[:, None]], dim=-1), state
+
+    def initial_state(self, batch_size, device):
+        return {"scores": torch.zeros(batch_size, self.num_exits - 1, device=device)}
+
+    def _exit_score(self, exit_index: int, static: torch.Tensor, earlier: torch.Tensor, budget_index: int):
+        """Unclamped linear score `g_k(x_k)` `(B,)` of one fitted budget."""
+        weight = self.score_weight[budget_index, exit_index].float()
+        inputs = torch.cat([static, earlier], dim=-1)
+        return inputs @ weight + self.score_bias[budget_index, exit_index].float()
+
+    def decide(self, exit_index, logits, features, state, budget_index):
+        if budget_index is None:
+            raise ValueError(f"The {self.policy_type} exit policy needs a budget (a `budget_index`).")
+        if not self.is_fitted:
+            raise ValueError(f"The {self.policy_type} exit policy has not been fitted.")
+        static, state = self._static_features(exit_index, logits, features, state)
+        score = self._exit_score(exit_index, static, state["scores"], budget_index)
+        leave = score >= self.thresholds[budget_index, exit_index]
+        scores = state["scores"].clone()
+        scores[:, exit_index] = score.clamp(0.0, 1.0)
+        return leave, {**state, "scores": scores}
+
+    @torch.no_grad()
+    def exit_scores(
+        self, exit_logits: torch.Tensor, budget_index: int, exit_features: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Unclamped scores `(num_samples, num_exits)` of every exit for one fitted budget (what `decide` compares)."""
+        static = self._all_static_features(exit_logits, exit_features)
+        return self._scores_from_static(static, budget_index)
+
+    def _all_static_features(self, exit_logits, exit_features) -> torch.Tensor:
+        state = self.initial_state(exit_logits.shape[0], exit_logits.device)
+        static = []
+        for k in range(self.num_exits):
+            features = exit_features[k] if exit_features is not None else None
+            values, state = self._static_features(k, exit_logits[:, k], features, state)
+            static.append(values)
+        return torch.stack(static, dim=1)  # (N, K, Fs)
+
+    def _scores_from_static(self, static: torch.Tensor, budget_index: int) -> torch.Tensor:
+        earlier = static.new_zeros(static.shape[0], self.num_exits - 1)
+        scores = []
+        for k in range(self.num_exits):
+            score = self._exit_score(k, static[:, k], earlier, budget_index)
+            scores.append(score)
+            if k < self.num_exits - 1:
+                earlier = earlier.clone()
+                earlier[:, k] = score.clamp(0.0, 1.0)
+        return torch.stack(scores, dim=1)
+
+    # --- fitting -------------------------------------------------------------------------------------------------------
+    def _prepare_features(self, exit_features, fit_index: torch.Tensor) -> None:
+        """Hook for subclasses that use the pooled features (fitted on the fitting slice)."""
+
+    def _after_allocation(self) -> None:
+        """Hook for subclasses that fill buffers prepared by `_prepare_features`."""
+
+    def _variant_masks(self) -> torch.Tensor:
+        """`(V, K, F)` masks of the scoring weights each variant may use (earlier scores: only `j < k`)."""
+        mask = torch.ones(1, self.num_exits, self.num_features)
+        static = self.num_static_features
+        mask[0, :, static:] = torch.tril(torch.ones(self.num_exits, self.num_exits - 1), diagonal=-1)
+        return mask
+
+    def _split(self, num_samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.arange(num_samples), None
+
+    def fit(self, exit_logits, labels, exit_costs, budgets, exit_features=None):
+        costs, budgets = self._check_fit_inputs(exit_logits, labels, exit_costs, budgets, exit_features)
+        if self.num_exits < 2:
+            raise ValueError(f"The {self.policy_type} exit policy needs at least 2 exits, got {self.num_exits}.")
+        if exit_logits.shape[-1] < 2:
+            raise ValueError(
+                f"The {self.policy_type} exit policy needs at least 2 classes, got {exit_logits.shape[-1]}."
+            )
+        device = exit_logits.device
+        exit_logits = exit_logits.detach().float()
+        labels = labels.to(device)
+        exit_features = [f.detach().float().to(device) for f in exit_features] if exit_features is not None else None
+        costs = costs.to(device)
+        generator = torch.Generator().manual_seed(self.seed)
+        fit_index, validation_index = self._split(exit_logits.shape[0], generator)
+        fit_index = fit_index.to(device)
+        validation_index = validation_index.to(device) if validation_index is not None else None
+
+        self.budgets, self.num_labels = budgets, int(exit_logits.shape[-1])
+        self._prepare_features(exit_features, fit_index)
+        self._allocate_buffers()
+        self._after_allocation()
+        self.to(device)
+        with torch.no_grad():
+            static = self._all_static_features(exit_logits, exit_features)  # (N, K, Fs)
+        correct = (exit_logits.argmax(-1) == labels[:, None]).float()  # (N, K)
+        budget_tensor = torch.tensor(budgets, device=device)
+        masks = self._variant_masks().to(device)
+
+        trained = _train_eenet(
+            static,
+            correct,
+            costs,
+            budget_tensor,
+            masks,
+            fit_index,
+            validation_index,
+            restarts=self.restarts,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            phase_epochs=self.phase_epochs,
+            hidden_ratio=self.assignment_hidden_ratio,
+            budget_tolerance=self.budget_tolerance,
+            max_prob_column=self.num_labels,
+            generator=generator,
+        )
+        choice, fractions, details = self._select(trained, correct, costs, budget_tensor, fit_index, validation_index)
+        with torch.no_grad():
+            self.score_weight.copy_(trained["weight"][choice])
+            self.score_bias.copy_(trained["bias"][choice])
+            scores = torch.stack([self._scores_from_static(static, m) for m in range(len(budgets))])  # (M, N, K)
+            thresholds, exits = match_thresholds(scores, fractions[:, None])
+            self.thresholds.copy_(thresholds[:, 0])
+            exits = exits[:, 0]
+            accuracy = correct[torch.arange(correct.shape[0], device=device), exits].mean(-1)
+            cost = costs[exits].mean(-1)
+            copied_from = list(range(len(budgets)))
+            for m in range(1, len(budgets)):  # never less calibration accuracy for a larger budget
+                if accuracy[m] < accuracy[m - 1] - 1e-9:
+                    for buffer in (self.score_weight, self.score_bias, self.thresholds):
+                        buffer[m] = buffer[m - 1]
+                    accuracy[m], cost[m], copied_from[m] = accuracy[m - 1], cost[m - 1], copied_from[m - 1]
+        self.fit_summary_ = [
+            {
+                "budget": budget,
+                "calibration_accuracy": float(accuracy[m]),
+                "calibration_cost": float(cost[m]),
+                "solution_of_budget": budgets[copied_from[m]],
+                "epochs": trained["epochs"],
+                **{key: value[copied_from[m]] for key, value in details.items()},
+            }
+            for m, budget in enumerate(budgets)
+        ]
+        return self
+
+    def _select(self, trained, correct, costs, budgets, fit_index, validation_index):
+        """
+        Step 6: per budget, the restart with the best calibration accuracy, thresholds from its learned fractions.
+
+        Returns:
+            `(choice, fractions, details)`: the index (into the trained models) chosen per budget `(M,)`, the exit
+            fractions to match per budget `(M, K)` and per-budget details for `fit_summary_`.
+        """
+        num_budgets = budgets.numel()
+        fractions = tilt_exit_fractions(trained["fractions"], costs, trained["budget"])  # (P, K)
+        _, exits = match_thresholds(trained["scores"], fractions[:, None])  # (P, 1, N)
+        accuracy = _accuracy(correct, exits[:, 0]).view(num_budgets, -1)  # (M, V * R)
+        best = accuracy.argmax(-1)
+        choice = torch.arange(num_budgets, device=best.device) * accuracy.shape[1] + best
+        details = {"restart": [int(i) for i in best], "learned_fractions": fractions[choice].tolist()}
+        return choice, fractions[choice], details
+
+
+def _accuracy(correct: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
+    """Mean correctness `(...,)` of per-sample exits `(..., N)` given `correct` `(N, K)`."""
+    return correct[torch.arange(correct.shape[0], device=exits.device), exits].mean(-1)
+
+
+def _train_eenet(
+    static: torch.Tensor,
+    correct: torch.Tensor,
+    costs: torch.Tensor,
+    budgets: torch.Tensor,
+    masks: torch.Tensor,
+    fit_index: torch.Tensor,
+    validation_index: torch.Tensor | None,
+    *,
+    restarts: int,
+    learning_rate: float,
+    weight_decay: float,
+    batch_size: int,
+    max_epochs: int,
+    patience: int,
+    phase_epochs: int,
+    hidden_ratio: float,
+    budget_tolerance: float,
+    max_prob_column: int,
+    generator: torch.Generator,
+) -> dict:
+    """
+    EENet's batched optimisation (steps 2-4 and 7): `P = M * V * R` independent models (budget x feature variant x
+    restart, in that order) trained together on shared minibatches; each model's parameters, losses, early stopping
+    and best state are its own. Tensors are laid out `(exit, sample, model)` so every exit's work is one matmul.
+
+    Returns:
+        A dict with the best `weight` `(P, K, F)` (masked) and `bias` `(P, K)`, the learned exit `fractions`
+        `(P, K)` (mean of pi over every sample), the unclamped `scores` `(P, N, K)` of every sample, each model's
+        `budget` `(P,)` and the number of `epochs` run.
+    """
+    device = static.device
+    num_samples, num_exits, num_static = static.shape
+    num_budgets, num_variants = budgets.numel(), masks.shape[0]
+    num_models = num_budgets * num_variants * restarts
+    num_features = masks.shape[-1]
+    num_earlier = num_exits - 1
+    hidden = max(1, int(round(hidden_ratio * num_features)))
+    budget = budgets.repeat_interleave(num_variants * restarts)  # (P,)
+    mask = masks[None, :, None].expand(num_budgets, num_variants, restarts, num_exits, num_features)
+    mask = mask.reshape(num_models, num_exits, num_features).permute(1, 2, 0).contiguous()  # (K, F, P)
+    mask_static, mask_earlier = mask[:, :num_static], mask[:, num_static:]
+    restart = torch.arange(restarts, device=device).repeat(num_budgets * num_variants)  # (P,)
+    inputs_by_exit = static.transpose(0, 1).contiguous()  # (K, N, Fs)
+
+    def uniform(shape, bound):
+        return ((torch.rand(shape, generator=generator) * 2 - 1) * bound).to(device)
+
+    weight = torch.zeros(num_exits, num_features, num_models, device=device)
+    weight[:, max_prob_column] = 1.0  # s_k = max p_k
+    weight = weight + uniform(weight.shape, 0.01) * (restart > 0).float()  # restarts differ slightly
+    weight = weight * mask
+    score_static = weight[:, :num_static].clone().requires_grad_()  # (K, Fs, P)
+    score_earlier = weight[:, num_static:].clone().requires_grad_()  # (K, K-1, P)
+    score_bias = torch.zeros(num_exits, num_models, device=device, requires_grad=True)
+    bound = num_features**-0.5
+    w1_static = uniform((num_exits, num_static, hidden, num_models), bound).requires_grad_()
+    w1_earlier = uniform((num_exits, num_earlier, hidden, num_models), bound).requires_grad_()
+    b1 = uniform((num_exits, hidden, num_models), bound).requires_grad_()
+    w2 = uniform((num_exits, hidden, num_models), hidden**-0.5).requires_grad_()
+    b2 = uniform((num_exits, num_models), hidden**-0.5).requires_grad_()
+    scoring = [score_static, score_earlier, score_bias]
+    assignment = [w1_static, w1_earlier, b1, w2, b2]
+    model_dims = [2, 2, 1, 3, 3, 2, 2, 1]  # where the model dimension sits in each parameter
+    parameters = scoring + assignment
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    correct = correct.to(static.dtype)
+    cost_column = costs[:, None]
+
+    def scores_of(index: torch.Tensor):
+        inputs = inputs_by_exit[:, index]  # (K, B, Fs)
+        base = torch.bmm(inputs, score_static * mask_static) + score_bias[:, None]  # (K, B, P)
+        earlier_weight = score_earlier * mask_earlier
+        raw, clamped = [], []
+        for k in range(num_exits):
+            score = base[k]
+            for j in range(k):
+                score = score + clamped[j] * earlier_weight[k, j]
+            raw.append(score)
+            clamped.append(score.detach().clamp(0.0, 1.0))
+        return inputs, torch.stack(raw), torch.stack(clamped)  # (K, B, P) each
+
+    def log_assignment(inputs: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+        batch = inputs.shape[1]
+        first = (w1_static * mask_static[:, :, None]).reshape(num_exits, num_static, hidden * num_models)
+        hidden_states = torch.bmm(inputs, first).view(num_exits, batch, hidden, num_models)
+        earlier = w1_earlier * mask_earlier[:, :, None]
+        hidden_states = hidden_states + b1[:, None]
+        logits = []
+        for k in range(num_exits):
+            state = hidden_states[k]
+            for j in range(k):  # earlier scores of this model (mask: j < k only)
+                state = state + clamped[j][:, None, :] * earlier[k, j]
+            logits.append((state.relu() * w2[k]).sum(1) + b2[k])
+        return torch.stack(logits).log_softmax(0)  # (K, B, P)
+
+    def losses(index: torch.Tensor, phase_a: bool | None):
+        with torch.set_grad_enabled(phase_a is True):
+            inputs, raw, clamped = scores_of(index)
+        with torch.set_grad_enabled(phase_a is False):
+            log_pi = log_assignment(inputs, clamped)
+        pi = log_pi.exp()
+        target = correct[index].T[..., None]  # (K, B, 1)
+        probability = raw.clamp(1e-4, 1 - 1e-4)
+        bce = -(target * probability.log() + (1 - target) * (1 - probability).log())
+        weights = pi.detach() / pi.detach().sum(1, keepdim=True).clamp_min(1e-12)
+        loss_a = (weights * bce).sum((0, 1))  # (P,)
+        tau = clamped / clamped.sum(0, keepdim=True).clamp_min(1e-12)
+        loss_kl = (tau * (tau.clamp_min(1e-12).log() - log_pi)).sum(0).mean(0)
+        loss_budget = ((pi.mean(1) * cost_column).sum(0) - budget).abs() / budget
+        return loss_a, loss_kl, loss_budget
+
+    def total_of(loss_a, loss_kl, loss_budget):
+        return loss_a + _LOSS_WEIGHTS["kl"] * loss_kl + _LOSS_WEIGHTS["budget"] * loss_budget
+
+    def select(values: torch.Tensor, dim: int, chosen: torch.Tensor) -> torch.Tensor:
+        shape = [1] * values.ndim
+        shape[dim] = num_models
+        return chosen.view(shape)
+
+    best = [p.detach().clone() for p in parameters]
+    best_total = torch.full((num_models,), math.inf, device=device)
+    has_best = torch.zeros(num_models, dtype=torch.bool, device=device)
+    stale = torch.zeros(num_models, dtype=torch.long, device=device)
+    done = torch.zeros(num_models, dtype=torch.bool, device=device)
+    num_fit = fit_index.numel()
+    epochs = 0
+    for epoch in range(max_epochs):
+        epochs = epoch + 1
+        phase_a = (epoch // phase_epochs) % 2 == 0
+        order = fit_index[torch.randperm(num_fit, generator=generator).to(device)]
+        total_sum = torch.zeros(num_models, device=device)
+        budget_sum = torch.zeros(num_models, device=device)
+        for start in range(0, num_fit, batch_size):
+            index = order[start : start + batch_size]
+            loss_a, loss_kl, loss_budget = losses(index, phase_a)
+            if phase_a:
+                objective = loss_a.sum()
+            else:
+                objective = (_LOSS_WEIGHTS["kl"] * loss_kl + _LOSS_WEIGHTS["budget"] * loss_budget).sum()
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            with torch.no_grad():
+                total_sum += total_of(loss_a, loss_kl, loss_budget).detach() * index.numel()
+                budget_sum += loss_budget.detach() * index.numel()
+        with torch.no_grad():
+            if validation_index is None:
+                total, budget_error = total_sum / num_fit, budget_sum / num_fit
+            else:
+                loss_a, loss_kl, budget_error = losses(validation_index, None)
+                total = total_of(loss_a, loss_kl, budget_error)
+            improved = (budget_error <= budget_tolerance) & (
+                total < best_total - 2e-3 * best_total.abs().clamp_max(1e6)
+            )
+            improved &= ~done
+            for saved, parameter, dim in zip(best, parameters, model_dims):
+                saved.copy_(torch.where(select(saved, dim, improved), parameter, saved))
+            best_total = torch.where(improved, total, best_total)
+            has_best |= improved
+            stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
+            if epochs >= 2 * phase_epochs:  # a model that ran both phases without improving for `patience` stops
+                done |= stale >= patience
+        if bool(done.all()):
+            break
+    with torch.no_grad():
+        for saved, parameter, dim in zip(best, parameters, model_dims):
+            # a model never within the budget tolerance keeps its last state
+            parameter.copy_(torch.where(select(saved, dim, has_best), saved, parameter))
+        scores, fraction_sum = [], torch.zeros(num_exits, num_models, device=device)
+        for start in range(0, num_samples, 2048):
+            index = torch.arange(start, min(start + 2048, num_samples), device=device)
+            inputs, raw, clamped = scores_of(index)
+            scores.append(raw)
+            fraction_sum += log_assignment(inputs, clamped).exp().sum(1)
+        weight = torch.cat([score_static * mask_static, score_earlier * mask_earlier], dim=1)  # (K, F, P)
+    return {
+        "weight": weight.permute(2, 0, 1).contiguous(),
+        "bias": score_bias.detach().T.contiguous(),
+        "fractions": (fraction_sum / num_samples).T.contiguous(),
+        "scores": torch.cat(scores, dim=1).permute(2, 1, 0).contiguous(),
+        "budget": budget,
+        "epochs": epochs,
+    }
+
+
+@register_exit_policy
+class EENetPolicy(EENetPaperPolicy):
+    r"""
+    Our default EENet: the framework of [`EENetPaperPolicy`] (same scoring functions, losses, alternating
+    optimisation, restarts, batched budget grid) with the improvements of the design ("Beyond the paper"):
+
+    - **held-out guard**: a random `validation_fraction` of the calibration split is held out of the optimisation;
+      early stopping uses its total loss, and every choice below (restart, feature set, allocation) is made on its
+      accuracy (ties: accuracy on the fitting slice), so a small calibration split is not overfitted. The final
+      thresholds are then quantile-matched on the whole calibration split, so its cost still meets the budget;
+    - **richer features**, as a second feature variant trained beside the paper's (the guard picks per budget):
+      agreement of exit `k`'s prediction with the earlier exits (fraction of them predicting the same class),
+      whether the prediction changed since the previous exit, how much the probability of the predicted class moved,
+      the previous exit's max-prob, and, when `exit_features` are given to `fit`, a `feature_projection_dim`-
+      dimensional whitened PCA projection of the pooled representation the exit head received;
+    - **allocation optimised for calibration accuracy**: starting from the learned (tilted) exit fractions, a
+      coordinate search moves mass to or from one exit at a time (steps of 1, 3 and 10 points, re-tilted so
+      `sum_k f_k c_k = b`) while accuracy on the fitting slice improves; the guard keeps it only where it does not
+      lose held-out accuracy against the learned fractions.
+
+    What was measured (`benchmarks/results/policy_fitting.md`: 10,000 synthetic calibration samples, 6 exits,
+    20 budgets; mean simulated accuracy over the grid on an independent test draw): ours 79.88 %, without the pooled
+    features 79.52 %, without the allocation search 79.78 %, without the held-out slice 79.83 %; the paper-faithful
+    EENet 79.02 %, max-prob 78.85 % (global) / 79.19 % (geometric). Every lever helps a little, so all are kept; the
+    gains are small because confidence already carries most of what these exits know (as the design found on
+    SST-2). Dropped: a third feature variant and more restarts (fitting time grows linearly with them for no
+    measurable gain on held-out data).
+
+    A policy fitted with `exit_features` records their sizes (`feature_sizes`) and needs the pooled features at
+    every `decide` (the early-exit engine passes them); without them it raises a `ValueError`.
+
+    Args:
+        num_exits, budgets, num_labels, learning_rate, weight_decay, batch_size, max_epochs, patience, phase_epochs,
+        restarts, assignment_hidden_ratio, budget_tolerance, seed: as for [`EENetPaperPolicy`] (default: 1 restart
+            per feature variant; the two feature variants already give two candidates per budget).
+        feature_projection_dim (`int`, *optional*, defaults to 8): size of the projection of the pooled features
+            (0: do not use them).
+        feature_sizes (`list[int]`, *optional*): sizes of the pooled features of every exit the policy was fitted
+            with (set by `fit`; `None` when fitted without features).
+        validation_fraction (`float`, *optional*, defaults to 0.2): held-out share of the calibration split (no
+            hold-out when it would hold fewer than 50 samples).
+        search_allocation (`bool`, *optional*, defaults to `True`): run the allocation search.
+    """
+
+    policy_type = "eenet"
+
+    def __init__(
+        self,
+        num_exits: int,
+        budgets: Sequence[float] | None = None,
+        num_labels: int | None = None,
+        learning_rate: float = 1e-2,
+        weight_decay: float = 1e-2,
+        batch_size: int = 512,
+        max_epochs: int = 1000,
+        patience: int = 10,
+        phase_epochs: int = 10,
+        restarts: int = 1,
+        assignment_hidden_ratio: float = 0.5,
+        budget_tolerance: float = 0.05,
+        seed: int = 0,
+        feature_projection_dim: int = 8,
+        feature_sizes: Sequence[int] | None = None,
+        validation_fraction: float = 0.2,
+        search_allocation: bool = True,
+    ):
+        if (
+            isinstance(feature_projection_dim, bool)
+            or not isinstance(feature_projection_dim, int)
+            or feature_projection_dim < 0
+        ):
+            raise ValueError(f"`feature_projection_dim` must be an integer >= 0, got {feature_projection_dim!r}.")
+        if feature_sizes is not None:
+            feature_sizes = list(feature_sizes)
+            if len(feature_sizes) != num_exits or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in feature_sizes
+            ):
+                raise ValueError(f"`feature_sizes` must hold {num_exits} positive integers, got {feature_sizes!r}.")
+        if not (isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1):
+            raise ValueError(f"`validation_fraction` must be in [0, 1), got {validation_fraction!r}.")
+        self.feature_projection_dim = feature_projection_dim
+        self.feature_sizes = feature_sizes
+        self.validation_fraction = float(validation_fraction)
+        self.search_allocation = bool(search_allocation)
+        super().__init__(
+            num_exits,
+            budgets,
+            num_labels=num_labels,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            max_epochs=max_epochs,
+            patience=patience,
+            phase_epochs=phase_epochs,
+            restarts=restarts,
+            assignment_hidden_ratio=assignment_hidden_ratio,
+            budget_tolerance=budget_tolerance,
+            seed=seed,
+        )
+
+    def hyperparameters(self) -> dict:
+        return {
+            **super().hyperparameters(),
+            "feature_projection_dim": self.feature_projection_dim,
+            "feature_sizes": list(self.feature_sizes) if self.feature_sizes is not None else None,
+            "validation_fraction": self.validation_fraction,
+            "search_allocation": self.search_allocation,
+        }
+
+    @property
+    def fitted_with_features(self) -> bool:
+        return self.feature_sizes is not None
+
+    @property
+    def projection_size(self) -> int:
+        return self.feature_projection_dim if self.feature_sizes is not None else 0
+
+    @property
+    def num_rich_features(self) -> int:
+        return 4 + self.projection_size
+
+    def _allocate_buffers(self) -> None:
+        super()._allocate_buffers()
+        width = max(self.feature_sizes) if self.feature_sizes is not None else 0
+        device = self.score_weight.device
+        self.register_buffer("feature_mean", torch.zeros(self.num_exits, width, device=device))
+        self.register_buffer(
+            "feature_projection", torch.zeros(self.num_exits, width, self.projection_size, device=device)
+        )
+
+    def initial_state(self, batch_size, device):
+        num_labels = self.num_labels or 0
+        return {
+            **super().initial_state(batch_size, device),
+            "votes": torch.zeros(batch_size, num_labels, device=device),
+            "previous_probs": torch.zeros(batch_size, num_labels, device=device),
+        }
+
+    def _static_features(self, exit_index, logits, features, state):
+        base, state = super()._static_features(exit_index, logits, features, state)
+        probs = base[:, : self.num_labels]
+        prediction = probs.argmax(-1, keepdim=True)
+        if exit_index == 0:
+            rich = base.new_zeros(base.shape[0], 4)
+        else:
+            previous = state["previous_probs"]
+            agreement = state["votes"].gather(1, prediction) / exit_index
+            same = (previous.argmax(-1, keepdim=True) == prediction).float()
+            movement = probs.gather(1, prediction) - previous.gather(1, prediction)
+            rich = torch.cat([agreement, same, movement, previous.amax(-1, keepdim=True)], dim=-1)
+        parts = [base, rich]
+        if self.projection_size:
+            if features is None:
+                raise ValueError(
+                    f"This {self.policy_type} exit policy was fitted with exit features (sizes {self.feature_sizes}) "
+                    "and needs the pooled features of every exit at inference; got `features=None`. Pass them (the "
+                    "early-exit engine does), or refit without `exit_features`."
+                )
+            size = self.feature_sizes[exit_index]
+            if features.ndim != 2 or features.shape[-1] != size:
+                raise ValueError(
+                    f"Exit {exit_index}'s features must have shape (batch, {size}) as when the policy was fitted, got "
+                    f"{tuple(features.shape)}."
+                )
+            centered = features.float() - self.feature_mean[exit_index, :size].float()
+            parts.append(centered @ self.feature_projection[exit_index, :size].float())
+        votes = state["votes"].scatter_add(1, prediction, torch.ones_like(prediction, dtype=state["votes"].dtype))
+        return torch.cat(parts, dim=-1), {**state, "votes": votes, "previous_probs": probs}
+
+    # --- fitting -------------------------------------------------------------------------------------------------------
+    def _split(self, num_samples, generator):
+        num_validation = int(round(self.validation_fraction * num_samples))
+        if num_validation < 50 or num_samples - num_validation < 50:
+            return torch.arange(num_samples), None
+        permutation = torch.randperm(num_samples, generator=generator)
+        return permutation[num_validation:].sort().values, permutation[:num_validation].sort().values
+
+    def _prepare_features(self, exit_features, fit_index):
+        if exit_features is None or self.feature_projection_dim == 0:
+            self.feature_sizes = None
+            self._projections = None
+            return
+        self.feature_sizes = [int(f.shape[-1]) for f in exit_features]
+        self._projections = []
+        for features in exit_features:  # whitened PCA on the fitting slice
+            sample = features[fit_index.to(features.device)].double()
+            mean = sample.mean(0)
+            covariance = (sample - mean).T @ (sample - mean) / max(sample.shape[0] - 1, 1)
+            eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+            size = min(self.feature_projection_dim, eigenvectors.shape[1])
+            top = eigenvectors[:, -size:].flip(-1) / eigenvalues[-size:].flip(-1).clamp_min(1e-12).sqrt()
+            top = F.pad(top, (0, self.feature_projection_dim - size))
+            signs = torch.sign(top.sum(0))  # a deterministic orientation
+            self._projections.append((mean.float(), (top * torch.where(signs == 0, 1.0, signs)).float()))
+
+    def _variant_masks(self):
+        rich = super()._variant_masks()[0]
+        basic = rich.clone()
+        basic[:, self.num_labels + 2 : self.num_static_features] = 0.0  # the paper's features only
+        return torch.stack([basic, rich])
+
+    def _after_allocation(self) -> None:
+        if getattr(self, "_projections", None):
+            with torch.no_grad():
+                for k, (mean, projection) in enumerate(self._projections):
+                    self.feature_mean[k, : mean.numel()] = mean.to(self.feature_mean.device)
+                    self.feature_projection[k, : mean.numel()] = projection.to(self.feature_projection.device)
+
+    def _select(self, trained, correct, costs, budgets, fit_index, validation_index):
+        num_budgets = budgets.numel()
+        scores = trained["scores"]  # (P, N, K)
+        learned = tilt_exit_fractions(trained["fractions"], costs, trained["budget"])  # (P, K)
+        fit_scores, fit_correct = scores[:, fit_index], correct[fit_index]
+        if validation_index is None:
+            validation_scores, validation_correct = fit_scores, fit_correct
+        else:
+            validation_scores, validation_correct = scores[:, validation_index], correct[validation_index]
+        allocations = [learned]
+        if self.search_allocation:
+            allocations.append(_search_fractions(fit_scores, fit_correct, learned, costs, trained["budget"]))
+        keys, fit_accuracy, validation_accuracy = [], [], []
+        for fractions in allocations:
+            thresholds, exits = match_thresholds(fit_scores, fractions[:, None])
+            validation_exits = first_exit_over_threshold(validation_scores[:, None], thresholds)
+            fit_hits = fit_correct[torch.arange(fit_correct.shape[0]), exits[:, 0]].sum(-1)
+            validation_hits = validation_correct[
+                torch.arange(validation_correct.shape[0]), validation_exits[:, 0]
+            ].sum(-1)
+            keys.append(validation_hits * (fit_correct.shape[0] + 1) + fit_hits)  # lexicographic, exact
+            fit_accuracy.append(fit_hits / fit_correct.shape[0])
+            validation_accuracy.append(validation_hits / validation_correct.shape[0])
+        per_budget = torch.stack(keys, -1).view(num_budgets, -1)  # (M, V * R * A), allocation fastest
+        best = per_budget.argmax(-1)
+        num_allocations = len(allocations)
+        model = torch.arange(num_budgets, device=best.device) * (per_budget.shape[1] // num_allocations)
+        model = model + best // num_allocations
+        allocation = best % num_allocations
+        fractions = torch.stack(allocations)[allocation, model]
+        per_variant = self.restarts
+        details = {
+            "variant": ["basic" if int(i) // per_variant == 0 else "rich" for i in best // num_allocations],
+            "restart": [int(i) % per_variant for i in best // num_allocations],
+            "allocation": ["learned" if int(a) == 0 else "searched" for a in allocation],
+            "learned_fractions": learned[model].tolist(),
+            "fractions": fractions.tolist(),
+            "heldout_accuracy": torch.stack(validation_accuracy)[allocation, model].tolist(),
+        }
+        return model, fractions, details
+
+
+def _search_fractions(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    fractions: torch.Tensor,
+    costs: torch.Tensor,
+    budgets: torch.Tensor,
+    steps: Sequence[float] = (0.01, 0.03, 0.1),
+    max_sweeps: int = 4,
+) -> torch.Tensor:
+    """
+    Coordinate search over exit fractions for accuracy at a fixed budget: each sweep tries, for every exit and step
+    `±delta`, moving mass to or from that exit (then re-tilting to the budget) and keeps the best move of each model
+    if it raises accuracy on these samples.
+
+    Args:
+        scores (`torch.Tensor` of shape `(S, N, K)`), correct (`(N, K)`), fractions (`(S, K)`, on budget),
+        costs (`(K,)`), budgets (`(S,)`).
+
+    Returns:
+        `torch.Tensor` of shape `(S, K)`: the improved fractions.
+    """
+    num_exits = scores.shape[-1]
+    _, exits = match_thresholds(scores, fractions[:, None])
+    accuracy = _accuracy(correct, exits[:, 0])
+    deltas = [sign * step for step in steps for sign in (-1.0, 1.0)]
+    for _ in range(max_sweeps):
+        candidates = []
+        for k in range(num_exits):
+            for delta in deltas:
+                candidate = fractions.clone()
+                candidate[:, k] = (candidate[:, k] + delta).clamp_min(0.0)
+                candidates.append(candidate)
+        candidates = tilt_exit_fractions(torch.stack(candidates, 1), costs, budgets[:, None])  # (S, Q, K)
+        _, exits = match_thresholds(scores, candidates)
+        candidate_accuracy = _accuracy(correct, exits)  # (S, Q)
+        best_accuracy, best = candidate_accuracy.max(-1)
+        better = best_accuracy > accuracy + 1e-9
+        if not bool(better.any()):
+            break
+        fractions = torch.where(better[:, None], candidates[torch.arange(candidates.shape[0]), best], fractions)
+        accuracy = torch.where(better, best_accuracy, accuracy)
+    return fractions

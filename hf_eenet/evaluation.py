@@ -1,0 +1,475 @@
+"""Budget sweeps of exit policies: simulated tables from cached exit outputs, measured tables from real early-exit
+forwards, and accuracy-vs-cost plots.
+
+Every row says how its numbers were obtained:
+
+- `"simulated"`: accuracy and cost computed from cached exit logits (what papers report): a sample's cost is
+  `config.exit_costs` of the exit its policy picks;
+- `"measured"`: the real early-exit forward of a model (`model(**batch, budget=b)` in eval mode), timed on the wall
+  clock; cost is the realized average `exit_cost` of the outputs.
+
+Typical use:
+
+```python
+>>> from hf_eenet.evaluation import cache_exit_outputs, fit_policies, standard_policies, simulated_budget_table
+>>> cached = cache_exit_outputs(model, calibration_batches)
+>>> policies = fit_policies(standard_policies(model.config.num_exits), **cached, exit_costs=model.config.exit_costs,
+...                         budgets=default_budget_grid(model.config.exit_costs))
+>>> test = cache_exit_outputs(model, test_batches)
+>>> rows = simulated_budget_table(policies, **test, exit_costs=model.config.exit_costs)
+>>> print(format_budget_table(rows))
+```
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .models.exit_policies import (
+    ConfidenceThresholdPolicy,
+    EENetPaperPolicy,
+    EENetPolicy,
+    ExitPolicy,
+    PatiencePolicy,
+    StaticExitPolicy,
+)
+
+__all__ = [
+    "ORACLE_NAME",
+    "cache_exit_outputs",
+    "fit_policies",
+    "format_budget_table",
+    "measured_budget_table",
+    "oracle_exits",
+    "plot_accuracy_vs_cost",
+    "simulated_budget_table",
+    "standard_policies",
+    "synthetic_exit_outputs",
+]
+
+ORACLE_NAME = "oracle"
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+def _move(batch: Mapping, device: torch.device) -> dict:
+    return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
+
+
+@torch.no_grad()
+def cache_exit_outputs(
+    model, batches: Iterable[Mapping[str, torch.Tensor]], label_key: str = "labels", output_features: bool = True
+) -> dict:
+    """
+    Run `model` over `batches` computing every exit (`output_all_exits=True`) and cache the exit logits, labels and
+    (optionally) the pooled features every exit head received, on the CPU.
+
+    Args:
+        model: an EENet model (e.g. [`EENetBertForSequenceClassification`]); put in eval mode for the duration.
+        batches (`Iterable[Mapping[str, torch.Tensor]]`): model inputs (e.g. tokenizer outputs), each with the labels
+            under `label_key` (optional: without labels, `labels` is `None`).
+        label_key (`str`, *optional*, defaults to `"labels"`): key of the labels in each batch.
+        output_features (`bool`, *optional*, defaults to `True`): also cache the exits' pooled features.
+
+    Returns:
+        `dict` with `exit_logits` (`(N, K, C)`), `labels` (`(N,)` or `None`) and `exit_features` (a list of `K`
+        tensors `(N, d_k)`, or `None`).
+    """
+    was_training = model.training
+    model.eval()
+    logits, labels, features = [], [], []
+    try:
+        for batch in batches:
+            batch = dict(batch)
+            batch_labels = batch.pop(label_key, None)
+            out = model(
+                **_move(batch, model.device), output_all_exits=True, output_exit_features=output_features or None
+            )
+            logits.append(out.all_exit_logits.float().cpu())
+            if batch_labels is not None:
+                labels.append(torch.as_tensor(batch_labels).cpu())
+            if output_features:
+                features.append([f.float().cpu() for f in out.all_exit_features])
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ValueError("`batches` is empty: nothing to cache.")
+    if labels and len(labels) != len(logits):
+        raise ValueError(f"Only {len(labels)} of {len(logits)} batches carry labels under {label_key!r}.")
+    return {
+        "exit_logits": torch.cat(logits),
+        "labels": torch.cat(labels) if labels else None,
+        "exit_features": [torch.cat(per_exit) for per_exit in zip(*features)] if output_features else None,
+    }
+
+
+def synthetic_exit_outputs(
+    num_samples: int = 10_000,
+    num_exits: int = 6,
+    num_labels: int = 10,
+    feature_size: int = 32,
+    seed: int = 0,
+) -> dict:
+    """
+    Realistic synthetic cached exit outputs, for tests and benchmarks: every sample has a latent difficulty; exit `k`
+    puts a margin `m_k = a_k - 1.2 * difficulty + noise` on the true class (with `a_k` increasing, so accuracy grows
+    from about 47 % to 89 % over 6 exits with 10 classes) over class noise shared across exits (so exits agree and
+    confidence is informative but imperfect). Pooled features mix the probabilities, the margin and the difficulty
+    with noise (the mixing is fixed, so draws with different `seed`s come from the same "model": use one draw to
+    fit and another to test). Costs are cumulative, the last slightly above 1.0 (exit heads).
+
+    Returns:
+        `dict` with `exit_logits` `(N, K, C)`, `labels` `(N,)`, `exit_costs` (`list[float]`) and `exit_features`
+        (`K` tensors `(N, feature_size)`).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_labels, (num_samples,), generator=generator)
+    difficulty = torch.randn(num_samples, generator=generator)
+    strength = torch.linspace(1.3, 3.6, num_exits)
+    shared = torch.randn(num_samples, num_labels, generator=generator)
+    # the "model" (how features mix probabilities, margin and difficulty) is the same for every draw
+    mix = torch.randn(num_labels + 2, feature_size, generator=torch.Generator().manual_seed(1234))
+    one_hot = torch.nn.functional.one_hot(labels, num_labels).float()
+    logits, features = [], []
+    for k in range(num_exits):
+        noise = 0.6 * shared + 0.8 * torch.randn(num_samples, num_labels, generator=generator)
+        margin = strength[k] - 1.2 * difficulty + 0.5 * torch.randn(num_samples, generator=generator)
+        exit_logits = 1.5 * noise + 1.5 * margin[:, None] * one_hot
+        logits.append(exit_logits)
+        inputs = torch.cat([exit_logits.softmax(-1), margin[:, None], difficulty[:, None]], dim=-1)
+        features.append(inputs @ mix + 0.5 * torch.randn(num_samples, feature_size, generator=generator))
+    costs = [(k + 1) / num_exits + 0.01 * (k + 1) for k in range(num_exits)]
+    return {"exit_logits": torch.stack(logits, 1), "labels": labels, "exit_costs": costs, "exit_features": features}
+
+
+# --- policies --------------------------------------------------------------------------------------------------------
+def standard_policies(
+    num_exits: int,
+    eenet: bool = True,
+    eenet_kwargs: Mapping | None = None,
+    eenet_paper_kwargs: Mapping | None = None,
+) -> dict[str, ExitPolicy]:
+    """
+    The policies of every budget table, unfitted, by display name: max-prob and entropy with global and geometric
+    allocation, EENet (`"eenet"`, ours) and `"eenet-paper"` (unless `eenet=False`), patience `p = 1 .. K-1` and
+    static exit `k = 0 .. K-1`.
+    """
+    policies: dict[str, ExitPolicy] = {}
+    for score, name in (("max_prob", "max-prob"), ("entropy", "entropy")):
+        for allocation in ("global", "geometric"):
+            policies[f"{name} ({allocation})"] = ConfidenceThresholdPolicy(
+                num_exits, score=score, allocation=allocation
+            )
+    if eenet:
+        policies["eenet"] = EENetPolicy(num_exits, **dict(eenet_kwargs or {}))
+        policies["eenet-paper"] = EENetPaperPolicy(num_exits, **dict(eenet_paper_kwargs or {}))
+    for patience in range(1, num_exits):
+        policies[f"patience (p={patience})"] = PatiencePolicy(num_exits, patience=patience)
+    for exit_index in range(num_exits):
+        policies[f"static (exit {exit_index})"] = StaticExitPolicy(num_exits, exit=exit_index)
+    return policies
+
+
+def fit_policies(
+    policies: Mapping[str, ExitPolicy],
+    exit_logits: torch.Tensor,
+    labels: torch.Tensor,
+    exit_costs: Sequence[float],
+    budgets: Sequence[float],
+    exit_features: Sequence[torch.Tensor] | None = None,
+) -> dict[str, ExitPolicy]:
+    """Fit every policy on the calibration split (budget-matched ones for `budgets`); returns the same mapping."""
+    if labels is None:
+        raise ValueError("Fitting exit policies needs calibration `labels`.")
+    for policy in policies.values():
+        policy.fit(exit_logits, labels, exit_costs, budgets, exit_features=exit_features)
+    return dict(policies)
+
+
+def oracle_exits(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """
+    The oracle's exits (evaluation only, it reads the labels): the first exit whose prediction is correct, else the
+    last exit. Returns a `torch.LongTensor` of shape `(num_samples,)`.
+    """
+    _check_cached(exit_logits, labels)
+    correct = exit_logits.argmax(-1) == labels[:, None]
+    correct[:, -1] = True
+    return correct.to(torch.int8).argmax(-1)
+
+
+def _check_cached(exit_logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+    if not torch.is_tensor(exit_logits) or exit_logits.ndim != 3:
+        shape = tuple(exit_logits.shape) if torch.is_tensor(exit_logits) else type(exit_logits).__name__
+        raise ValueError(f"`exit_logits` must have shape (num_samples, num_exits, num_labels), got {shape}.")
+    if exit_logits.shape[0] == 0:
+        raise ValueError("`exit_logits` holds zero samples.")
+    if labels is None:
+        raise ValueError("Accuracy needs `labels`.")
+    if labels.shape != exit_logits.shape[:1]:
+        raise ValueError(
+            f"`labels` must have shape ({exit_logits.shape[0]},) to match `exit_logits`, got {tuple(labels.shape)}."
+        )
+
+
+def _row(name, mode, budget, exits, exit_logits, labels, costs, **extra) -> dict:
+    num_exits = exit_logits.shape[1]
+    predictions = exit_logits[torch.arange(exits.numel()), exits].argmax(-1)
+    histogram = torch.bincount(exits, minlength=num_exits).float() / exits.numel()
+    return {
+        "policy": name,
+        "mode": mode,
+        "budget": budget,
+        "accuracy": float((predictions == labels).float().mean()),
+        "cost": float(costs[exits].mean()),
+        "exit_histogram": [round(float(h), 6) for h in histogram],
+        "num_samples": int(exits.numel()),
+        **extra,
+    }
+
+
+@torch.no_grad()
+def simulated_budget_table(
+    policies: Mapping[str, ExitPolicy],
+    exit_logits: torch.Tensor,
+    labels: torch.Tensor,
+    exit_costs: Sequence[float],
+    exit_features: Sequence[torch.Tensor] | None = None,
+    include_oracle: bool = True,
+) -> list[dict]:
+    """
+    Simulated budget table from cached exit outputs: one row per (policy, fitted budget) for budget-matched policies,
+    one row per unbudgeted policy (patience, static; `budget` is `None`, their cost is whatever they give), and one
+    oracle row (first correct exit, else the last; an upper bound that reads the labels).
+
+    Each row: `policy`, `mode` (`"simulated"`), `budget`, `accuracy`, `cost` (realized average relative cost),
+    `exit_histogram` (fraction of samples per exit), `num_samples`.
+    """
+    _check_cached(exit_logits, labels)
+    exit_logits, labels = exit_logits.float(), labels.to(exit_logits.device)
+    costs = torch.as_tensor(exit_costs, dtype=torch.float32, device=exit_logits.device)
+    if costs.numel() != exit_logits.shape[1]:
+        raise ValueError(f"`exit_costs` must hold {exit_logits.shape[1]} costs, got {list(exit_costs)}.")
+    rows = []
+    for name, policy in policies.items():
+        if policy.num_exits != exit_logits.shape[1]:
+            raise ValueError(
+                f"Policy {name!r} has {policy.num_exits} exits but the cached outputs have {exit_logits.shape[1]}."
+            )
+        if policy.requires_budget:
+            if not policy.is_fitted:
+                raise ValueError(f"Policy {name!r} has not been fitted: fit it first (see `fit_policies`).")
+            for index, budget in enumerate(policy.budgets):
+                exits = policy.simulate(exit_logits, index, exit_features)
+                rows.append(_row(name, "simulated", budget, exits, exit_logits, labels, costs))
+        else:
+            exits = policy.simulate(exit_logits, None, exit_features)
+            rows.append(_row(name, "simulated", None, exits, exit_logits, labels, costs))
+    if include_oracle:
+        rows.append(
+            _row(ORACLE_NAME, "simulated", None, oracle_exits(exit_logits, labels), exit_logits, labels, costs)
+        )
+    return rows
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measured_budget_table(
+    model,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    policies: Mapping[str, ExitPolicy] | None = None,
+    budgets: Sequence[float] | None = None,
+    label_key: str = "labels",
+    num_warmup_batches: int = 1,
+    include_full_model: bool = True,
+) -> list[dict]:
+    """
+    Measured budget table: run the real early-exit forward (`model(**batch, budget=b, exit_policy=policy)`, eval
+    mode, `torch.no_grad`) over `batches` and time it on the wall clock.
+
+    Args:
+        model: an EENet model.
+        batches (`Sequence[Mapping[str, torch.Tensor]]`): tokenized / processed batches with labels under
+            `label_key` (rows without labels report `accuracy=None`). Iterated once per (policy, budget) row.
+        policies (`Mapping[str, ExitPolicy]`, *optional*): policies by display name; defaults to the model's
+            stored policy (`{"stored": model.exit_policy}`).
+        budgets (`Sequence[float]`, *optional*): budgets of the budget-matched policies; defaults to each policy's
+            fitted grid. Unbudgeted policies (patience, static) run once, without a budget.
+        label_key (`str`, *optional*, defaults to `"labels"`)
+        num_warmup_batches (`int`, *optional*, defaults to 1): untimed batches run before each row.
+        include_full_model (`bool`, *optional*, defaults to `True`): add the plain full model (`budget=1.0`).
+
+    Each row: `policy`, `mode` (`"measured"`), `budget`, `accuracy`, `cost` (realized average `exit_cost`),
+    `exit_histogram`, `num_samples`, `seconds_per_sample`, `samples_per_second`, `device`.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("`batches` is empty: nothing to measure.")
+    if policies is None:
+        if getattr(model, "exit_policy", None) is None:
+            raise ValueError("The model has no stored exit policy; pass `policies`.")
+        policies = {"stored": model.exit_policy}
+    runs: list[tuple[str, ExitPolicy | None, float | None]] = []
+    if include_full_model:
+        runs.append(("full model", None, 1.0))
+    for name, policy in policies.items():
+        if policy.requires_budget:
+            for budget in budgets if budgets is not None else policy.budgets:
+                runs.append((name, policy, float(budget)))
+        else:
+            runs.append((name, policy, None))
+    was_training = model.training
+    model.eval()
+    device = model.device
+    prepared = []
+    for batch in batches:
+        batch = dict(batch)
+        labels = batch.pop(label_key, None)
+        prepared.append((_move(batch, device), None if labels is None else torch.as_tensor(labels).cpu()))
+    num_exits = model.config.num_exits
+    rows = []
+    try:
+        for name, policy, budget in runs:
+            for inputs, _ in prepared[:num_warmup_batches]:
+                model(**inputs, budget=budget, exit_policy=policy)
+            exits, costs, hits, labelled, elapsed = [], [], 0, 0, 0.0
+            for inputs, labels in prepared:
+                _synchronize(device)
+                start = time.perf_counter()
+                out = model(**inputs, budget=budget, exit_policy=policy)
+                _synchronize(device)
+                elapsed += time.perf_counter() - start
+                exits.append(out.exit_index.cpu())
+                costs.append(out.exit_cost.float().cpu())
+                if labels is not None:
+                    hits += int((out.logits.argmax(-1).cpu() == labels).sum())
+                    labelled += labels.numel()
+            exits, costs = torch.cat(exits), torch.cat(costs)
+            num_samples = exits.numel()
+            rows.append(
+                {
+                    "policy": name,
+                    "mode": "measured",
+                    "budget": budget,
+                    "accuracy": hits / labelled if labelled else None,
+                    "cost": float(costs.mean()),
+                    "exit_histogram": [
+                        round(float(h), 6) for h in torch.bincount(exits, minlength=num_exits).float() / num_samples
+                    ],
+                    "num_samples": num_samples,
+                    "seconds_per_sample": elapsed / num_samples,
+                    "samples_per_second": num_samples / elapsed if elapsed > 0 else math.inf,
+                    "device": str(device),
+                }
+            )
+    finally:
+        model.train(was_training)
+    return rows
+
+
+# --- rendering -------------------------------------------------------------------------------------------------------
+def _format_value(key: str, value) -> str:
+    if value is None:
+        return "—"
+    if key == "accuracy":
+        return f"{100 * value:.2f}"
+    if key in ("budget", "cost"):
+        return f"{value:.3f}"
+    if key == "exit_histogram":
+        return " ".join(f"{100 * h:.0f}" for h in value)
+    if key == "seconds_per_sample":
+        return f"{1000 * value:.3f}"
+    if key == "samples_per_second":
+        return f"{value:.1f}"
+    return str(value)
+
+
+_HEADERS = {
+    "policy": "policy",
+    "mode": "mode",
+    "budget": "budget",
+    "accuracy": "accuracy (%)",
+    "cost": "cost",
+    "exit_histogram": "exit histogram (%)",
+    "num_samples": "samples",
+    "seconds_per_sample": "ms / sample",
+    "samples_per_second": "samples / s",
+}
+
+
+def format_budget_table(rows: Sequence[Mapping], format: str = "markdown") -> str:
+    """
+    Render budget-table rows as a markdown table (`format="markdown"`) or aligned plain text (`"text"`). Columns:
+    policy, mode (simulated / measured), budget, accuracy, realized cost, exit histogram, and for measured rows the
+    time per sample and throughput.
+    """
+    if format not in ("markdown", "text"):
+        raise ValueError(f"`format` must be 'markdown' or 'text', got {format!r}.")
+    if not rows:
+        raise ValueError("No rows to format.")
+    keys = [k for k in _HEADERS if any(k in row for row in rows)]
+    table = [[_format_value(k, row.get(k)) for k in keys] for row in rows]
+    headers = [_HEADERS[k] for k in keys]
+    if format == "markdown":
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in table]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(cells[i]) for cells in table)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in table]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_cost(rows: Sequence[Mapping], path: str | Path, title: str | None = None) -> Path:
+    """
+    Plot accuracy against realized cost for every policy of `rows` (a line per budget-matched policy, a marker per
+    unbudgeted policy and the oracle; simulated and measured rows drawn apart) and save it as a PNG (Agg backend).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if row.get("accuracy") is not None]
+    if not rows:
+        raise ValueError("No rows with an accuracy to plot.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(7, 5))
+    groups: dict[tuple[str, str], list[Mapping]] = {}
+    for row in rows:
+        groups.setdefault((row["policy"], row["mode"]), []).append(row)
+    for (name, mode), group in groups.items():
+        label = f"{name} ({mode})" if len({r["mode"] for r in rows}) > 1 else name
+        costs = [r["cost"] for r in group]
+        accuracies = [100 * r["accuracy"] for r in group]
+        if name == ORACLE_NAME:
+            axes.scatter(costs, accuracies, marker="*", s=120, color="black", label=label, zorder=3)
+        elif len(group) == 1 or group[0]["budget"] is None:
+            axes.scatter(costs, accuracies, marker="x" if mode == "simulated" else "+", label=label)
+        else:
+            order = sorted(range(len(group)), key=lambda i: costs[i])
+            axes.plot(
+                [costs[i] for i in order],
+                [accuracies[i] for i in order],
+                marker="o",
+                markersize=3,
+                linestyle="-" if mode == "simulated" else "--",
+                label=label,
+            )
+    axes.set_xlabel("average cost (relative to the full model)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title or "Accuracy vs cost")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,157 @@
+"""Evaluation harness: oracle, simulated and measured budget tables, rendering, plots, caching, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_text_batch, tiny_bert_config
+
+from hf_eenet import EENetBertForSequenceClassification
+from hf_eenet.evaluation import (
+    ORACLE_NAME,
+    cache_exit_outputs,
+    fit_policies,
+    format_budget_table,
+    measured_budget_table,
+    oracle_exits,
+    plot_accuracy_vs_cost,
+    simulated_budget_table,
+    standard_policies,
+    synthetic_exit_outputs,
+)
+from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy, EENetPolicy, PatiencePolicy
+
+FAST = {"max_epochs": 20, "patience": 3, "phase_epochs": 5, "batch_size": 256, "restarts": 1}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_exit_outputs(num_samples=600, num_exits=3, num_labels=3, feature_size=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def policies(data):
+    policies = standard_policies(3, eenet_kwargs=FAST, eenet_paper_kwargs=FAST)
+    return fit_policies(
+        policies, data["exit_logits"], data["labels"], data["exit_costs"], [0.4, 0.6, 0.8], data["exit_features"]
+    )
+
+
+def test_oracle_takes_the_first_correct_exit_else_the_last():
+    labels = torch.tensor([0, 1, 1, 0])
+    predictions = torch.tensor([[0, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 0]])  # (N, K)
+    logits = torch.nn.functional.one_hot(predictions, 2).float()
+    assert oracle_exits(logits, labels).tolist() == [0, 1, 2, 2]
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(4,\)"):
+        oracle_exits(logits, labels[:3])
+
+
+def test_simulated_table_covers_every_policy_and_the_oracle(data, policies):
+    rows = simulated_budget_table(
+        policies, data["exit_logits"], data["labels"], data["exit_costs"], data["exit_features"]
+    )
+    names = {row["policy"] for row in rows}
+    assert set(policies) | {ORACLE_NAME} == names
+    assert {row["mode"] for row in rows} == {"simulated"}
+    for row in rows:
+        assert sum(row["exit_histogram"]) == pytest.approx(1.0, abs=1e-5)
+        expected_cost = sum(h * c for h, c in zip(row["exit_histogram"], data["exit_costs"]))
+        assert row["cost"] == pytest.approx(expected_cost, abs=1e-4)
+        if row["budget"] is not None:  # budget-matched rows meet their budget on the split they were fitted on
+            assert row["cost"] <= row["budget"] + 1e-6, row
+    budgeted = [row for row in rows if row["policy"] == "eenet"]
+    assert [row["budget"] for row in budgeted] == [0.4, 0.6, 0.8]
+    patience = [row for row in rows if row["policy"].startswith("patience")]
+    assert len(patience) == 2 and all(row["budget"] is None for row in patience)
+    static = {row["policy"]: row for row in rows if row["policy"].startswith("static")}
+    assert static["static (exit 1)"]["cost"] == pytest.approx(data["exit_costs"][1])
+    assert static["static (exit 1)"]["exit_histogram"] == [0.0, 1.0, 0.0]
+    oracle = next(row for row in rows if row["policy"] == ORACLE_NAME)
+    assert oracle["accuracy"] >= max(row["accuracy"] for row in rows)
+
+
+def test_simulated_table_accuracy_matches_a_direct_computation(data, policies):
+    policy = policies["max-prob (global)"]
+    rows = simulated_budget_table(
+        {"mp": policy}, data["exit_logits"], data["labels"], data["exit_costs"], include_oracle=False
+    )
+    for index, row in enumerate(rows):
+        exits = policy.simulate(data["exit_logits"], index)
+        predictions = data["exit_logits"][torch.arange(600), exits].argmax(-1)
+        assert row["accuracy"] == pytest.approx(float((predictions == data["labels"]).float().mean()))
+
+
+def test_rendering_and_plot(tmp_path, data, policies):
+    rows = simulated_budget_table(
+        policies, data["exit_logits"], data["labels"], data["exit_costs"], data["exit_features"]
+    )
+    markdown = format_budget_table(rows)
+    lines = markdown.splitlines()
+    assert lines[0].startswith("| policy | mode | budget | accuracy (%) | cost | exit histogram (%)")
+    assert len(lines) == len(rows) + 2 and "| simulated |" in lines[2] and "| oracle | simulated | — |" in markdown
+    text = format_budget_table(rows, format="text")
+    assert "eenet-paper" in text and "|" not in text
+    path = plot_accuracy_vs_cost(rows, tmp_path / "plots" / "accuracy_vs_cost.png", title="synthetic")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="`format` must be 'markdown' or 'text', got 'html'"):
+        format_budget_table(rows, format="html")
+    with pytest.raises(ValueError, match="No rows"):
+        format_budget_table([])
+
+
+def test_simulated_table_errors(data):
+    with pytest.raises(ValueError, match="has not been fitted"):
+        simulated_budget_table(
+            {"mp": ConfidenceThresholdPolicy(3)}, data["exit_logits"], data["labels"], data["exit_costs"]
+        )
+    with pytest.raises(ValueError, match="has 4 exits but the cached outputs have 3"):
+        simulated_budget_table({"p": PatiencePolicy(4)}, data["exit_logits"], data["labels"], data["exit_costs"])
+    with pytest.raises(ValueError, match="zero samples"):
+        simulated_budget_table({}, data["exit_logits"][:0], data["labels"][:0], data["exit_costs"])
+    with pytest.raises(ValueError, match="`exit_costs` must hold 3 costs"):
+        simulated_budget_table({}, data["exit_logits"], data["labels"], [0.5, 1.0])
+    with pytest.raises(ValueError, match="needs calibration `labels`"):
+        fit_policies({}, data["exit_logits"], None, data["exit_costs"], [0.5])
+
+
+def test_cache_and_measured_table_agree_with_simulation():
+    model = EENetBertForSequenceClassification(tiny_bert_config(exit_pooling="mean")).eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        {**random_text_batch(16, seed=s), "labels": torch.randint(0, 3, (16,), generator=generator)} for s in range(3)
+    ]
+    cached = cache_exit_outputs(model, batches)
+    assert cached["exit_logits"].shape == (48, 3, 3) and cached["labels"].shape == (48,)
+    assert [f.shape for f in cached["exit_features"]] == [(48, 32)] * 3
+    policy = EENetPolicy(3, **FAST).fit(**cached, exit_costs=model.config.exit_costs, budgets=[0.5, 0.8])
+    model.set_exit_policy(policy)
+    policies = {"eenet": policy, "patience (p=1)": PatiencePolicy(3, patience=1)}
+    measured = measured_budget_table(model, batches, policies=policies)
+    simulated = simulated_budget_table(policies, **cached, exit_costs=model.config.exit_costs, include_oracle=False)
+    assert [(r["policy"], r["budget"]) for r in measured] == [("full model", 1.0)] + [
+        (r["policy"], r["budget"]) for r in simulated
+    ]
+    assert {r["mode"] for r in measured} == {"measured"}
+    for real, sim in zip(measured[1:], simulated):
+        assert real["accuracy"] == pytest.approx(sim["accuracy"]) and real["cost"] == pytest.approx(
+            sim["cost"], abs=1e-5
+        )
+        assert real["exit_histogram"] == pytest.approx(sim["exit_histogram"])
+    full = measured[0]
+    assert full["cost"] == 1.0 and full["exit_histogram"] == [0.0, 0.0, 1.0]
+    for row in measured:
+        assert row["seconds_per_sample"] > 0 and row["samples_per_second"] > 0 and row["num_samples"] == 48
+    stored = measured_budget_table(model, batches, include_full_model=False, num_warmup_batches=0)
+    assert [r["policy"] for r in stored] == ["stored", "stored"]
+    assert "ms / sample" in format_budget_table(measured)
+    assert model.training is False
+
+
+def test_measured_table_errors():
+    model = EENetBertForSequenceClassification(tiny_bert_config()).eval()
+    with pytest.raises(ValueError, match="`batches` is empty"):
+        measured_budget_table(model, [])
+    with pytest.raises(ValueError, match="no stored exit policy"):
+        measured_budget_table(model, [random_text_batch(2)])
+    with pytest.raises(ValueError, match="`batches` is empty"):
+        cache_exit_outputs(model, [])

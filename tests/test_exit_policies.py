@@ -1,0 +1,369 @@
+"""Exit policies: EENet (ours and paper-faithful) and the baselines: known-optimum synthetic data, budget matching,
+monotonicity, determinism, persistence (config + state dict, and through a real model), engine = simulation, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import random_text_batch, tiny_bert_config
+
+from hf_eenet import EENetBertForSequenceClassification
+from hf_eenet.evaluation import synthetic_exit_outputs
+from hf_eenet.models.exit_policies import (
+    EXIT_POLICY_CLASSES,
+    ConfidenceThresholdPolicy,
+    EENetPaperPolicy,
+    EENetPolicy,
+    PatiencePolicy,
+    StaticExitPolicy,
+    exit_policy_from_config,
+    geometric_exit_fractions,
+    match_thresholds,
+    tilt_exit_fractions,
+)
+
+FAST = {"max_epochs": 30, "patience": 4, "phase_epochs": 5, "batch_size": 256, "restarts": 1}
+
+
+def accuracy_and_cost(exit_logits, labels, exits, costs):
+    predictions = exit_logits[torch.arange(len(labels)), exits].argmax(-1)
+    return float((predictions == labels).float().mean()), float(torch.as_tensor(costs)[exits].mean())
+
+
+def informative_exit_data(num_samples: int, seed: int):
+    """
+    Binary task, 3 exits, confidences uninformative (uniform in [0.55, 0.95] whatever the correctness). Exit 0 is
+    always right when it predicts class 1 and right 2/3 of the time when it predicts class 0; exit 1 is right 80 % of
+    the time; exit 2 always. The best policy at budget 0.85 sends exit 0's class-1 predictions (25 %) out at exit 0
+    and everything else to exit 2: 100 % accuracy at cost 0.825. Max-prob cannot tell exit 0's right from wrong.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (num_samples,), generator=generator)
+    flip = torch.rand(num_samples, generator=generator) < 0.5
+    predictions = [
+        torch.where(labels == 1, torch.where(flip, 0, 1), 0),
+        torch.where(torch.rand(num_samples, generator=generator) < 0.8, labels, 1 - labels),
+        labels,
+    ]
+    logits = []
+    for prediction in predictions:
+        confidence = 0.55 + 0.4 * torch.rand(num_samples, generator=generator)
+        probs = torch.stack([1 - confidence, confidence], -1)
+        probs = torch.where(prediction[:, None] == 1, probs, probs.flip(-1))
+        logits.append(probs.log())
+    return torch.stack(logits, 1), labels, [0.3, 0.65, 1.0]
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return synthetic_exit_outputs(num_samples=1000, num_exits=4, num_labels=3, feature_size=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic):
+    """Every budget-matched policy fitted once on the synthetic calibration draw (module-scoped: fits are costly)."""
+    budgets = [0.35, 0.5, 0.65, 0.8]
+    args = (synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"], budgets)
+    policies = {
+        f"{score}-{allocation}": ConfidenceThresholdPolicy(4, score=score, allocation=allocation).fit(*args)
+        for score in ("max_prob", "entropy")
+        for allocation in ("global", "geometric")
+    }
+    policies["eenet"] = EENetPolicy(4, **FAST).fit(*args, exit_features=synthetic["exit_features"])
+    policies["eenet-no-features"] = EENetPolicy(4, **FAST).fit(*args)
+    policies["eenet-paper"] = EENetPaperPolicy(4, **FAST).fit(*args)
+    return policies
+
+
+# --- known optimum -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy_class", [EENetPolicy, EENetPaperPolicy])
+def test_eenet_finds_the_informative_exit_where_max_prob_cannot(policy_class):
+    logits, labels, costs = informative_exit_data(2000, seed=0)
+    test_logits, test_labels, _ = informative_exit_data(2000, seed=1)
+    budgets = [0.5, 0.7, 0.85]
+    eenet = policy_class(3, **FAST).fit(logits, labels, costs, budgets)
+    max_prob = ConfidenceThresholdPolicy(3, allocation="global").fit(logits, labels, costs, budgets)
+    geometric = ConfidenceThresholdPolicy(3, allocation="geometric").fit(logits, labels, costs, budgets)
+    index = 2  # budget 0.85: the optimum is 100 % at cost 0.825
+    eenet_accuracy, eenet_cost = accuracy_and_cost(test_logits, test_labels, eenet.simulate(test_logits, index), costs)
+    baseline = max(
+        accuracy_and_cost(test_logits, test_labels, policy.simulate(test_logits, index), costs)[0]
+        for policy in (max_prob, geometric)
+    )
+    # the learned score ranks exit 0's class-1 predictions (always right) first: those are the ones that leave there
+    exits = eenet.simulate(test_logits, index)
+    early = exits == 0
+    assert early.float().mean() > 0.1
+    assert (test_logits[early, 0].argmax(-1) == 1).float().mean() > 0.95
+    assert eenet_cost <= 0.85 + 0.02  # a fresh draw: the budget holds up to sampling noise
+    assert eenet_accuracy > baseline, (eenet_accuracy, baseline)
+    if policy_class is EENetPolicy:  # the allocation search also finds the right fraction (25 %): the optimum
+        assert eenet_accuracy >= 0.97, eenet_accuracy
+        assert eenet_accuracy >= baseline + 0.03, (eenet_accuracy, baseline)
+
+
+def test_eenet_uses_the_pooled_features():
+    """Exit 0 is right exactly on the samples whose pooled feature flag is on; only the features reveal it."""
+    generator = torch.Generator().manual_seed(0)
+    num_samples = 2000
+    labels = torch.randint(0, 2, (num_samples,), generator=generator)
+    flag = torch.rand(num_samples, generator=generator) < 0.4
+    logits, features = [], []
+    for k, prediction in enumerate([torch.where(flag, labels, 1 - labels), labels]):
+        confidence = 0.55 + 0.4 * torch.rand(num_samples, generator=generator)
+        probs = torch.stack([1 - confidence, confidence], -1)
+        logits.append(torch.where(prediction[:, None] == 1, probs, probs.flip(-1)).log())
+        noise = torch.randn(num_samples, 6, generator=generator)
+        features.append(torch.cat([3.0 * flag[:, None].float() * (k == 0) + 0.1 * noise[:, :1], noise[:, 1:]], -1))
+    logits = torch.stack(logits, 1)
+    costs = [0.4, 1.0]
+    policy = EENetPolicy(2, **FAST).fit(logits, labels, costs, [0.75], exit_features=features)
+    assert policy.fitted_with_features and policy.fit_summary_[0]["variant"] == "rich"
+    exits = policy.simulate(logits, 0, features)
+    accuracy, cost = accuracy_and_cost(logits, labels, exits, costs)
+    assert cost <= 0.75 + 1e-6
+    assert accuracy >= 0.97, accuracy  # the optimum (40 % out at exit 0, all right) is 100 % at cost 0.76
+    max_prob = ConfidenceThresholdPolicy(2).fit(logits, labels, costs, [0.75])
+    assert accuracy_and_cost(logits, labels, max_prob.simulate(logits, 0), costs)[0] < accuracy - 0.1
+
+
+# --- budgets, monotonicity, determinism ----------------------------------------------------------------------------
+def test_every_policy_meets_its_budget_on_the_calibration_split(synthetic, fitted):
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    for name, policy in fitted.items():
+        features = synthetic["exit_features"] if getattr(policy, "fitted_with_features", False) else None
+        for index, budget in enumerate(policy.budgets):
+            _, cost = accuracy_and_cost(logits, labels, policy.simulate(logits, index, features), costs)
+            assert cost <= budget + 1e-6, (name, budget, cost)
+            kept_smaller = (
+                getattr(policy, "fit_summary_", None) and policy.fit_summary_[index]["solution_of_budget"] < budget
+            )
+            if not kept_smaller:  # EENet may keep a smaller budget's solution when it is more accurate (documented)
+                assert cost >= 0.99 * budget, (name, budget, cost)
+
+
+def test_fit_summary_matches_simulation(synthetic, fitted):
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    policy = fitted["eenet"]
+    for index, row in enumerate(policy.fit_summary_):
+        accuracy, cost = accuracy_and_cost(
+            logits, labels, policy.simulate(logits, index, synthetic["exit_features"]), costs
+        )
+        assert accuracy == pytest.approx(row["calibration_accuracy"], abs=1e-6)
+        assert cost == pytest.approx(row["calibration_cost"], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["eenet", "eenet-no-features", "eenet-paper"])
+def test_eenet_accuracy_is_non_decreasing_along_the_budget_grid(synthetic, fitted, name):
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    policy = fitted[name]
+    features = synthetic["exit_features"] if policy.fitted_with_features else None
+    accuracies = [
+        accuracy_and_cost(logits, labels, policy.simulate(logits, i, features), costs)[0]
+        for i in range(len(policy.budgets))
+    ]
+    assert all(b >= a - 1e-9 for a, b in zip(accuracies, accuracies[1:])), accuracies
+    assert accuracies[-1] > accuracies[0]
+
+
+def test_eenet_beats_or_ties_max_prob_on_calibration(synthetic, fitted):
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    for index in range(4):
+        ours = accuracy_and_cost(
+            logits, labels, fitted["eenet"].simulate(logits, index, synthetic["exit_features"]), costs
+        )
+        base = accuracy_and_cost(logits, labels, fitted["max_prob-global"].simulate(logits, index), costs)
+        assert ours[0] >= base[0] - 0.01, (index, ours, base)
+
+
+@pytest.mark.parametrize("policy_class", [EENetPolicy, EENetPaperPolicy])
+def test_fitting_is_deterministic_under_a_seed(synthetic, policy_class):
+    args = (synthetic["exit_logits"][:600], synthetic["labels"][:600], synthetic["exit_costs"], [0.4, 0.7])
+    kwargs = {**FAST, "max_epochs": 25}
+    features = [f[:600] for f in synthetic["exit_features"]] if policy_class is EENetPolicy else None
+    first = policy_class(4, seed=3, **kwargs).fit(*args, exit_features=features)
+    second = policy_class(4, seed=3, **kwargs).fit(*args, exit_features=features)
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+    assert first.fit_summary_ == second.fit_summary_
+
+
+def test_eenet_fits_every_budget_in_one_batched_optimisation(synthetic, fitted):
+    """All budgets share one run (one epoch count) and each has its own parameters."""
+    policy = fitted["eenet-paper"]
+    assert len({row["epochs"] for row in policy.fit_summary_}) == 1
+    assert policy.score_weight.shape == (4, 4, policy.num_features)
+    assert not torch.equal(policy.thresholds[0], policy.thresholds[-1])
+
+
+# --- baselines -------------------------------------------------------------------------------------------------------
+def test_geometric_allocation_follows_geometric_fractions(synthetic, fitted):
+    logits, costs = synthetic["exit_logits"], synthetic["exit_costs"]
+    policy = fitted["max_prob-geometric"]
+    for index, budget in enumerate(policy.budgets):
+        histogram = torch.bincount(policy.simulate(logits, index), minlength=4).float() / logits.shape[0]
+        torch.testing.assert_close(histogram, geometric_exit_fractions(costs, budget), atol=2e-3, rtol=0)
+
+
+def test_global_allocation_shares_one_threshold(fitted):
+    thresholds = fitted["entropy-global"].thresholds
+    assert torch.all(thresholds[:, :-1] == thresholds[:, :1]) and torch.all(thresholds[:, -1] == -math.inf)
+
+
+def test_match_thresholds_and_tilting():
+    scores = torch.rand(1, 1000, 3, generator=torch.Generator().manual_seed(0))
+    fractions = torch.tensor([[[0.2, 0.3, 0.5]]])
+    thresholds, exits = match_thresholds(scores, fractions)
+    histogram = torch.bincount(exits[0, 0], minlength=3).float() / 1000
+    torch.testing.assert_close(histogram, fractions[0, 0], atol=1e-3, rtol=0)
+    assert thresholds[0, 0, -1] == -math.inf
+    costs = torch.tensor([0.2, 0.6, 1.0])
+    tilted = tilt_exit_fractions(torch.tensor([0.5, 0.3, 0.2]), costs, 0.7)
+    assert float(tilted @ costs) == pytest.approx(0.7, abs=1e-5) and float(tilted.sum()) == pytest.approx(1.0)
+
+
+def test_patience_policy_follows_pabee():
+    # predictions per exit for 4 samples (4 exits): agree from exit 0, from exit 1, alternate, agree from exit 2
+    predictions = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 1], [1, 1, 0, 0]])
+    logits = torch.nn.functional.one_hot(predictions, 2).float() * 3
+    assert PatiencePolicy(4, patience=1).simulate(logits, None).tolist() == [1, 2, 3, 1]
+    assert PatiencePolicy(4, patience=2).simulate(logits, None).tolist() == [2, 3, 3, 3]
+    assert PatiencePolicy(4, patience=3).simulate(logits, None).tolist() == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("exit_index", [0, 1, 3])
+def test_static_policy(synthetic, exit_index):
+    exits = StaticExitPolicy(4, exit=exit_index).simulate(synthetic["exit_logits"], None)
+    assert torch.all(exits == exit_index)
+
+
+# --- persistence --------------------------------------------------------------------------------------------------
+def storable_policies(fitted):
+    return {**fitted, "patience": PatiencePolicy(4, patience=2), "static": StaticExitPolicy(4, exit=1)}
+
+
+def test_every_storable_policy_round_trips_through_config_and_state_dict(synthetic, fitted):
+    logits = synthetic["exit_logits"]
+    for name, policy in storable_policies(fitted).items():
+        config = json.loads(json.dumps(policy.get_config()))  # what config.json stores
+        rebuilt = exit_policy_from_config(config)
+        assert type(rebuilt) is type(policy) and rebuilt.get_config() == policy.get_config(), name
+        rebuilt.load_state_dict(policy.state_dict())
+        features = synthetic["exit_features"] if getattr(policy, "fitted_with_features", False) else None
+        for index in range(len(policy.budgets)) if policy.requires_budget else [None]:
+            assert torch.equal(rebuilt.simulate(logits, index, features), policy.simulate(logits, index, features)), (
+                name
+            )
+
+
+def test_call_time_budget_uses_nearest_fitted_budget_not_above(fitted):
+    policy = fitted["eenet"]
+    assert policy.budget_index(0.5) == 1 and policy.budget_index(0.64) == 1 and policy.budget_index(0.99) == 3
+    with pytest.raises(ValueError, match="below the smallest fitted budget 0.35"):
+        policy.budget_index(0.3)
+
+
+def fit_on_model(model, policy, batches, seed=0):
+    with torch.no_grad():
+        outputs = [model(**batch, output_all_exits=True, output_exit_features=True) for batch in batches]
+    logits = torch.cat([o.all_exit_logits for o in outputs])
+    features = [torch.cat(f) for f in zip(*(o.all_exit_features for o in outputs))]
+    labels = torch.randint(
+        0, model.config.num_labels, (logits.shape[0],), generator=torch.Generator().manual_seed(seed)
+    )
+    budgets = [0.4, 0.55, 0.7, 0.9]
+    policy.fit(logits, labels, model.config.exit_costs, budgets, exit_features=features)
+    return logits, features
+
+
+@pytest.mark.parametrize("policy_class", [EENetPolicy, EENetPaperPolicy])
+def test_engine_with_fitted_eenet_matches_simulation_and_survives_save_load(tmp_path, policy_class):
+    model = EENetBertForSequenceClassification(tiny_bert_config(exit_pooling="mean")).eval()
+    batches = [random_text_batch(32, seed=s) for s in range(3)]
+    policy = policy_class(model.config.num_exits, **{**FAST, "max_epochs": 25})
+    logits, features = fit_on_model(model, policy, batches)
+    model.set_exit_policy(policy)
+    model.save_pretrained(tmp_path)
+    loaded = EENetBertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.exit_policy == model.config.exit_policy
+    assert type(loaded.exit_policy) is policy_class
+    with torch.no_grad():
+        for index, budget in enumerate(policy.budgets):
+            simulated = policy.simulate(logits, index, features if policy_class is EENetPolicy else None)
+            engine = torch.cat([model(**batch, budget=budget).exit_index for batch in batches])
+            reloaded = torch.cat([loaded(**batch, budget=budget).exit_index for batch in batches])
+            assert torch.equal(engine, simulated), budget
+            assert torch.equal(reloaded, engine), budget
+        assert len(set(torch.cat([model(**b, budget=0.55).exit_index for b in batches]).tolist())) > 1
+
+
+def test_engine_with_patience_matches_simulation():
+    model = EENetBertForSequenceClassification(tiny_bert_config()).eval()
+    batch = random_text_batch(24, seed=7)
+    with torch.no_grad():
+        logits = model(**batch, output_all_exits=True).all_exit_logits
+        for patience in (1, 2):
+            policy = PatiencePolicy(3, patience=patience)
+            assert torch.equal(model(**batch, exit_policy=policy).exit_index, policy.simulate(logits, None))
+
+
+# --- errors ------------------------------------------------------------------------------------------------------------
+def test_clear_errors_for_bad_fit_input(synthetic):
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    for policy in (ConfidenceThresholdPolicy(4), EENetPolicy(4, **FAST), EENetPaperPolicy(4, **FAST)):
+        with pytest.raises(ValueError, match=r"`labels` must have shape \(1000,\)"):
+            policy.fit(logits, labels[:-1], costs, [0.5])
+        with pytest.raises(ValueError, match="zero samples"):
+            policy.fit(logits[:0], labels[:0], costs, [0.5])
+        with pytest.raises(ValueError, match=r"below the cheapest exit's cost 0\.26.*smallest budget allowed"):
+            policy.fit(logits, labels, costs, [0.1, 0.5])
+        with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 2\]"):
+            policy.fit(logits, labels + 1, costs, [0.5])
+        with pytest.raises(ValueError, match="at least one budget"):
+            policy.fit(logits, labels, costs, [])
+        with pytest.raises(ValueError, match="must have shape \\(num_samples, 4, num_labels\\)"):
+            policy.fit(logits[:, :3], labels, costs, [0.5])
+        with pytest.raises(ValueError, match="`exit_costs` must hold 4 costs"):
+            policy.fit(logits, labels, costs[:3], [0.5])
+    with pytest.raises(ValueError, match=r"`exit_features\[0\]` must have shape \(1000, feature_size\)"):
+        EENetPolicy(4).fit(logits, labels, costs, [0.5], exit_features=[f[:10] for f in synthetic["exit_features"]])
+
+
+def test_clear_errors_for_bad_policy_configs():
+    with pytest.raises(ValueError, match=r"Unknown exit policy type 'nope'; known types: \["):
+        exit_policy_from_config({"policy_type": "nope", "num_exits": 3})
+    assert {"confidence-threshold", "eenet", "eenet-paper", "patience", "static"} <= set(EXIT_POLICY_CLASSES)
+    with pytest.raises(ValueError, match="`score` must be 'max_prob' or 'entropy', got 'margin'"):
+        ConfidenceThresholdPolicy(3, score="margin")
+    with pytest.raises(ValueError, match=r"`patience` must be an integer in \[1, 2\], got 3"):
+        PatiencePolicy(3, patience=3)
+    with pytest.raises(ValueError, match=r"`exit` must be an integer in \[0, 2\], got 5"):
+        StaticExitPolicy(3, exit=5)
+    with pytest.raises(ValueError, match="`learning_rate` must be a finite number > 0"):
+        EENetPolicy(3, learning_rate=-1.0)
+    with pytest.raises(ValueError, match="needs `num_labels`"):
+        EENetPaperPolicy(3, budgets=[0.5])
+
+
+def test_eenet_fitted_with_features_needs_them_at_inference(synthetic, fitted):
+    policy = fitted["eenet"]
+    with pytest.raises(ValueError, match="fitted with exit features .* got `features=None`"):
+        policy.simulate(synthetic["exit_logits"], 0)
+    bad = [f[:, :5] for f in synthetic["exit_features"]]
+    with pytest.raises(ValueError, match=r"Exit 0's features must have shape \(batch, 8\)"):
+        policy.simulate(synthetic["exit_logits"], 0, bad)
+    assert not fitted["eenet-no-features"].fitted_with_features
+    fitted["eenet-no-features"].simulate(synthetic["exit_logits"], 0)  # works without features
+
+
+def test_unbudgeted_policy_refuses_a_budget():
+    policy = PatiencePolicy(3, patience=1)
+    with pytest.raises(ValueError, match="not budget-matched, so it cannot honour budget 0.5"):
+        policy.budget_index(0.5)
+    model = EENetBertForSequenceClassification(tiny_bert_config()).eval()
+    model.set_exit_policy(policy)
+    with pytest.raises(ValueError, match="not budget-matched"):
+        model(**random_text_batch(2), budget=0.5)
