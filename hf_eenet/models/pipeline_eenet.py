@@ -36,8 +36,18 @@ class BudgetedPipelineMixin:
         self.model._resolve_policy(budget, None)  # unreachable or unfitted budgets fail now, not mid-batch
         return {"budget": budget}
 
-    def _early_exit_forward(self, model_inputs, budget=None):
+    def _sanitize_parameters(self, budget=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        forward_params.update(self._budget_forward_params(budget))
+        return preprocess_params, forward_params, postprocess_params
+
+    def _forward(self, model_inputs, budget=None):
+        if not self.is_early_exit_model:
+            return super()._forward(model_inputs)
         return self.model(**model_inputs, budget=budget)
+
+    def postprocess(self, model_outputs, **postprocess_params):
+        return self._with_exit(super().postprocess(model_outputs, **postprocess_params), model_outputs)
 
     def _with_exit(self, result, model_outputs):
         """Attach the exit taken and its cost to each result dict (EENet models only)."""
@@ -77,19 +87,6 @@ class EENetTextClassificationPipeline(BudgetedPipelineMixin, TextClassificationP
     ```
     """
 
-    def _sanitize_parameters(self, budget=None, **kwargs):
-        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
-        forward_params.update(self._budget_forward_params(budget))
-        return preprocess_params, forward_params, postprocess_params
-
-    def _forward(self, model_inputs, budget=None):
-        if not self.is_early_exit_model:
-            return super()._forward(model_inputs)
-        return self._early_exit_forward(model_inputs, budget)
-
-    def postprocess(self, model_outputs, **postprocess_params):
-        return self._with_exit(super().postprocess(model_outputs, **postprocess_params), model_outputs)
-
 
 class EENetImageClassificationPipeline(BudgetedPipelineMixin, ImageClassificationPipeline):
     r"""
@@ -116,16 +113,3 @@ class EENetImageClassificationPipeline(BudgetedPipelineMixin, ImageClassificatio
     [[{'label': 'cat', 'score': 0.91, 'exit_index': 1, 'exit_cost': 0.42}], ...]
     ```
     """
-
-    def _sanitize_parameters(self, budget=None, **kwargs):
-        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
-        forward_params.update(self._budget_forward_params(budget))
-        return preprocess_params, forward_params, postprocess_params
-
-    def _forward(self, model_inputs, budget=None):
-        if not self.is_early_exit_model:
-            return super()._forward(model_inputs)
-        return self._early_exit_forward(model_inputs, budget)
-
-    def postprocess(self, model_outputs, **postprocess_params):
-        return self._with_exit(super().postprocess(model_outputs, **postprocess_params), model_outputs)
