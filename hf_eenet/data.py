@@ -30,9 +30,12 @@ __all__ = [
     "DATA_ROLES",
     "ClassificationData",
     "DatasetArguments",
+    "RowSlice",
     "encode_labels",
+    "load_processed_splits",
     "load_raw_splits",
     "load_text_classification_data",
+    "parse_split",
     "prepare_text_columns",
     "resolve_column",
     "text_data_collator",
@@ -76,7 +79,8 @@ class DatasetArguments:
             Configuration of a Hub dataset (e.g. `"sst2"` for `"nyu-mll/glue"`).
         train_split, calibration_split, test_split (`str`):
             Split names for training the exits, fitting the exit scheduler, and reporting. `"validation"` and
-            `"dev"` stand for each other when only one of them exists.
+            `"dev"` stand for each other when only one of them exists. A row slice in the `datasets` syntax takes
+            part of a split, e.g. `"validation[:50%]"` to calibrate and `"validation[50%:]"` to report.
         text_column (`str`, *optional*):
             Column holding the text, by name or 0-based index. Defaults to the first of `sentence`, `text`,
             `sentence1`, ... that exists, else the first string column.
@@ -215,15 +219,62 @@ def load_raw_splits(args: DatasetArguments, roles: Sequence[str] = DATA_ROLES) -
         source = args.dataset_name + (f" ({args.dataset_config_name})" if args.dataset_config_name else "")
     result = DatasetDict()
     for role in roles:
-        split = _match_split(args.split_name(role), list(available), source, role)
+        name, row_slice = parse_split(args.split_name(role))
+        split = _match_split(name, list(available), source, role)
         dataset = available[split]
+        if row_slice is not None:
+            dataset = dataset.select(row_slice.rows(len(dataset)))
         if len(dataset) == 0:
-            raise ValueError(f"The {split!r} split of {source} ({role} data) has no rows.")
+            raise ValueError(f"The {args.split_name(role)!r} split of {source} ({role} data) has no rows.")
         limit = getattr(args, f"max_{role}_samples")
         if limit is not None and limit < len(dataset):
             dataset = dataset.select(range(limit))
         result[role] = dataset
     return result
+
+
+_SPLIT_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>[^:\]]*):(?P<stop>[^:\]]*)\]$")
+_SLICE_BOUND = re.compile(r"^-?\d+%?$")
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Rows `[start:stop]` of a split; each bound is a row number or, with `percent`, a percentage of the rows."""
+
+    start: str = ""
+    stop: str = ""
+
+    def rows(self, num_rows: int) -> range:
+        """The row indices this slice selects from a split of `num_rows` rows (percentages rounded down)."""
+
+        def resolve(bound: str) -> int | None:
+            if not bound:
+                return None
+            if bound.endswith("%"):
+                return int(bound[:-1]) * num_rows // 100
+            return int(bound)
+
+        return range(num_rows)[resolve(self.start) : resolve(self.stop)]
+
+
+def parse_split(split: str) -> tuple[str, RowSlice | None]:
+    """
+    Read a split name with an optional row slice, in the `datasets` syntax: `"validation"`, `"validation[:50%]"`,
+    `"validation[50%:]"`, `"train[:2000]"`, `"train[-500:]"`.
+
+    Returns:
+        `tuple[str, RowSlice | None]`: the split name and the slice of its rows (`None`: every row).
+    """
+    if "[" not in split:
+        return split, None
+    match = _SPLIT_SLICE.match(split.strip())
+    bounds = (match.group("start").strip(), match.group("stop").strip()) if match else ()
+    if not match or any(bound and not _SLICE_BOUND.match(bound) for bound in bounds):
+        raise ValueError(
+            f"Cannot read the split {split!r}: use a split name, optionally with a row slice such as "
+            "'validation[:50%]', 'validation[50%:]' or 'train[:2000]'."
+        )
+    return match.group("name").strip(), RowSlice(*bounds)
 
 
 def _looks_like_a_path(name: str) -> bool:
@@ -647,3 +698,30 @@ def text_data_collator(
 ) -> DataCollatorWithPadding:
     """Dynamic padding to the longest sequence of each batch (`label` becomes `labels`)."""
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def load_processed_splits(
+    args: DatasetArguments,
+    processor,
+    roles: Sequence[str] = DATA_ROLES,
+    label_names: Sequence[str] | None = None,
+):
+    """
+    Load the splits that play `roles` and process them for a model: tokenized (unpadded) text with a
+    [`text_data_collator`]. The one entry point of the workflow scripts.
+
+    Args:
+        args ([`DatasetArguments`]): the dataset, splits and columns.
+        processor: the model's tokenizer.
+        roles (`Sequence[str]`, *optional*): which of `"train"`, `"calibration"`, `"test"` to load.
+        label_names (`Sequence[str]`, *optional*): the model's labels in class-id order (for a trained model).
+
+    Returns:
+        `tuple[ClassificationData, datasets.DatasetDict, Callable]`: the raw standardised data (label list
+        included), the processed splits keyed by role, and the data collator.
+    """
+    if not isinstance(processor, PreTrainedTokenizerBase):
+        raise TypeError(f"Expected a tokenizer to process text data, got {type(processor).__name__}.")
+    data = load_text_classification_data(args, roles, label_names=label_names)
+    splits = tokenize_text_splits(data.splits, processor, args.max_seq_length)
+    return data, splits, text_data_collator(processor)

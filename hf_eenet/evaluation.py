@@ -23,12 +23,14 @@ Typical use:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .models.exit_policies import (
     ConfidenceThresholdPolicy,
@@ -37,6 +39,7 @@ from .models.exit_policies import (
     ExitPolicy,
     PatiencePolicy,
     StaticExitPolicy,
+    exit_policy_from_config,
 )
 
 __all__ = [
@@ -44,9 +47,11 @@ __all__ = [
     "cache_exit_outputs",
     "fit_policies",
     "format_budget_table",
+    "load_policies",
     "measured_budget_table",
     "oracle_exits",
     "plot_accuracy_vs_cost",
+    "save_policies",
     "simulated_budget_table",
     "standard_policies",
     "synthetic_exit_outputs",
@@ -190,6 +195,48 @@ def fit_policies(
     return dict(policies)
 
 
+POLICIES_CONFIG_FILE = "exit_policies.json"
+POLICIES_WEIGHTS_FILE = "exit_policies.safetensors"
+
+
+def save_policies(policies: Mapping[str, ExitPolicy], directory: str | Path) -> Path:
+    """
+    Save fitted policies by display name (every policy of a budget table, not only the one stored in the model) as
+    `exit_policies.json` (their configs, in order) and `exit_policies.safetensors` (their tensors), so the same
+    policies can be evaluated later on another split. Returns the directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    configs, tensors = [], {}
+    for index, (name, policy) in enumerate(policies.items()):
+        configs.append({"name": name, "config": policy.get_config()})
+        for key, value in policy.state_dict().items():
+            tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+    (directory / POLICIES_CONFIG_FILE).write_text(json.dumps(configs, indent=2) + "\n")
+    save_file(tensors, str(directory / POLICIES_WEIGHTS_FILE))
+    return directory
+
+
+def load_policies(directory: str | Path) -> dict[str, ExitPolicy]:
+    """Load the policies written by [`save_policies`], by display name, in their saved order."""
+    directory = Path(directory)
+    config_file, weights_file = directory / POLICIES_CONFIG_FILE, directory / POLICIES_WEIGHTS_FILE
+    missing = [str(f) for f in (config_file, weights_file) if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"No saved exit policies in {str(directory)!r} (missing {missing}); `ExitSchedulerTrainer` writes them "
+            "with `save_policies` when it fits the scheduler."
+        )
+    tensors = load_file(str(weights_file))
+    policies = {}
+    for index, entry in enumerate(json.loads(config_file.read_text())):
+        policy = exit_policy_from_config(entry["config"])
+        prefix = f"{index}."
+        policy.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        policies[entry["name"]] = policy
+    return policies
+
+
 def oracle_exits(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     The oracle's exits (evaluation only, it reads the labels): the first exit whose prediction is correct, else the
@@ -307,7 +354,8 @@ def measured_budget_table(
         include_full_model (`bool`, *optional*, defaults to `True`): add the plain full model (`budget=1.0`).
 
     Each row: `policy`, `mode` (`"measured"`), `budget`, `accuracy`, `cost` (realized average `exit_cost`),
-    `exit_histogram`, `num_samples`, `seconds_per_sample`, `samples_per_second`, `device`.
+    `exit_histogram`, `num_samples`, `seconds_per_sample`, `samples_per_second`, `device`, and with the full model
+    `speedup` (the full model's time per sample over the row's, measured in the same run).
     """
     batches = list(batches)
     if not batches:
@@ -371,6 +419,12 @@ def measured_budget_table(
             )
     finally:
         model.train(was_training)
+    full = next((row for row in rows if row["policy"] == "full model"), None)
+    if full is not None:
+        for row in rows:
+            row["speedup"] = (
+                full["seconds_per_sample"] / row["seconds_per_sample"] if row["seconds_per_sample"] else None
+            )
     return rows
 
 
@@ -388,6 +442,8 @@ def _format_value(key: str, value) -> str:
         return f"{1000 * value:.3f}"
     if key == "samples_per_second":
         return f"{value:.1f}"
+    if key == "speedup":
+        return f"{value:.2f}x"
     return str(value)
 
 
@@ -401,6 +457,7 @@ _HEADERS = {
     "num_samples": "samples",
     "seconds_per_sample": "ms / sample",
     "samples_per_second": "samples / s",
+    "speedup": "speed-up vs full",
 }
 
 

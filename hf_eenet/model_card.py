@@ -216,7 +216,10 @@ def write_model_card(model, directory: str | Path, overwrite: bool = False) -> P
     """
     directory = Path(directory)
     data = _card_data(model)
-    (directory / CARD_DATA_FILE).write_text(json.dumps(data.to_dict(), indent=2) + "\n")
+    saved = data.to_dict()
+    if data.plot_path:
+        saved["plot_path"] = PLOT_FILE  # the copy next to the card, so the directory can move
+    (directory / CARD_DATA_FILE).write_text(json.dumps(saved, indent=2) + "\n")
     if data.plot_path:
         source = Path(data.plot_path)
         if not source.is_file():

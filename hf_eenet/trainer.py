@@ -8,9 +8,12 @@ EENet model shares: `all_exit_logits` in the output of an all-exits forward and 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,10 +22,14 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .models.exit_policies import ExitPolicy
+
 __all__ = [
     "EENetModelCardMixin",
     "EarlyExitTrainer",
     "EarlyExitTrainingArguments",
+    "ExitSchedulerArguments",
+    "ExitSchedulerTrainer",
     "compute_exit_accuracies",
     "exit_head_parameters",
 ]
@@ -521,3 +528,377 @@ class EarlyExitTrainer(EENetModelCardMixin, Trainer):
         if not groups:
             raise ValueError("The model has no trainable parameters.")
         return groups
+
+
+# --- phase 2: the exit scheduler -------------------------------------------------------------------------------------
+BUDGET_TABLE_FILE = "budget_table"  # + f"_{split}.json" (every row) and f"_{split}.md" (rendered)
+
+
+@dataclass
+class ExitSchedulerArguments(TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] plus the options of [`ExitSchedulerTrainer`] (only the evaluation-side
+    arguments of `TrainingArguments` matter: `per_device_eval_batch_size`, devices, dataloader options, `seed`,
+    `output_dir`). Every field is also a command-line flag through [`~transformers.HfArgumentParser`].
+
+    Args:
+        exit_policy (`str`, *optional*, defaults to `"eenet"`):
+            The policy stored in the model: `"eenet"` (ours), `"eenet-paper"`, or a baseline of the budget table
+            (`"max-prob (global)"`, `"max-prob (geometric)"`, `"entropy (global)"`, `"entropy (geometric)"`).
+        budgets (`list[float]`, *optional*):
+            The budget grid every budget-matched policy is fitted for (ascending, in `(0, 1)`). Defaults to 0.2, 0.25,
+            ..., 0.95, from the cost of the cheapest exit.
+        fit_baselines (`bool`, *optional*, defaults to `True`):
+            Also fit the other policies of the budget table (the baselines and the other EENet variant) so the table
+            compares them; `False` fits the stored policy alone.
+        default_budget (`float`, *optional*):
+            Stored as `config.default_budget`: the budget of a plain `model(**inputs)` call. `None` keeps the full
+            model as the default.
+        policy_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments of the stored policy's constructor (a JSON string on the command line), e.g.
+            `'{"restarts": 3}'` for EENet.
+        policy_seed (`int`, *optional*):
+            Seed of the policies' fitting. Defaults to `seed`.
+    """
+
+    exit_policy: str = field(
+        default="eenet",
+        metadata={
+            "help": "Policy stored in the model: 'eenet', 'eenet-paper' or a baseline such as 'max-prob (global)'."
+        },
+    )
+    budgets: list[float] | None = field(
+        default=None, metadata={"help": "Budget grid the policies are fitted for (default: 0.2, 0.25, ..., 0.95)."}
+    )
+    fit_baselines: bool = field(
+        default=True, metadata={"help": "Also fit every baseline policy so the budget table compares them."}
+    )
+    default_budget: float | None = field(
+        default=None, metadata={"help": "Budget of a plain `model(**inputs)` call, stored in the config."}
+    )
+    policy_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "JSON dict of keyword arguments of the stored policy's constructor."}
+    )
+    policy_seed: int | None = field(default=None, metadata={"help": "Seed of the policy fitting (default: `seed`)."})
+
+    def __post_init__(self):
+        if isinstance(self.policy_kwargs, str):
+            try:
+                self.policy_kwargs = json.loads(self.policy_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"`policy_kwargs` must be a JSON object, got {self.policy_kwargs!r}.") from error
+        if self.policy_kwargs is not None and not isinstance(self.policy_kwargs, dict):
+            raise ValueError(f"`policy_kwargs` must be a dict, got {self.policy_kwargs!r}.")
+        if self.budgets is not None:
+            budgets = [float(b) for b in self.budgets]
+            if not budgets or any(not 0 < b < 1 for b in budgets) or sorted(set(budgets)) != budgets:
+                raise ValueError(f"`budgets` must be strictly increasing numbers in (0, 1), got {self.budgets}.")
+            self.budgets = budgets
+        if self.default_budget is not None and not 0 < self.default_budget <= 1:
+            raise ValueError(f"`default_budget` must lie in (0, 1], got {self.default_budget}.")
+        super().__post_init__()
+
+
+class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
+    r"""
+    Phase 2 of the EENet workflow: fit the exit scheduler of a trained multi-exit model.
+
+    [`~ExitSchedulerTrainer.fit_scheduler`] runs the model over the calibration split (`eval_dataset`) with
+    Trainer's prediction loop (batching, devices, distributed gathering), caches every exit's logits and pooled
+    features, fits every policy of the budget table (EENet, paper-faithful EENet, the confidence-threshold
+    baselines for the budget grid; patience and static exits) on them, stores the chosen one in the model
+    (`model.set_exit_policy`, so `save_model` / `save_pretrained` keep it), logs the budget table, writes it to
+    `output_dir` (`budget_table_{split}.json` / `.md`, the fitted policies in `exit_policies.*`) and returns it. The
+    backbone and the exits are not touched: only the policy's tensors are new.
+
+    [`~ExitSchedulerTrainer.evaluate_budgets`] then reports a split (test): simulated rows for every fitted policy
+    and the oracle, and measured rows from the real early-exit forward, timed side by side with the full model.
+
+    `train()` is `fit_scheduler()` (there is no gradient training in this phase).
+
+    Args:
+        model ([`PreTrainedModel`]): an EENet model with trained exits.
+        args ([`ExitSchedulerArguments`], *optional*): plain `TrainingArguments` are accepted too (the scheduler
+            options then take their defaults).
+        policies (`Mapping[str, ExitPolicy]`, *optional*): the policies to fit (or already fitted ones to evaluate),
+            by display name. Defaults to `hf_eenet.evaluation.standard_policies`.
+        kwargs: the other arguments of [`~transformers.Trainer`] (`eval_dataset` is the calibration split).
+
+    Example:
+
+    ```python
+    >>> from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer
+    >>> args = ExitSchedulerArguments("out", per_device_eval_batch_size=64)
+    >>> trainer = ExitSchedulerTrainer(model=model, args=args, eval_dataset=dev, data_collator=collator)
+    >>> table = trainer.fit_scheduler()
+    >>> trainer.save_model()
+    >>> model(**inputs, budget=0.5)
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        policies: Mapping[str, ExitPolicy] | None = None,
+        **kwargs,
+    ):
+        if kwargs.get("train_dataset") is not None:
+            raise ValueError(
+                "ExitSchedulerTrainer fits the scheduler on the calibration split: pass it as `eval_dataset` (a "
+                "held-out labelled split that looks like deployment data, not the training split)."
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        config = getattr(unwrapped, "config", None)
+        if getattr(config, "num_exits", None) is None or not hasattr(unwrapped, "set_exit_policy"):
+            raise ValueError(f"ExitSchedulerTrainer needs a multi-exit (EENet) model, got {type(unwrapped).__name__}.")
+        self.num_exits = config.num_exits
+        name = self._option("exit_policy")
+        self.policies: dict[str, ExitPolicy] = dict(policies) if policies is not None else self._standard_policies()
+        if name not in self.policies:
+            raise ValueError(f"`exit_policy` {name!r} is not among the policies: {list(self.policies)}.")
+        stored = self.policies[name]
+        if not (stored.persistable and stored.requires_budget):
+            raise ValueError(f"`exit_policy` must name a budget-matched policy, got {name!r}.")
+        if policies is None:
+            self.policies[name] = self._with_policy_kwargs(name, stored)
+            if not self._option("fit_baselines"):
+                self.policies = {name: self.policies[name]}
+        for policy_name, policy in self.policies.items():
+            if policy.num_exits != self.num_exits:
+                raise ValueError(
+                    f"Policy {policy_name!r} has {policy.num_exits} exits but the model has {self.num_exits}."
+                )
+        self.budget_table: list[dict] | None = None
+
+    def _option(self, name: str):
+        defaults = {f.name: f.default for f in dataclasses.fields(ExitSchedulerArguments)}
+        return getattr(self.args, name, defaults[name])
+
+    def _standard_policies(self) -> dict[str, ExitPolicy]:
+        from .evaluation import standard_policies
+
+        seed = self._option("policy_seed")
+        seed = self.args.seed if seed is None else seed
+        return standard_policies(self.num_exits, eenet_kwargs={"seed": seed}, eenet_paper_kwargs={"seed": seed})
+
+    def _with_policy_kwargs(self, name: str, policy: ExitPolicy) -> ExitPolicy:
+        """The stored policy rebuilt with `policy_kwargs` on top of its hyperparameters."""
+        kwargs = self._option("policy_kwargs")
+        if not kwargs:
+            return policy
+        try:
+            return type(policy)(self.num_exits, **{**policy.hyperparameters(), **kwargs})
+        except TypeError as error:
+            raise ValueError(f"`policy_kwargs` {kwargs} do not fit the {name!r} policy: {error}") from error
+
+    # --- caching the calibration outputs with the prediction loop ------------------------------------------------
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[None, tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """
+        All exits of one batch: returns `(None, (all_exit_logits, *exit_features), labels)`, the logits of shape
+        `(batch, num_exits, num_labels)` and one `(batch, d_k)` pooled-feature tensor per exit (float32).
+        """
+        inputs = dict(self._prepare_inputs(inputs))
+        labels = inputs.pop("labels", None)
+        with torch.no_grad():
+            outputs = model(**inputs, output_all_exits=True, output_exit_features=True, return_dict=True)
+        features = tuple(f.float() for f in outputs.all_exit_features)
+        return None, (outputs.all_exit_logits.float(), *features), labels
+
+    def cache_exit_outputs(self, dataset=None, description: str = "Caching exit outputs") -> dict:
+        """
+        Run the model over `dataset` (default: `eval_dataset`) with the prediction loop and return the cached exit
+        outputs as CPU tensors: `exit_logits` `(N, K, C)`, `labels` `(N,)` (or `None`) and `exit_features` (`K`
+        tensors `(N, d_k)`). Under DDP every process gets the whole gathered split.
+        """
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("ExitSchedulerTrainer needs a calibration split: pass `eval_dataset`.")
+        if hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError("The calibration split is empty.")
+        output = self.evaluation_loop(
+            self.get_eval_dataloader(dataset), description=description, prediction_loss_only=False
+        )
+        predictions = output.predictions
+        if not isinstance(predictions, (tuple, list)) or len(predictions) != self.num_exits + 1:
+            raise ValueError("The prediction loop returned no per-exit logits and features.")
+        labels = output.label_ids
+        return {
+            "exit_logits": torch.as_tensor(predictions[0]),
+            "labels": None if labels is None else torch.as_tensor(labels).long(),
+            "exit_features": [torch.as_tensor(f) for f in predictions[1:]],
+        }
+
+    # --- fitting --------------------------------------------------------------------------------------------------
+    def fit_scheduler(self, calibration_dataset=None, split: str = "calibration") -> list[dict]:
+        """
+        Fit every policy on the calibration split, store the chosen one in the model, and log, save and return the
+        simulated budget table of the calibration split.
+
+        Args:
+            calibration_dataset (`datasets.Dataset`, *optional*): overrides `eval_dataset`.
+            split (`str`, *optional*, defaults to `"calibration"`): the split's name in the model card (e.g. `"dev"`).
+
+        Returns:
+            `list[dict]`: the budget-table rows (see `hf_eenet.evaluation.simulated_budget_table`).
+        """
+        from .evaluation import fit_policies, save_policies, simulated_budget_table
+        from .models.exit_policies import default_budget_grid
+
+        model = self.accelerator.unwrap_model(self.model)
+        cached = self.cache_exit_outputs(calibration_dataset, description="Caching calibration exit outputs")
+        if cached["labels"] is None:
+            raise ValueError("Fitting the exit scheduler needs labels in the calibration split.")
+        labels, num_labels = cached["labels"], cached["exit_logits"].shape[-1]
+        if labels.min() < 0 or labels.max() >= num_labels:
+            raise ValueError(
+                f"Calibration labels must be class ids in [0, {num_labels - 1}], found {labels.min()}..{labels.max()} "
+                "(an unlabelled split such as GLUE's test uses -1)."
+            )
+        exit_costs = model.config.exit_costs
+        budgets = self._option("budgets") or default_budget_grid(exit_costs)
+        if budgets[0] < exit_costs[0] - 1e-9:
+            raise ValueError(
+                f"The smallest budget {budgets[0]} is below the cost of the cheapest exit ({exit_costs[0]:.4f})."
+            )
+        logger.info(f"Fitting {len(self.policies)} exit policies for budgets {budgets} on {len(labels)} samples.")
+        fit_policies(self.policies, **cached, exit_costs=exit_costs, budgets=budgets)
+        name = self._option("exit_policy")
+        model.set_exit_policy(self.policies[name])
+        default_budget = self._option("default_budget")
+        if default_budget is not None:
+            model.config.default_budget = default_budget
+        rows = simulated_budget_table(self.policies, **cached, exit_costs=exit_costs)
+        self.budget_table = rows
+        self._record_card_table(model, "simulated", split, rows)
+        metrics = {f"calibration_exit_{k}_accuracy": acc for k, acc in enumerate(_exit_accuracies(cached))}
+        for row in rows:
+            if row["policy"] == name:
+                metrics[f"calibration_accuracy_at_budget_{row['budget']:g}"] = row["accuracy"]
+                metrics[f"calibration_cost_at_budget_{row['budget']:g}"] = row["cost"]
+        self.log(metrics)
+        if self.is_world_process_zero():
+            self.save_budget_table(rows, split)
+            save_policies(self.policies, self.args.output_dir)
+        return rows
+
+    def train(self, *args, **kwargs):
+        """Same as [`~ExitSchedulerTrainer.fit_scheduler`] (this phase trains no weights); returns a `TrainOutput`."""
+        from transformers.trainer_utils import TrainOutput
+
+        if args or any(v is not None for v in kwargs.values()):
+            raise ValueError("ExitSchedulerTrainer.train() takes no arguments; it calls `fit_scheduler()`.")
+        rows = self.fit_scheduler()
+        return TrainOutput(global_step=0, training_loss=0.0, metrics={"budget_table_rows": len(rows)})
+
+    # --- reporting ------------------------------------------------------------------------------------------------
+    def evaluate_budgets(
+        self,
+        dataset,
+        split: str = "test",
+        measured: bool = True,
+        measured_policies: Sequence[str] | None = None,
+        measured_budgets: Sequence[float] | None = None,
+        num_warmup_batches: int = 1,
+    ) -> list[dict]:
+        """
+        The budget table of a labelled split: simulated rows for every fitted policy and the oracle, and (with
+        `measured=True`) measured rows of the real early-exit forward beside the full model, timed in one run on the
+        main process. Saved as `budget_table_{split}.json` / `.md` in `output_dir` and recorded for the model card.
+
+        Args:
+            dataset (`datasets.Dataset`): the split, processed like the calibration split.
+            split (`str`, *optional*, defaults to `"test"`): its name in files, logs and the model card.
+            measured (`bool`, *optional*, defaults to `True`): also time the real forward.
+            measured_policies (`Sequence[str]`, *optional*): policies to measure (default: the stored one; pass
+                every name of `policies` to measure all of them).
+            measured_budgets (`Sequence[float]`, *optional*): budgets to measure (default: the fitted grid).
+            num_warmup_batches (`int`, *optional*, defaults to 1): untimed batches before each measured row.
+
+        Returns:
+            `list[dict]`: simulated rows, then measured rows.
+        """
+        from .evaluation import measured_budget_table, simulated_budget_table
+
+        model = self.accelerator.unwrap_model(self.model)
+        if any(policy.requires_budget and not policy.is_fitted for policy in self.policies.values()):
+            raise ValueError("Fit the scheduler first (`fit_scheduler`) or pass fitted `policies`.")
+        cached = self.cache_exit_outputs(dataset, description=f"Caching {split} exit outputs")
+        if cached["labels"] is None:
+            raise ValueError(f"Evaluating budgets needs labels in the {split} split.")
+        simulated = simulated_budget_table(self.policies, **cached, exit_costs=model.config.exit_costs)
+        rows = simulated
+        if measured and self.is_world_process_zero():
+            names = list(measured_policies) if measured_policies is not None else [self._option("exit_policy")]
+            unknown = [n for n in names if n not in self.policies]
+            if unknown:
+                raise ValueError(f"Unknown policies to measure {unknown}; fitted policies: {list(self.policies)}.")
+            device = model.device
+            policies = {n: self.policies[n].to(device) for n in names}
+            batches = list(self._plain_dataloader(dataset))
+            measured_rows = measured_budget_table(
+                model, batches, policies, budgets=measured_budgets, num_warmup_batches=num_warmup_batches
+            )
+            rows = rows + measured_rows
+        self._record_card_table(model, "simulated", split, simulated)
+        if len(rows) > len(simulated):
+            self._record_card_table(model, "measured", split, rows[len(simulated) :])
+        if self.is_world_process_zero():
+            self.save_budget_table(rows, split)
+        return rows
+
+    def _plain_dataloader(self, dataset):
+        """The split in evaluation batches on this process alone (timing must not depend on other processes)."""
+        from torch.utils.data import DataLoader
+
+        dataset = self._remove_unused_columns(dataset, description="measurement")
+        return DataLoader(
+            dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator, shuffle=False
+        )
+
+    def save_budget_table(self, rows: Sequence[Mapping], split: str) -> Path:
+        """Write `rows` to `output_dir` as `budget_table_{split}.json` and a markdown rendering; returns the json."""
+        from .evaluation import format_budget_table
+
+        stem = f"{BUDGET_TABLE_FILE}_{split}"
+        directory = Path(self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{stem}.json"
+        path.write_text(json.dumps({"split": split, "rows": list(rows)}, indent=2) + "\n")
+        (directory / f"{stem}.md").write_text(format_budget_table(rows) + "\n")
+        return path
+
+    def _record_card_table(self, model, kind: str, split: str, rows: Sequence[Mapping]) -> None:
+        """Keep the stored policy's rows (and the full model's) for the model card."""
+        from .model_card import EENetModelCardData
+
+        stored = (model.config.exit_policy or {}).get("policy_type")
+        name = self._option("exit_policy")
+        card_rows = []
+        for row in rows:
+            if row["policy"] == name or row["policy"] == "full model":
+                card_row = {
+                    "policy": stored if row["policy"] == name else row["policy"],
+                    "budget": 1.0 if row["budget"] is None else row["budget"],
+                    "accuracy": row["accuracy"],
+                    "cost": row["cost"],
+                }
+                if kind == "measured":
+                    card_row["ms_per_sample"] = round(1000 * row["seconds_per_sample"], 3)
+                card_rows.append(card_row)
+        if card_rows:
+            data = getattr(model, "model_card_data", None) or EENetModelCardData()
+            data.add_budget_table(kind, split, card_rows)
+            model.model_card_data = data
+
+
+def _exit_accuracies(cached: Mapping) -> list[float]:
+    correct = cached["exit_logits"].argmax(-1) == cached["labels"][:, None]
+    return [float(c) for c in correct.float().mean(0)]

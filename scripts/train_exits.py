@@ -5,7 +5,7 @@ Every `TrainingArguments` flag is available, plus the early-exit ones (`--exit_h
 below. Example (offline, the packaged MiniLM on local SST-2):
 
     python scripts/train_exits.py --dataset_name ../shared/data/sst2 --calibration_split dev \
-        --label_names negative positive --output_dir outputs/minilm-sst2 --num_train_epochs 1
+        --class_names negative positive --output_dir outputs/minilm-sst2 --num_train_epochs 1
 
 The same command with `--dataset_name nyu-mll/glue --dataset_config_name sst2 --calibration_split validation` reads
 the Hub.
@@ -135,7 +135,7 @@ def training_summary(training_args, data_args, steps: int) -> dict[str, object]:
         "train_batch_size": training_args.per_device_train_batch_size,
         "weight_decay": training_args.weight_decay,
         "warmup_steps": training_args.warmup_steps,
-        "lr_scheduler_type": str(training_args.lr_scheduler_type),
+        "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
         "distillation_weight": training_args.distillation_weight,
         "retrofit": training_args.retrofit,
         "max_seq_length": data_args.max_seq_length,

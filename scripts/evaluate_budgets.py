@@ -1,0 +1,126 @@
+"""Report a model's budget table on a labelled split (test): simulated and measured, with the accuracy-cost plot.
+
+Simulated rows cover every policy `fit_scheduler.py` fitted (read from `exit_policies.*` next to the model) and the
+oracle; measured rows run the real early-exit forward beside the full model, timed in one run (`--measured_policies`
+chooses which policies, `all` for every one; `--measured_budgets` which budgets). Tables (`budget_table_<split>.json`
+and `.md`) and the plot go to `output_dir`; with `--update_model_card` (default) the model card in `output_dir` gains
+the test tables and the plot. Example (offline):
+
+    python scripts/evaluate_budgets.py --model_name_or_path outputs/minilm-sst2-eenet \
+        --dataset_name ../shared/data/sst2 --output_dir outputs/minilm-sst2-eenet
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fit_scheduler import load_trained_model, model_label_names
+from transformers import HfArgumentParser
+from transformers.utils import logging
+
+from hf_eenet.data import DatasetArguments, load_processed_splits
+from hf_eenet.evaluation import format_budget_table, load_policies, plot_accuracy_vs_cost
+from hf_eenet.model_card import write_model_card
+from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer
+
+logger = logging.get_logger("hf_eenet.scripts.evaluate_budgets")
+
+ALL_POLICIES = "all"
+
+
+@dataclass
+class BudgetEvaluationArguments:
+    r"""The fitted model and what to report."""
+
+    model_name_or_path: str = field(metadata={"help": "EENet checkpoint with a fitted scheduler."})
+    policies_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of the policies saved by fit_scheduler.py (default: the model directory when it holds "
+            "them, else the model's stored policy alone)."
+        },
+    )
+    measured: bool = field(default=True, metadata={"help": "Also time the real early-exit forward."})
+    measured_policies: list[str] | None = field(
+        default=None, metadata={"help": "Policies to measure (default: the stored one; 'all' for every policy)."}
+    )
+    measured_budgets: list[float] | None = field(
+        default=None, metadata={"help": "Budgets to measure (default: the fitted grid)."}
+    )
+    plot: bool = field(default=True, metadata={"help": "Write the accuracy-vs-cost plot."})
+    update_model_card: bool = field(
+        default=True, metadata={"help": "Add the tables and plot to the model card in `output_dir`."}
+    )
+
+
+def parse_arguments(argv: list[str] | None = None):
+    parser = HfArgumentParser((BudgetEvaluationArguments, DatasetArguments, ExitSchedulerArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def fitted_policies(model, eval_args: BudgetEvaluationArguments) -> dict:
+    """The policies to report: those saved by fit_scheduler.py, or the model's stored policy alone."""
+    directory = eval_args.policies_dir
+    if directory is None and Path(eval_args.model_name_or_path, "exit_policies.json").is_file():
+        directory = eval_args.model_name_or_path
+    if directory is not None:
+        return load_policies(directory)
+    if model.exit_policy is None:
+        raise ValueError(
+            f"{eval_args.model_name_or_path!r} has no fitted exit policy and no saved policies; fit one first with "
+            "scripts/fit_scheduler.py."
+        )
+    return {model.config.exit_policy["policy_type"]: model.exit_policy}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Evaluate; save the tables, the plot and (optionally) the updated model card; return every row."""
+    eval_args, data_args, args = parse_arguments(argv)
+    model, tokenizer = load_trained_model(eval_args.model_name_or_path)
+    policies = fitted_policies(model, eval_args)
+    stored = (model.config.exit_policy or {}).get("policy_type")
+    if stored is None or stored not in policies:
+        raise ValueError(
+            f"The model's stored policy ({stored!r}) is not among the policies to report ({list(policies)})."
+        )
+    args.exit_policy = stored
+    _, splits, collator = load_processed_splits(
+        data_args, tokenizer, roles=("test",), label_names=model_label_names(model)
+    )
+    trainer = ExitSchedulerTrainer(
+        model=model, args=args, policies=policies, data_collator=collator, processing_class=tokenizer
+    )
+    measured_policies = eval_args.measured_policies
+    if measured_policies == [ALL_POLICIES]:
+        measured_policies = list(policies)
+    split = data_args.test_split
+    rows = trainer.evaluate_budgets(
+        splits["test"],
+        split=split,
+        measured=eval_args.measured,
+        measured_policies=measured_policies,
+        measured_budgets=eval_args.measured_budgets,
+    )
+    if not trainer.is_world_process_zero():
+        return rows
+    output_dir = Path(args.output_dir)
+    if eval_args.plot:
+        plot = plot_accuracy_vs_cost(
+            rows, output_dir / f"budget_plot_{split}.png", title=f"{Path(eval_args.model_name_or_path).name}: {split}"
+        )
+        model.model_card_data.plot_path = str(plot)
+        print(f"Plot: {plot}")
+    if eval_args.update_model_card:
+        write_model_card(model, output_dir, overwrite=True)
+    print(f"\nBudget table on {split}:")
+    print(format_budget_table(rows, format="text"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

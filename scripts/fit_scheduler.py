@@ -1,0 +1,93 @@
+"""Phase 2: fit the exit scheduler of a model with trained exits, with `ExitSchedulerTrainer`.
+
+Runs the model over the calibration split (held out from training, and looking like deployment data), fits EENet
+(stored in the model) and every baseline for the budget grid, and saves the model with its scheduler, the budget
+table of the calibration split and the fitted policies to `output_dir`. Every `TrainingArguments` flag is available
+(evaluation batch size, devices, `seed`, ...), plus the scheduler ones (`--exit_policy`, `--budgets`,
+`--default_budget`, `--policy_kwargs`) and the dataset flags of `hf_eenet.data.DatasetArguments`. Example (offline):
+
+    python scripts/fit_scheduler.py --model_name_or_path outputs/minilm-sst2 --dataset_name ../shared/data/sst2 \
+        --calibration_split dev --output_dir outputs/minilm-sst2-eenet
+
+Online, `--dataset_name nyu-mll/glue --dataset_config_name sst2 --calibration_split validation` reads the Hub.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+from transformers.utils import logging
+
+import hf_eenet  # noqa: F401  (registers the EENet Auto classes)
+from hf_eenet.data import DatasetArguments, load_processed_splits
+from hf_eenet.evaluation import format_budget_table
+from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer
+
+logger = logging.get_logger("hf_eenet.scripts.fit_scheduler")
+
+
+@dataclass
+class TrainedModelArguments:
+    r"""A model whose exits are trained (the output of `train_exits.py`)."""
+
+    model_name_or_path: str = field(metadata={"help": "EENet checkpoint with trained exits (Hub id or local dir)."})
+
+
+def load_trained_model(path: str):
+    """The EENet model and its tokenizer; a clear error for a checkpoint that is not an EENet model."""
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    if not hasattr(model, "set_exit_policy"):
+        raise ValueError(
+            f"{path!r} is a {type(model).__name__}, not an EENet model with trained exits; train its exits first with "
+            "scripts/train_exits.py."
+        )
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def model_label_names(model) -> list[str]:
+    """The model's labels in class-id order."""
+    return [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
+def parse_arguments(argv: list[str] | None = None):
+    parser = HfArgumentParser((TrainedModelArguments, DatasetArguments, ExitSchedulerArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Fit the scheduler; save the model (with its card), tokenizer, budget table and policies; return the table."""
+    model_args, data_args, args = parse_arguments(argv)
+    model, tokenizer = load_trained_model(model_args.model_name_or_path)
+    data, splits, collator = load_processed_splits(
+        data_args, tokenizer, roles=("calibration",), label_names=model_label_names(model)
+    )
+    trainer = ExitSchedulerTrainer(
+        model=model,
+        args=args,
+        eval_dataset=splits["calibration"],
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    rows = trainer.fit_scheduler(split=data_args.calibration_split)
+    card = model.model_card_data
+    card.fitting_hyperparameters = {
+        **card.fitting_hyperparameters,
+        "calibration data": f"{data_args.dataset_name} ({data_args.calibration_split}, {len(splits['calibration'])} "
+        "samples)",
+        "max_seq_length": data_args.max_seq_length,
+    }
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        stored = [row for row in rows if row["policy"] in (args.exit_policy, "oracle")]
+        print(f"\nStored policy {args.exit_policy!r} on the calibration split (simulated):")
+        print(format_budget_table(stored, format="text"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""`ExitSchedulerTrainer`: fitting through the prediction loop, what it stores and leaves alone, reports, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from test_trainer import REPO_ROOT, tiny_model, token_dataset  # noqa: E402
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification  # noqa: E402
+
+from hf_eenet.evaluation import load_policies, simulated_budget_table  # noqa: E402
+from hf_eenet.models.exit_policies import EENetPolicy  # noqa: E402
+from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer  # noqa: E402
+
+BUDGETS = [0.5, 0.8]
+FAST_EENET = '{"max_epochs": 40, "patience": 5}'
+
+
+def scheduler_args(tmp_path, **kwargs) -> ExitSchedulerArguments:
+    defaults = {
+        "output_dir": str(tmp_path / "fitted"),
+        "use_cpu": True,
+        "per_device_eval_batch_size": 16,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": 0,
+        "budgets": BUDGETS,
+        "policy_kwargs": FAST_EENET,
+    }
+    return ExitSchedulerArguments(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny model whose scheduler was fitted on 64 calibration samples, with its trainer and initial weights."""
+    tmp_path = tmp_path_factory.mktemp("scheduler")
+    model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    trainer = ExitSchedulerTrainer(model=model, args=scheduler_args(tmp_path), eval_dataset=token_dataset(64))
+    rows = trainer.fit_scheduler(split="dev")
+    return trainer, model, before, rows
+
+
+def test_fitting_leaves_backbone_and_exits_bit_identical(fitted):
+    _, model, before, _ = fitted
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert set(after) - set(before) and all(name.startswith("exit_policy.") for name in set(after) - set(before))
+
+
+def test_fitting_stores_eenet_and_every_policy_is_in_the_table(fitted):
+    trainer, model, _, rows = fitted
+    assert isinstance(model.exit_policy, EENetPolicy) and model.exit_policy.budgets == BUDGETS
+    assert model.config.exit_policy["policy_type"] == "eenet"
+    names = {row["policy"] for row in rows}
+    assert {"eenet", "eenet-paper", "max-prob (global)", "entropy (geometric)", "patience (p=1)", "oracle"} <= names
+    assert all(row["num_samples"] == 64 and row["mode"] == "simulated" for row in rows)
+    eenet_rows = [row for row in rows if row["policy"] == "eenet"]
+    assert [row["budget"] for row in eenet_rows] == BUDGETS
+    assert all(row["cost"] <= row["budget"] + 1e-6 for row in eenet_rows)  # calibration cost never over budget
+    assert trainer.state.log_history[-1]["calibration_accuracy_at_budget_0.5"] == eenet_rows[0]["accuracy"]
+
+
+def test_fitting_writes_table_and_policies_that_reproduce_the_table(fitted):
+    trainer, model, _, rows = fitted
+    output = trainer.args.output_dir
+    saved = json.loads(open(os.path.join(output, "budget_table_dev.json")).read())
+    assert saved["split"] == "dev" and saved["rows"] == rows
+    assert "| eenet | simulated | 0.500 |" in open(os.path.join(output, "budget_table_dev.md")).read()
+    policies = load_policies(output)
+    assert list(policies) == list(trainer.policies)
+    cached = trainer.cache_exit_outputs()
+    again = simulated_budget_table(policies, **cached, exit_costs=model.config.exit_costs)
+    assert again == rows
+
+
+def test_save_load_reproduces_every_decision(fitted, tmp_path):
+    trainer, model, _, _ = fitted
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    model.eval()
+    inputs = {"input_ids": torch.tensor(token_dataset(40, seed=7)["input_ids"])}
+    for budget in BUDGETS:
+        expected, actual = model(**inputs, budget=budget), loaded(**inputs, budget=budget)
+        assert torch.equal(expected.exit_index, actual.exit_index)
+        assert torch.equal(expected.logits, actual.logits)
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "Simulated on dev" in card and "| eenet | 0.50 |" in card
+
+
+def test_evaluate_budgets_simulated_and_measured_side_by_side(fitted):
+    trainer, model, _, _ = fitted
+    rows = trainer.evaluate_budgets(token_dataset(48, seed=3), split="test", measured_budgets=[0.5])
+    simulated = [row for row in rows if row["mode"] == "simulated"]
+    measured = [row for row in rows if row["mode"] == "measured"]
+    assert {row["policy"] for row in simulated} == {*trainer.policies, "oracle"}
+    assert [(row["policy"], row["budget"]) for row in measured] == [("full model", 1.0), ("eenet", 0.5)]
+    full, eenet = measured
+    assert full["speedup"] == 1.0 and eenet["speedup"] > 0 and eenet["num_samples"] == 48
+    simulated_eenet = next(r for r in simulated if r["policy"] == "eenet" and r["budget"] == 0.5)
+    # the real forward takes the decisions the simulation predicts
+    assert eenet["accuracy"] == pytest.approx(simulated_eenet["accuracy"])
+    assert eenet["exit_histogram"] == simulated_eenet["exit_histogram"]
+    assert os.path.isfile(os.path.join(trainer.args.output_dir, "budget_table_test.json"))
+    tables = {(t["kind"], t["split"]) for t in model.model_card_data.budget_tables}
+    assert {("simulated", "dev"), ("simulated", "test"), ("measured", "test")} <= tables
+
+
+def test_train_is_fit_scheduler(tmp_path):
+    trainer = ExitSchedulerTrainer(
+        model=tiny_model(), args=scheduler_args(tmp_path, fit_baselines=False), eval_dataset=token_dataset(32)
+    )
+    result = trainer.train()
+    assert list(trainer.policies) == ["eenet"] and trainer.model.exit_policy is not None
+    assert result.metrics["budget_table_rows"] == len(trainer.budget_table)
+
+
+def test_store_a_baseline_instead(tmp_path):
+    model = tiny_model()
+    args = scheduler_args(tmp_path, exit_policy="max-prob (geometric)", default_budget=0.8, policy_kwargs=None)
+    ExitSchedulerTrainer(model=model, args=args, eval_dataset=token_dataset(32)).fit_scheduler()
+    assert model.config.exit_policy["policy_type"] == "confidence-threshold"
+    assert model.config.exit_policy["allocation"] == "geometric" and model.config.default_budget == 0.8
+    model.eval()
+    inputs = {"input_ids": torch.tensor(token_dataset(32)["input_ids"])}  # the calibration split
+    default = model(**inputs)  # runs at the default budget
+    assert torch.equal(default.exit_index, model(**inputs, budget=0.8).exit_index)
+    assert default.exit_cost.mean() <= 0.8 + 1e-6 and default.exit_index.min() < 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "match"),
+    [
+        ({"exit_policy": "oracle"}, {}, "not among the policies"),
+        ({"exit_policy": "patience (p=1)"}, {}, "budget-matched"),
+        ({}, {"train_dataset": token_dataset(8)}, "calibration split"),
+    ],
+)
+def test_bad_arguments_fail_early(tmp_path, kwargs, trainer_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ExitSchedulerTrainer(
+            model=tiny_model(),
+            args=scheduler_args(tmp_path, **kwargs),
+            eval_dataset=token_dataset(8),
+            **trainer_kwargs,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budgets": [0.8, 0.5]}, "strictly increasing"),
+        ({"budgets": [1.5]}, r"\(0, 1\)"),
+        ({"default_budget": 0.0}, "default_budget"),
+        ({"policy_kwargs": "{not json"}, "JSON"),
+    ],
+)
+def test_bad_scheduler_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        scheduler_args(tmp_path, **kwargs)
+
+
+def test_unlabelled_or_misfit_calibration_data_fails_clearly(tmp_path):
+    unlabelled = token_dataset(16).map(lambda row: {"label": -1})
+    trainer = ExitSchedulerTrainer(model=tiny_model(), args=scheduler_args(tmp_path), eval_dataset=unlabelled)
+    with pytest.raises(ValueError, match="class ids"):
+        trainer.fit_scheduler()
+    trainer = ExitSchedulerTrainer(
+        model=tiny_model(), args=scheduler_args(tmp_path, budgets=[0.1, 0.5]), eval_dataset=token_dataset(16)
+    )
+    with pytest.raises(ValueError, match="cheapest exit"):
+        trainer.fit_scheduler()
+    with pytest.raises(ValueError, match="empty"):
+        trainer.fit_scheduler(Dataset.from_dict({"input_ids": [], "label": []}))
+
+
+def test_stock_model_is_refused(tmp_path):
+    stock = BertForSequenceClassification(
+        BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    )
+    with pytest.raises(ValueError, match="multi-exit"):
+        ExitSchedulerTrainer(model=stock, args=scheduler_args(tmp_path), eval_dataset=token_dataset(8))
+
+
+def test_two_process_ddp_fit_matches_one_process(tmp_path):
+    script = str(REPO_ROOT / "tests" / "ddp_fit_scheduler_script.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    for command, output in ((ddp, tmp_path / "ddp"), ([sys.executable, script], tmp_path / "single")):
+        output.mkdir()
+        result = subprocess.run(
+            [*command, str(output)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
+    single = json.loads((tmp_path / "single" / "rank0.json").read_text())
+    assert [r["world_size"] for r in reports] == [2, 2] and single["world_size"] == 1
+    # every process saw the whole calibration split once (37 samples: the padding duplicates are dropped)
+    assert all(r["num_samples"] == 37 for r in (*reports, single))
+    assert reports[0]["policy"] == reports[1]["policy"]  # both processes store the same fitted policy
+    assert reports[0]["baseline_rows"] == single["baseline_rows"]  # order-free baselines: as with one process
+    assert reports[0]["policy_type"] == single["policy_type"] == "eenet"
