@@ -134,6 +134,15 @@ def peak_tensor_memory(run) -> float:
     return peak / 2**20
 
 
+def write_report(lines: list[str], output: str | None) -> None:
+    """Print the markdown report and write it to `output` (if given)."""
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="BERT checkpoint (default: the packaged all-MiniLM-L6-v2).")
@@ -212,11 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("")
         print("\n".join(lines[-len(times) - 5 :]), flush=True)
     lines.append(f"All targets met: {'yes' if all(verdicts) else 'no'} (memory: peak no higher than stock's).")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(report)
+    write_report(lines, args.output)
     return 0
 
 

@@ -339,7 +339,9 @@ def measured_budget_table(
 ) -> list[dict]:
     """
     Measured budget table: run the real early-exit forward (`model(**batch, budget=b, exit_policy=policy)`, eval
-    mode, `torch.no_grad`) over `batches` and time it on the wall clock.
+    mode, `torch.no_grad`) over `batches` and time it on the wall clock. Configurations are interleaved batch by
+    batch (each batch runs through every row before the next batch), so a drift in the machine's speed affects every
+    row alike.
 
     Args:
         model: an EENet model.
@@ -350,7 +352,8 @@ def measured_budget_table(
         budgets (`Sequence[float]`, *optional*): budgets of the budget-matched policies; defaults to each policy's
             fitted grid. Unbudgeted policies (patience, static) run once, without a budget.
         label_key (`str`, *optional*, defaults to `"labels"`)
-        num_warmup_batches (`int`, *optional*, defaults to 1): untimed batches run before each row.
+        num_warmup_batches (`int`, *optional*, defaults to 1): leading batches run through every configuration,
+            untimed, before the timed pass over all batches.
         include_full_model (`bool`, *optional*, defaults to `True`): add the plain full model (`budget=1.0`).
 
     Each row: `policy`, `mode` (`"measured"`), `budget`, `accuracy`, `cost` (realized average `exit_cost`),
@@ -382,31 +385,34 @@ def measured_budget_table(
         labels = batch.pop(label_key, None)
         prepared.append((_move(batch, device), None if labels is None else torch.as_tensor(labels).cpu()))
     num_exits = model.config.num_exits
-    rows = []
+    results = [{"exits": [], "costs": [], "hits": 0, "labelled": 0, "elapsed": 0.0} for _ in runs]
     try:
-        for name, policy, budget in runs:
-            for inputs, _ in prepared[:num_warmup_batches]:
+        # batch by batch, every configuration in turn: drift of the machine's speed hits every row alike
+        for inputs, _ in prepared[:num_warmup_batches]:
+            for _, policy, budget in runs:
                 model(**inputs, budget=budget, exit_policy=policy)
-            exits, costs, hits, labelled, elapsed = [], [], 0, 0, 0.0
-            for inputs, labels in prepared:
+        for inputs, labels in prepared:
+            for (_, policy, budget), result in zip(runs, results):
                 _synchronize(device)
                 start = time.perf_counter()
                 out = model(**inputs, budget=budget, exit_policy=policy)
                 _synchronize(device)
-                elapsed += time.perf_counter() - start
-                exits.append(out.exit_index.cpu())
-                costs.append(out.exit_cost.float().cpu())
+                result["elapsed"] += time.perf_counter() - start
+                result["exits"].append(out.exit_index.cpu())
+                result["costs"].append(out.exit_cost.float().cpu())
                 if labels is not None:
-                    hits += int((out.logits.argmax(-1).cpu() == labels).sum())
-                    labelled += labels.numel()
-            exits, costs = torch.cat(exits), torch.cat(costs)
+                    result["hits"] += int((out.logits.argmax(-1).cpu() == labels).sum())
+                    result["labelled"] += labels.numel()
+        rows = []
+        for (name, _, budget), result in zip(runs, results):
+            exits, costs, elapsed = torch.cat(result["exits"]), torch.cat(result["costs"]), result["elapsed"]
             num_samples = exits.numel()
             rows.append(
                 {
                     "policy": name,
                     "mode": "measured",
                     "budget": budget,
-                    "accuracy": hits / labelled if labelled else None,
+                    "accuracy": result["hits"] / result["labelled"] if result["labelled"] else None,
                     "cost": float(costs.mean()),
                     "exit_histogram": [
                         round(float(h), 6) for h in torch.bincount(exits, minlength=num_exits).float() / num_samples
@@ -484,10 +490,20 @@ def format_budget_table(rows: Sequence[Mapping], format: str = "markdown") -> st
     return "\n".join(lines)
 
 
+# Unbudgeted policies drawn as one series per family (their hyperparameter sweeps cost).
+_FAMILIES = ("patience", "static")
+
+
+def _series(policy: str) -> str:
+    family = policy.split(" (")[0]
+    return family if family in _FAMILIES else policy
+
+
 def plot_accuracy_vs_cost(rows: Sequence[Mapping], path: str | Path, title: str | None = None) -> Path:
     """
-    Plot accuracy against realized cost for every policy of `rows` (a line per budget-matched policy, a marker per
-    unbudgeted policy and the oracle; simulated and measured rows drawn apart) and save it as a PNG (Agg backend).
+    Plot accuracy against realized cost for every policy of `rows` (a line per budget-matched policy, simulated solid
+    and measured dashed; a dotted line per unbudgeted family, patience over `p` and static over the exit; a star for
+    the oracle) and save it as a PNG (Agg backend), the legend beside the axes.
     """
     import matplotlib
 
@@ -499,33 +515,32 @@ def plot_accuracy_vs_cost(rows: Sequence[Mapping], path: str | Path, title: str 
         raise ValueError("No rows with an accuracy to plot.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(figsize=(7, 5))
+    figure, axes = plt.subplots(figsize=(9, 5))
     groups: dict[tuple[str, str], list[Mapping]] = {}
     for row in rows:
-        groups.setdefault((row["policy"], row["mode"]), []).append(row)
+        groups.setdefault((_series(row["policy"]), row["mode"]), []).append(row)
+    modes = {row["mode"] for row in rows}
     for (name, mode), group in groups.items():
-        label = f"{name} ({mode})" if len({r["mode"] for r in rows}) > 1 else name
+        if name in _FAMILIES and mode == "measured" and (name, "simulated") in groups:
+            continue  # a family's measured points repeat its simulated ones (same decisions)
+        label = f"{name} ({mode})" if len(modes) > 1 and name not in _FAMILIES else name
+        group = sorted(group, key=lambda r: r["cost"])
         costs = [r["cost"] for r in group]
         accuracies = [100 * r["accuracy"] for r in group]
         if name == ORACLE_NAME:
             axes.scatter(costs, accuracies, marker="*", s=120, color="black", label=label, zorder=3)
-        elif len(group) == 1 or group[0]["budget"] is None:
-            axes.scatter(costs, accuracies, marker="x" if mode == "simulated" else "+", label=label)
+        elif name in _FAMILIES:
+            axes.plot(costs, accuracies, marker="x", linestyle=":", label=label)
+        elif len(group) == 1:
+            axes.scatter(costs, accuracies, marker="s" if mode == "measured" else "x", label=label)
         else:
-            order = sorted(range(len(group)), key=lambda i: costs[i])
-            axes.plot(
-                [costs[i] for i in order],
-                [accuracies[i] for i in order],
-                marker="o",
-                markersize=3,
-                linestyle="-" if mode == "simulated" else "--",
-                label=label,
-            )
+            linestyle = "-" if mode == "simulated" else "--"
+            axes.plot(costs, accuracies, marker="o", markersize=3, linestyle=linestyle, label=label)
     axes.set_xlabel("average cost (relative to the full model)")
     axes.set_ylabel("accuracy (%)")
     axes.set_title(title or "Accuracy vs cost")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

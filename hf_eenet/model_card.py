@@ -61,6 +61,8 @@ class EENetModelCardData:
         exit_accuracy_split (`str`, *optional*): split those accuracies come from.
         budget_tables (`list[dict]`, *optional*): each `{"kind": "simulated" | "measured", "split": str, "rows":
             [{"policy", "budget", "accuracy", "cost", "ms_per_sample" (measured only)}]}`.
+        calibration_split (`str`, *optional*): the split the exit policy was fitted on; its table is labelled so and
+            left out of the model-index (the other splits are held-out results).
         plot_path (`str`, *optional*): a PNG of accuracy against cost, copied next to the card.
         training_hyperparameters, fitting_hyperparameters (`dict`, *optional*): shown as tables.
         tags (`list[str]`, *optional*): extra tags.
@@ -78,6 +80,7 @@ class EENetModelCardData:
     exit_accuracies: list[float] | None = None
     exit_accuracy_split: str | None = None
     budget_tables: list[dict] = field(default_factory=list)
+    calibration_split: str | None = None
     plot_path: str | None = None
     training_hyperparameters: dict[str, Any] = field(default_factory=dict)
     fitting_hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +135,11 @@ def render_model_card(model) -> ModelCard:
     model_id = data.model_id or "path/to/this-model"
 
     eval_results = []
-    for table in data.budget_tables:
+    held_out = [t for t in data.budget_tables if t["split"] != data.calibration_split]
+    measured_splits = {t["split"] for t in held_out if t["kind"] == "measured"}
+    for table in held_out:
+        if table["kind"] == "simulated" and table["split"] in measured_splits:
+            continue  # the model-index reports what the real forward measured where it was measured
         for row in table["rows"]:
             if row["policy"] != policy_type or not data.dataset_id:
                 continue
@@ -169,7 +176,12 @@ def render_model_card(model) -> ModelCard:
     ]
     tables = [
         {
-            "title": f"{table['kind'].capitalize()} on {table['split']}",
+            "title": f"{table['kind'].capitalize()} on {table['split']}"
+            + (
+                " (the calibration split the scheduler was fitted on)"
+                if table["split"] == data.calibration_split
+                else ""
+            ),
             "has_speed": table["kind"] == "measured",
             "rows": table["rows"],
         }

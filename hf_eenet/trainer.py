@@ -778,6 +778,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         rows = simulated_budget_table(self.policies, **cached, exit_costs=exit_costs)
         self.budget_table = rows
         self._record_card_table(model, "simulated", split, rows)
+        model.model_card_data.calibration_split = split
         metrics = {f"calibration_exit_{k}_accuracy": acc for k, acc in enumerate(_exit_accuracies(cached))}
         for row in rows:
             if row["policy"] == name:
@@ -893,10 +894,9 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 if kind == "measured":
                     card_row["ms_per_sample"] = round(1000 * row["seconds_per_sample"], 3)
                 card_rows.append(card_row)
+        data = model.model_card_data = getattr(model, "model_card_data", None) or EENetModelCardData()
         if card_rows:
-            data = getattr(model, "model_card_data", None) or EENetModelCardData()
             data.add_budget_table(kind, split, card_rows)
-            model.model_card_data = data
 
 
 def _exit_accuracies(cached: Mapping) -> list[float]:

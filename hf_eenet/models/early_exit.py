@@ -84,9 +84,20 @@ class EarlyExitMixin:
     def exit_logits(self, exit_index: int, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # The tensors of the state between blocks (what `run_blocks` returns, and what the ONNX segments exchange); other
+    # entries a backbone may add (per-batch caches) are dropped by `select_samples`.
+    state_names: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    # A right-padding mask among `state_names`: after compaction every state tensor's axis 1 (the sequence) is trimmed
+    # to the longest kept sample.
+    padding_mask_name: ClassVar[str | None] = None
+
     def select_samples(self, state: State, index: torch.Tensor) -> State:
-        """Keep only the samples at `index` (a `torch.LongTensor`) of every batch-first tensor of the state."""
-        return {name: value.index_select(0, index) for name, value in state.items()}
+        """Keep the samples at `index` (a `torch.LongTensor`) and, with a padding mask, trim trailing padding."""
+        kept = {name: state[name].index_select(0, index) for name in self.state_names}
+        if self.padding_mask_name is None:
+            return kept
+        length = max(int(kept[self.padding_mask_name].sum(1).max()), 1) if index.numel() else 1
+        return {name: value[:, :length] for name, value in kept.items()}
 
     def exit_head_parameters(self):
         """Parameters of the early-exit heads (`exit_heads`); the last exit is the backbone's own head."""

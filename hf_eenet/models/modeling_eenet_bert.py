@@ -53,6 +53,8 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
     """
 
     config_class = EENetBertConfig
+    state_names = ("hidden_states", "attention_mask")
+    padding_mask_name = "attention_mask"  # right padding, trimmed after each compaction
 
     def __init__(self, config: EENetBertConfig):
         super().__init__(config)
@@ -107,15 +109,6 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
             return self.exit_heads[exit_index](features)
         pooler = self.bert.pooler
         return self.classifier(self.dropout(pooler.activation(pooler.dense(features))))
-
-    def select_samples(self, state, index):
-        """Keep the samples at `index` and trim trailing padding to the longest of them."""
-        mask = state["attention_mask"].index_select(0, index)
-        length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-        return {
-            "hidden_states": state["hidden_states"].index_select(0, index)[:, :length],
-            "attention_mask": mask[:, :length],
-        }
 
     # --- forward --------------------------------------------------------------------------------------------------
     def forward(

@@ -1,0 +1,186 @@
+"""Render the committed report of a budget evaluation (the SST-2 / CIFAR-10 reference results) from the tables that
+`scripts/fit_scheduler.py` and `scripts/evaluate_budgets.py` wrote next to the model.
+
+It prints the per-exit accuracies, EENet against the paper-faithful EENet and the best budget-matched baseline at every
+budget (with the margins), the targets of the reference results, and every simulated and measured row, and copies
+the plot. Example:
+
+    .venv/bin/python benchmarks/report_budget_tables.py --model_dir outputs/minilm-sst2-eenet \
+        --calibration_split dev --test_split test --title "MiniLM-L6 on SST-2" \
+        --commands benchmarks/results/sst2_minilm_commands.sh --output benchmarks/results/sst2_minilm.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from hf_eenet.evaluation import format_budget_table
+
+OURS, PAPER = "eenet", "eenet-paper"
+
+
+def load_rows(model_dir: Path, split: str) -> list[dict]:
+    path = model_dir / f"budget_table_{split}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run scripts/fit_scheduler.py and scripts/evaluate_budgets.py first.")
+    return json.loads(path.read_text())["rows"]
+
+
+def exit_accuracies(rows: list[dict]) -> list[float]:
+    static = [r for r in rows if r["mode"] == "simulated" and r["policy"].startswith("static (exit")]
+    return [r["accuracy"] for r in sorted(static, key=lambda r: int(r["policy"].split()[-1].rstrip(")")))]
+
+
+def comparison(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    simulated = [r for r in rows if r["mode"] == "simulated" and r["budget"] is not None]
+    budgets = sorted({r["budget"] for r in simulated if r["policy"] == OURS})
+    lines = [
+        "| budget | eenet (ours) | cost | eenet-paper | best baseline | margin to best baseline (pt) |",
+        "|---|---|---|---|---|---|",
+    ]
+    margins = []
+    for budget in budgets:
+        ours = next(r for r in simulated if r["policy"] == OURS and r["budget"] == budget)
+        paper = next((r for r in simulated if r["policy"] == PAPER and r["budget"] == budget), None)
+        baselines = [r for r in simulated if r["budget"] == budget and r["policy"] not in (OURS, PAPER)]
+        best = max(baselines, key=lambda r: r["accuracy"])
+        margin = 100 * (ours["accuracy"] - best["accuracy"])
+        margins.append({"budget": budget, "margin": margin, "cost": ours["cost"], "accuracy": ours["accuracy"]})
+        paper_text = f"{100 * paper['accuracy']:.2f} %" if paper else "—"
+        lines.append(
+            f"| {budget:.2f} | {100 * ours['accuracy']:.2f} % | {ours['cost']:.3f} | {paper_text} | "
+            f"{100 * best['accuracy']:.2f} % ({best['policy']}) | {margin:+.2f} |"
+        )
+    return lines, margins
+
+
+def targets(exit_accuracy: list[float], margins: list[dict], measured: list[dict], split: str) -> list[str]:
+    """The reference results' targets, each with its measured margin and a verdict."""
+    last = exit_accuracy[-1]
+    at = {round(m["budget"], 4): m for m in margins}
+    checks = [(f"last-exit accuracy >= 88 % on {split}", f"{100 * last:.2f} %", last >= 0.88)]
+    if 0.4 in at:
+        gap = 100 * (at[0.4]["accuracy"] - last)
+        checks.append(("at budget 0.4, within 0.5 pt of the last exit (simulated)", f"{gap:+.2f} pt", gap >= -0.5))
+    middle = [m for m in margins if 0.3 - 1e-9 <= m["budget"] <= 0.9 + 1e-9]
+    worst = min(middle, key=lambda m: m["margin"])
+    checks.append(
+        (
+            "EENet >= every baseline at every budget 0.3-0.9 (simulated)",
+            f"worst {worst['margin']:+.2f} pt at {worst['budget']:.2f}",
+            worst["margin"] >= 0,
+        )
+    )
+    low = [m for m in margins if 0.3 - 1e-9 <= m["budget"] <= 0.5 + 1e-9]
+    weakest = min(low, key=lambda m: m["margin"])
+    checks.append(
+        (
+            "EENet >= 1 pt above the best baseline at budgets 0.3-0.5 (simulated)",
+            f"weakest {weakest['margin']:+.2f} pt at {weakest['budget']:.2f}",
+            weakest["margin"] >= 1.0,
+        )
+    )
+    if measured:
+        errors = [abs(r["cost"] - r["budget"]) / r["budget"] for r in measured]
+        checks.append(
+            ("measured cost within 2 % of the budget", f"max {100 * max(errors):.1f} %", max(errors) <= 0.02)
+        )
+        speedup = next((r["speedup"] for r in measured if abs(r["budget"] - 0.4) < 1e-9), None)
+        if speedup is not None:
+            checks.append(("measured speed-up >= 2.5x at budget 0.4", f"{speedup:.2f}x", speedup >= 2.5))
+    lines = ["## Targets", "", "| target | result | met |", "|---|---|---|"]
+    lines += [f"| {name} | {result} | {'yes' if met else 'NO'} |" for name, result, met in checks]
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--calibration_split", default="dev")
+    parser.add_argument("--test_split", default="test")
+    parser.add_argument("--title", required=True)
+    parser.add_argument("--commands", required=True, help="Shell file with the commands that produced the tables.")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    model_dir, output = Path(args.model_dir), Path(args.output)
+    calibration = load_rows(model_dir, args.calibration_split)
+    test = load_rows(model_dir, args.test_split)
+    commands = Path(args.commands).read_text().strip()
+    test_exits, calibration_exits = exit_accuracies(test), exit_accuracies(calibration)
+    table, margins = comparison(test)
+    oracle = next(r for r in test if r["policy"] == "oracle")
+    measured = [r for r in test if r["mode"] == "measured"]
+    full = next((r for r in measured if r["policy"] == "full model"), None)
+    ours_measured = [r for r in measured if r["policy"] == OURS]
+    lines = [
+        f"# {args.title}: exits, budget tables and the EENet scheduler",
+        "",
+        "Produced by (from the repository root):",
+        "",
+        "```bash",
+        commands,
+        "```",
+        "",
+        "Simulated rows come from cached exit outputs; measured rows from the real early-exit forward, timed beside the "
+        "full model in one run (same machine, same batches).",
+        "",
+        "## Per-exit accuracy (simulated)",
+        "",
+        "| exit | " + " | ".join(str(k) for k in range(len(test_exits))) + " |",
+        "|---|" + "---|" * len(test_exits),
+        f"| {args.calibration_split} | " + " | ".join(f"{100 * a:.2f} %" for a in calibration_exits) + " |",
+        f"| {args.test_split} | " + " | ".join(f"{100 * a:.2f} %" for a in test_exits) + " |",
+        "",
+        f"Oracle on {args.test_split} (first correct exit; reads the labels): {100 * oracle['accuracy']:.2f} % at cost "
+        f"{oracle['cost']:.3f}.",
+        "",
+        f"## EENet against the best budget-matched baseline on {args.test_split} (simulated)",
+        "",
+        "Baselines: max-prob and entropy thresholds with global and geometric allocation, each fitted for the budget "
+        f"on {args.calibration_split}.",
+        "",
+        *table,
+        "",
+    ]
+    if ours_measured and full is not None:
+        lines += [
+            f"## EENet measured on {args.test_split}",
+            "",
+            "| budget | accuracy | realized cost | cost error vs budget | ms / sample | speed-up vs full model |",
+            "|---|---|---|---|---|---|",
+            f"| full model | {100 * full['accuracy']:.2f} % | 1.000 | — | {1000 * full['seconds_per_sample']:.3f} | 1.00x |",
+        ]
+        for row in ours_measured:
+            error = 100 * (row["cost"] - row["budget"]) / row["budget"]
+            lines.append(
+                f"| {row['budget']:.2f} | {100 * row['accuracy']:.2f} % | {row['cost']:.3f} | {error:+.1f} % | "
+                f"{1000 * row['seconds_per_sample']:.3f} | {row['speedup']:.2f}x |"
+            )
+        lines.append("")
+    lines += targets(test_exits, margins, ours_measured, args.test_split)
+    plot = model_dir / f"budget_plot_{args.test_split}.png"
+    if plot.is_file():
+        target = output.with_suffix(".png")
+        shutil.copyfile(plot, target)
+        lines += [f"![accuracy against cost]({target.name})", ""]
+    lines += [
+        f"## Every row on {args.test_split}",
+        "",
+        format_budget_table(test),
+        "",
+        f"## Every row on {args.calibration_split} (the calibration split the policies were fitted on)",
+        "",
+        format_budget_table(calibration),
+        "",
+    ]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(lines))
+    print("\n".join(lines[: lines.index(f"## Every row on {args.test_split}")]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""ONNX export and the onnxruntime early-exit runtime: same exits and logits as torch, clear errors."""
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import random_text_batch, tiny_bert_config  # noqa: E402
+from test_modeling_eenet_vision import RESNET, VIT  # noqa: E402
+
+from hf_eenet import EENetBertForSequenceClassification  # noqa: E402
+from hf_eenet.evaluation import cache_exit_outputs  # noqa: E402
+from hf_eenet.models.exit_policies import (  # noqa: E402
+    ConfidenceThresholdPolicy,
+    EENetPolicy,
+    PatiencePolicy,
+)
+from hf_eenet.onnx import MANIFEST_FILE, EENetONNXModel, export_onnx  # noqa: E402
+
+BUDGETS = [0.4, 0.6, 0.8]
+
+
+def budgets_for(model) -> list[float]:
+    """Three budgets between the cheapest exit and the full model (BUDGETS where the model can meet them)."""
+    cheapest = model.config.exit_costs[0]
+    if cheapest < BUDGETS[0]:
+        return BUDGETS
+    return [round(cheapest + (1 - cheapest) * f, 3) for f in (0.2, 0.5, 0.8)]
+
+
+def fitted(model, batches, policy):
+    """Fit `policy` on the model's own exit outputs for `batches` and store it."""
+    model.eval()
+    cached = cache_exit_outputs(model, batches)
+    labels = cached["exit_logits"][:, -1].argmax(-1)  # labels the last exit gets right: a usable calibration set
+    labels[::3] = (labels[::3] + 1) % model.config.num_labels
+    cached["labels"] = labels
+    if policy.requires_budget:
+        policy.fit(**cached, exit_costs=model.config.exit_costs, budgets=budgets_for(model))
+    model.set_exit_policy(policy)
+    return model
+
+
+def text_batches(count=4, batch_size=24):
+    return [random_text_batch(batch_size, seed=seed) for seed in range(count)]
+
+
+@pytest.fixture(scope="module")
+def bert_export(tmp_path_factory):
+    torch.manual_seed(0)
+    model = EENetBertForSequenceClassification(tiny_bert_config(exit_pooling="mean"))
+    policy = EENetPolicy(model.config.num_exits, max_epochs=30, patience=5)
+    fitted(model, text_batches(), policy)
+    directory = export_onnx(model, tmp_path_factory.mktemp("bert-onnx"))
+    return model, directory, EENetONNXModel.from_pretrained(directory)
+
+
+def assert_same_outputs(torch_out, onnx_out):
+    assert torch.equal(torch_out.exit_index, onnx_out.exit_index)
+    assert torch.equal(torch_out.exit_cost, onnx_out.exit_cost)
+    torch.testing.assert_close(onnx_out.logits, torch_out.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 32])
+@pytest.mark.parametrize("budget", [*BUDGETS, 1.0])
+def test_bert_same_exits_and_logits_as_torch(bert_export, batch_size, budget):
+    model, _, onnx_model = bert_export
+    inputs = random_text_batch(batch_size, seed=100 + batch_size)
+    with torch.no_grad():
+        expected = model(**inputs, budget=budget)
+    assert_same_outputs(expected, onnx_model(**inputs, budget=budget))
+
+
+def test_bert_several_exits_are_taken_and_inputs_may_be_numpy(bert_export):
+    model, _, onnx_model = bert_export
+    inputs = random_text_batch(64, seed=5)
+    out = onnx_model(**{name: value.numpy() for name, value in inputs.items()}, budget=0.6)
+    assert out.exit_index.unique().numel() >= 2  # the comparison above covers real early exits
+    with torch.no_grad():
+        assert_same_outputs(model(**inputs, budget=0.6), out)
+
+
+def test_bert_all_exits_and_optional_inputs(bert_export):
+    model, _, onnx_model = bert_export
+    inputs = random_text_batch(5, seed=9)
+    inputs["attention_mask"][:] = 1
+    with torch.no_grad():
+        expected = model(**inputs, output_all_exits=True)
+    out = onnx_model(input_ids=inputs["input_ids"], output_all_exits=True)  # attention_mask, token_type_ids filled
+    torch.testing.assert_close(out.all_exit_logits, expected.all_exit_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_manifest_lists_graphs_costs_budgets_and_labels(bert_export):
+    model, directory, _ = bert_export
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    assert manifest["exit_costs"] == model.config.exit_costs and manifest["policy"]["budgets"] == BUDGETS
+    assert len(manifest["segments"]) == len(manifest["exits"]) == model.config.num_exits
+    assert len(manifest["policy"]["graphs"]) == model.config.num_exits - 1
+    assert manifest["label_names"] == [model.config.id2label[i] for i in range(model.config.num_labels)]
+    assert manifest["policy"]["thresholds"] == model.exit_policy.thresholds.tolist() and manifest["opset"] == 17
+    assert all((directory / entry["file"]).is_file() for entry in manifest["segments"] + manifest["exits"])
+
+
+@pytest.mark.parametrize("policy", ["patience", "max-prob"])
+def test_other_stored_policies(tmp_path, policy):
+    torch.manual_seed(1)
+    model = EENetBertForSequenceClassification(tiny_bert_config())
+    num_exits = model.config.num_exits
+    stored = PatiencePolicy(num_exits, patience=1) if policy == "patience" else ConfidenceThresholdPolicy(num_exits)
+    fitted(model, text_batches(2), stored)
+    onnx_model = EENetONNXModel(export_onnx(model, tmp_path))
+    inputs = random_text_batch(16, seed=3)
+    budget = None if policy == "patience" else 0.6
+    with torch.no_grad():
+        expected = model(**inputs, budget=budget, exit_policy=stored if policy == "patience" else None)
+    assert_same_outputs(expected, onnx_model(**inputs, budget=budget, exit_policy=onnx_model.exit_policy))
+
+
+@pytest.mark.parametrize("backbone", [VIT, RESNET], ids=lambda b: b.name)
+def test_vision_backbones_export_the_same_way(tmp_path, backbone):
+    torch.manual_seed(0)
+    model = backbone.model()
+    size = 32
+    images = [{"pixel_values": torch.randn(16, model.config.num_channels, size, size)} for _ in range(2)]
+    fitted(model, images, ConfidenceThresholdPolicy(model.config.num_exits, allocation="geometric"))
+    onnx_model = EENetONNXModel(export_onnx(model, tmp_path))
+    pixel_values = torch.randn(9, model.config.num_channels, size, size)
+    for budget in [*budgets_for(model), 1.0]:
+        with torch.no_grad():
+            expected = model(pixel_values=pixel_values, budget=budget)
+        assert_same_outputs(expected, onnx_model(pixel_values=pixel_values, budget=budget))
+
+
+def test_budgeted_pipeline_runs_on_the_onnx_model(bert_export, tmp_path):
+    from transformers import BertTokenizerFast, pipeline
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(94)]]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    model, _, onnx_model = bert_export
+    texts = ["w1 w2 w3", "w5", "w7 w8 w9 w10 w11 w12", "w40 w41"]
+    clf = pipeline("text-classification", model=onnx_model, tokenizer=tokenizer, budget=0.6)
+    reference = pipeline("text-classification", model=model, tokenizer=tokenizer, budget=0.6)
+    results, expected = clf(texts, batch_size=4), reference(texts, batch_size=4)
+    assert [r["exit_index"] for r in results] == [r["exit_index"] for r in expected]
+    assert [r["label"] for r in results] == [r["label"] for r in expected]
+    assert clf(texts[0], budget=0.4)[0]["exit_cost"] <= 1.0
+
+
+def test_bad_directories_and_manifests_fail_clearly(bert_export, tmp_path):
+    _, directory, onnx_model = bert_export
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        EENetONNXModel(tmp_path / "nowhere")
+    copy = shutil.copytree(directory, tmp_path / "copy")
+    (copy / "exit_1.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="exit_1.onnx"):
+        EENetONNXModel(copy)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    for change, match in (
+        ({"format_version": 99}, "format version 99"),
+        ({"exit_costs": [0.5, -1.0, 1.0]}, "invalid exit costs"),
+        ({"segments": manifest["segments"][:1]}, "1 segments"),
+    ):
+        broken = shutil.copytree(directory, tmp_path / f"broken{len(list(tmp_path.iterdir()))}")
+        (broken / MANIFEST_FILE).write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(ValueError, match=match):
+            EENetONNXModel(broken)
+    (copy / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        EENetONNXModel(copy)
+    (copy / MANIFEST_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=MANIFEST_FILE):
+        EENetONNXModel(copy)
+    with pytest.raises(ValueError, match="Unknown inputs"):
+        onnx_model(input_ids=torch.ones(1, 4, dtype=torch.long), pixel_values=torch.ones(1))
+    with pytest.raises(ValueError, match="below the smallest fitted budget"):
+        onnx_model(**random_text_batch(2), budget=0.35)
+
+
+def test_export_without_policy_runs_only_full_budgets(tmp_path):
+    model = EENetBertForSequenceClassification(tiny_bert_config())
+    onnx_model = EENetONNXModel(export_onnx(model, tmp_path))
+    inputs = random_text_batch(3)
+    with torch.no_grad():
+        assert_same_outputs(model.eval()(**inputs), onnx_model(**inputs))
+    with pytest.raises(ValueError, match="needs a fitted exit policy"):
+        onnx_model(**inputs, budget=0.5)
