@@ -55,11 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     stock = BertForSequenceClassification.from_pretrained(args.model).eval()  # the same weights, stock class
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     sentences = load_sentences(Path(args.data), args.num_samples)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = args.threads
     with tempfile.TemporaryDirectory() as directory:
         export_onnx(ours, directory)
-        onnx_model = EENetONNXModel(directory, session_options=options)
+        onnx_model = EENetONNXModel(directory)  # segments on `--threads` threads
         lines = [
             "# ONNX runtime early exit vs torch early exit vs stock transformers: MiniLM-L6 on SST-2 (measured)",
             "",

@@ -36,6 +36,11 @@ def eenet_model_class(config: PretrainedConfig) -> type:
     raise ValueError(f"No EENet model for checkpoints of type {config.model_type!r}; supported types: {supported}.")
 
 
+def is_eenet_config(config: PretrainedConfig) -> bool:
+    """Whether a config is an EENet model's (rather than a stock backbone's that would load into one)."""
+    return any(config.model_type == cls.config_class.model_type for cls in EENET_MODEL_FOR_BACKBONE.values())
+
+
 class _DropModelTypeMismatchWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "to instantiate a model of type" not in record.getMessage()
@@ -67,3 +72,17 @@ def load_eenet_model(pretrained_model_name_or_path: str, **kwargs):
     cls = eenet_model_class(config)
     with _quiet_backbone_loading():
         return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+def load_processor(pretrained_model_name_or_path: str, **kwargs):
+    """
+    The processor of a checkpoint or model config directory: its tokenizer for a text model, its image processor for
+    an image model (decided by the EENet class its config maps to).
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+    if eenet_model_class(config).main_input_name == "pixel_values":
+        return AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)

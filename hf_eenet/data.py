@@ -16,6 +16,7 @@ The pipeline is split so that the vision path can reuse the generic parts:
 from __future__ import annotations
 
 import csv
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, Value
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import BaseImageProcessor, DataCollatorWithPadding, DefaultDataCollator, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 __all__ = [
@@ -32,11 +33,14 @@ __all__ = [
     "DatasetArguments",
     "RowSlice",
     "encode_labels",
+    "augment_image",
+    "load_image_classification_data",
     "load_processed_splits",
     "load_raw_splits",
     "load_text_classification_data",
     "parse_split",
     "prepare_text_columns",
+    "process_image_splits",
     "resolve_column",
     "text_data_collator",
     "tokenize_text_splits",
@@ -49,6 +53,12 @@ DATA_ROLES = ("train", "calibration", "test")
 
 # Local file suffixes -> `datasets` builder.
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+# Image file suffixes of an `imagefolder` directory.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+# Column names tried, in order, when no image column is given (after the columns of the `Image` feature type).
+IMAGE_COLUMN_CANDIDATES = ("img", "image", "picture", "photo")
 
 # Column names tried, in order, when no text column is given.
 TEXT_COLUMN_CANDIDATES = ("sentence", "text", "sentence1", "question", "content", "review", "document")
@@ -86,6 +96,12 @@ class DatasetArguments:
             `sentence1`, ... that exists, else the first string column.
         text_pair_column (`str`, *optional*):
             Column holding the second text of a pair (e.g. the hypothesis of NLI), by name or index.
+        image_column (`str`, *optional*):
+            Column holding the images (image data), by name or 0-based index. Defaults to the first column of the
+            `datasets.Image` feature type, else the first of `img`, `image`, ... that exists.
+        augment_train (`bool`, *optional*, defaults to `False`):
+            Augment the training images (image data): a random crop of the image padded by 1/8 of its side, and a
+            random horizontal flip (PIL only; seeded through Python's `random`, which `Trainer` seeds).
         label_column (`str`, *optional*, defaults to `"label"`):
             Column holding the label, by name or 0-based index. Labels may be integer class ids, integral floats,
             or strings (mapped through `class_names`).
@@ -99,8 +115,12 @@ class DatasetArguments:
         delimiter (`str`, *optional*):
             Field delimiter of local csv/tsv files; defaults to `","` for `.csv` and a tab for `.tsv`. tsv files are
             read without quote handling (as GLUE's are), csv files with standard double quotes.
+        shuffle_seed (`int`, *optional*):
+            Shuffle every split with this seed before row slices and `max_*_samples` apply, so that slices of files
+            sorted by label (CIFAR-10's parquet files are) hold every class. The same seed gives the same order in
+            every script, so `"train[:90%]"` and `"train[90%:]"` stay disjoint.
         max_train_samples, max_calibration_samples, max_test_samples (`int`, *optional*):
-            Keep only the first this many rows of a split.
+            Keep only the first this many rows of a split (after shuffling, with `shuffle_seed`).
         max_seq_length (`int`, *optional*, defaults to 128):
             Truncate tokenized texts to this many tokens. `None` uses the tokenizer's maximum.
         cache_dir (`str`, *optional*):
@@ -124,6 +144,14 @@ class DatasetArguments:
     text_pair_column: str | None = field(
         default=None, metadata={"help": "Optional second text column of a text pair, by name or 0-based index."}
     )
+    image_column: str | None = field(
+        default=None,
+        metadata={"help": "Image column, by name or 0-based index (default: the first `Image` column, 'img', ...)."},
+    )
+    augment_train: bool = field(
+        default=False,
+        metadata={"help": "Augment training images: random crop (padding 1/8 of the side) and horizontal flip."},
+    )
     label_column: str = field(default="label", metadata={"help": "Label column, by name or 0-based index."})
     class_names: list[str] | None = field(
         default=None, metadata={"help": "Label list in class-id order; string labels are mapped through it."}
@@ -131,6 +159,13 @@ class DatasetArguments:
     has_header: bool = field(default=True, metadata={"help": "Whether local csv/tsv files start with a header row."})
     delimiter: str | None = field(
         default=None, metadata={"help": "Delimiter of local csv/tsv files (default: ',' for .csv, tab for .tsv)."}
+    )
+    shuffle_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shuffle every split with this seed before row slices and `max_*_samples` (for files sorted by "
+            "label, such as CIFAR-10's parquet files)."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     max_calibration_samples: int | None = field(
@@ -222,6 +257,8 @@ def load_raw_splits(args: DatasetArguments, roles: Sequence[str] = DATA_ROLES) -
         name, row_slice = parse_split(args.split_name(role))
         split = _match_split(name, list(available), source, role)
         dataset = available[split]
+        if args.shuffle_seed is not None:
+            dataset = dataset.shuffle(seed=args.shuffle_seed)
         if row_slice is not None:
             dataset = dataset.select(row_slice.rows(len(dataset)))
         if len(dataset) == 0:
@@ -350,8 +387,19 @@ def _check_not_empty(file: Path) -> None:
         raise ValueError(f"The data file {str(file)!r} is empty (only whitespace).")
 
 
+def _is_image_folder(path: Path) -> bool:
+    """A directory of class folders of images (`train/cat/1.png`, or `cat/1.png`): the `imagefolder` layout."""
+    if not path.is_dir() or any(f.suffix.lower() in LOCAL_FORMATS for f in path.glob("*") if f.is_file()):
+        return False
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.glob("*/*")) or any(
+        f.suffix.lower() in IMAGE_SUFFIXES for f in path.glob("*/*/*")
+    )
+
+
 def _load_local(path: Path, args: DatasetArguments) -> DatasetDict:
-    """Local files: csv/tsv (with or without header), json/jsonl, parquet."""
+    """Local files: csv/tsv (with or without header), json/jsonl, parquet, or an image folder."""
+    if _is_image_folder(path):
+        return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=args.cache_dir)
     by_split = _local_data_files(path)
     first = next(iter(by_split.values()))[0]
     suffix = first.suffix.lower()
@@ -708,11 +756,12 @@ def load_processed_splits(
 ):
     """
     Load the splits that play `roles` and process them for a model: tokenized (unpadded) text with a
-    [`text_data_collator`]. The one entry point of the workflow scripts.
+    [`text_data_collator`], or images turned into `pixel_values` on the fly by the model's image processor (with
+    `args.augment_train`, the training split is augmented). The one entry point of the workflow scripts.
 
     Args:
         args ([`DatasetArguments`]): the dataset, splits and columns.
-        processor: the model's tokenizer.
+        processor: the model's tokenizer or image processor.
         roles (`Sequence[str]`, *optional*): which of `"train"`, `"calibration"`, `"test"` to load.
         label_names (`Sequence[str]`, *optional*): the model's labels in class-id order (for a trained model).
 
@@ -720,8 +769,104 @@ def load_processed_splits(
         `tuple[ClassificationData, datasets.DatasetDict, Callable]`: the raw standardised data (label list
         included), the processed splits keyed by role, and the data collator.
     """
-    if not isinstance(processor, PreTrainedTokenizerBase):
-        raise TypeError(f"Expected a tokenizer to process text data, got {type(processor).__name__}.")
-    data = load_text_classification_data(args, roles, label_names=label_names)
-    splits = tokenize_text_splits(data.splits, processor, args.max_seq_length)
-    return data, splits, text_data_collator(processor)
+    if isinstance(processor, PreTrainedTokenizerBase):
+        data = load_text_classification_data(args, roles, label_names=label_names)
+        splits = tokenize_text_splits(data.splits, processor, args.max_seq_length)
+        return data, splits, text_data_collator(processor)
+    if isinstance(processor, BaseImageProcessor):
+        data = load_image_classification_data(args, roles, label_names=label_names)
+        augmented = ("train",) if args.augment_train else ()
+        return data, process_image_splits(data.splits, processor, augmented), DefaultDataCollator()
+    raise TypeError(
+        f"Expected a tokenizer (text data) or an image processor (image data), got {type(processor).__name__}."
+    )
+
+
+# --- images ----------------------------------------------------------------------------------------------------------
+def _guess_image_column(dataset: Dataset, where: str) -> str:
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    for name in IMAGE_COLUMN_CANDIDATES:
+        if name in dataset.column_names:
+            return name
+    raise ValueError(
+        f"No image column found in {where} (columns: {dataset.column_names}); name it with `--image_column`."
+    )
+
+
+def load_image_classification_data(
+    args: DatasetArguments, roles: Sequence[str] = DATA_ROLES, label_names: Sequence[str] | None = None
+) -> ClassificationData:
+    """
+    Load, validate and standardise image-classification splits: columns `image` (a `datasets.Image` feature, decoded
+    to PIL images on access) and `label`.
+
+    Args:
+        args ([`DatasetArguments`]): the dataset (Hub id, parquet files such as the Hub's layout, or an image folder),
+            splits and columns.
+        roles (`Sequence[str]`, *optional*): which of `"train"`, `"calibration"`, `"test"` to load.
+        label_names (`Sequence[str]`, *optional*): the label list in class-id order (e.g. a trained model's).
+
+    Returns:
+        [`ClassificationData`]: the splits keyed by role, and the label list.
+    """
+    raw = load_raw_splits(args, roles)
+    image_columns = {
+        role: resolve_column(ds, args.image_column, what="image column", where=f"the {role} split")
+        if args.image_column is not None
+        else _guess_image_column(ds, f"the {role} split")
+        for role, ds in raw.items()
+    }
+    data = encode_labels(raw, args.label_column, label_names if label_names is not None else args.class_names)
+    splits = DatasetDict()
+    for role, dataset in data.splits.items():
+        column = image_columns[role]
+        dataset = dataset.select_columns([column, "label"])
+        if column != "image":
+            dataset = dataset.rename_column(column, "image")
+        if not isinstance(dataset.features["image"], datasets.Image):
+            dataset = dataset.cast_column("image", datasets.Image())  # e.g. file paths or encoded bytes
+        splits[role] = dataset
+    return ClassificationData(splits=splits, label_names=data.label_names)
+
+
+def augment_image(image, rng: random.Random | None = None):
+    """
+    The standard small-image augmentation, with PIL only: a random crop of the image padded (with zeros) by 1/8 of
+    its side, and a random horizontal flip.
+    """
+    from PIL import ImageOps  # the vision extra
+
+    rng = rng or random
+    width, height = image.size
+    pad = max(1, round(min(width, height) / 8))
+    padded = ImageOps.expand(image, border=pad, fill=0)
+    left, top = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+    image = padded.crop((left, top, left + width, top + height))
+    return ImageOps.mirror(image) if rng.random() < 0.5 else image
+
+
+def process_image_splits(
+    splits: DatasetDict, image_processor: BaseImageProcessor, augmented_roles: Sequence[str] = ()
+) -> DatasetDict:
+    """
+    Turn the `image` column into the model's `pixel_values` on access (`Dataset.with_transform`, so nothing is
+    stored), augmenting the splits of `augmented_roles` with [`augment_image`]. Use with
+    `remove_unused_columns=False` in the training arguments (the transform needs the `image` column).
+    """
+    result = DatasetDict()
+    for role, dataset in splits.items():
+        if "image" not in dataset.column_names:
+            raise ValueError(f"The {role} split has no `image` column; load it with `load_image_classification_data`.")
+        augment = role in augmented_roles
+
+        def transform(batch, augment=augment):
+            images = [image.convert("RGB") for image in batch["image"]]
+            if augment:
+                images = [augment_image(image) for image in images]
+            pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+            return {"pixel_values": pixel_values, "label": batch["label"]}
+
+        result[role] = dataset.with_transform(transform)
+    return result

@@ -272,12 +272,26 @@ class _Sessions:
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         self.session_options = session_options
 
-    def load(self, entry: Mapping) -> tuple:
+    def _options(self, heavy: bool):
+        """
+        Every session has its own thread pool; a dozen pools spinning for work would fight each other (and torch)
+        for the cores. By default the backbone segments get the torch thread count and the small exit and policy
+        graphs one thread, none of them spinning. Given `session_options` are used as they are.
+        """
+        if self.session_options is not None:
+            return self.session_options
+        options = self.onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads() if heavy else 1
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+    def load(self, entry: Mapping, heavy: bool = False) -> tuple:
         path = self.directory / entry["file"]
         if not path.is_file():
             raise FileNotFoundError(f"The ONNX graph {str(path)!r} named in the manifest is missing.")
         session = self.onnxruntime.InferenceSession(
-            str(path), sess_options=self.session_options, providers=self.providers
+            str(path), sess_options=self._options(heavy), providers=self.providers
         )
         declared = {i.name for i in session.get_inputs()}  # the exporter drops inputs a graph does not use
         return session, [name for name in entry["inputs"] if name in declared], list(entry["outputs"])
@@ -338,7 +352,9 @@ class EENetONNXModel(EarlyExitMixin):
     Args:
         directory (`str` or `Path`): a directory written by [`export_onnx`].
         providers (`Sequence[str]`, *optional*): onnxruntime execution providers (default: CPU).
-        session_options (`onnxruntime.SessionOptions`, *optional*): options of every session.
+        session_options (`onnxruntime.SessionOptions`, *optional*): options of every session. By default the
+            segments use `torch.get_num_threads()` intra-op threads and the exit and policy graphs one, without
+            spinning (a pool per session: spinning pools would compete for the cores).
     """
 
     def __init__(self, directory: str | Path, providers: Sequence[str] | None = None, session_options=None):
@@ -357,7 +373,7 @@ class EENetONNXModel(EarlyExitMixin):
                 f"({self.config.exit_costs} vs {manifest['exit_costs']}): export the model again."
             )
         sessions = _Sessions(directory, providers, session_options)
-        self.segments = [sessions.load(entry) for entry in manifest["segments"]]
+        self.segments = [sessions.load(entry, heavy=True) for entry in manifest["segments"]]
         self.exits = [sessions.load(entry) for entry in manifest["exits"]]
         num_exits = self.config.num_exits
         if len(self.segments) != num_exits or len(self.exits) != num_exits:

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fit_scheduler import load_trained_model, model_label_names
+from fit_scheduler import load_trained_model, model_label_names, prepare_for
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
@@ -81,7 +81,8 @@ def fitted_policies(model, eval_args: BudgetEvaluationArguments) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Evaluate; save the tables, the plot and (optionally) the updated model card; return every row."""
     eval_args, data_args, args = parse_arguments(argv)
-    model, tokenizer = load_trained_model(eval_args.model_name_or_path)
+    model, processor = load_trained_model(eval_args.model_name_or_path)
+    prepare_for(args, processor)
     policies = fitted_policies(model, eval_args)
     stored = (model.config.exit_policy or {}).get("policy_type")
     if stored is None or stored not in policies:
@@ -90,10 +91,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     args.exit_policy = stored
     _, splits, collator = load_processed_splits(
-        data_args, tokenizer, roles=("test",), label_names=model_label_names(model)
+        data_args, processor, roles=("test",), label_names=model_label_names(model)
     )
     trainer = ExitSchedulerTrainer(
-        model=model, args=args, policies=policies, data_collator=collator, processing_class=tokenizer
+        model=model, args=args, policies=policies, data_collator=collator, processing_class=processor
     )
     measured_policies = eval_args.measured_policies
     if measured_policies == [ALL_POLICIES]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
 
-from hf_eenet.auto import load_eenet_model
+from hf_eenet.auto import is_eenet_config, load_eenet_model, load_processor
 from hf_eenet.onnx import DEFAULT_OPSET, EENetONNXModel, export_onnx
 
 
@@ -32,15 +32,14 @@ class ExportArguments:
 def main(argv: list[str] | None = None) -> EENetONNXModel | None:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
     config = AutoConfig.from_pretrained(args.model_name_or_path)
-    if not hasattr(config, "exit_layers"):
+    if not is_eenet_config(config):
         raise ValueError(
             f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint, not an EENet model; train its exits "
             "first (scripts/train_exits.py)."
         )
     model = load_eenet_model(args.model_name_or_path).eval()
     export_onnx(model, args.output_dir, opset=args.opset)
-    processor_class = AutoTokenizer if model.main_input_name == "input_ids" else AutoImageProcessor
-    processor_class.from_pretrained(args.model_name_or_path).save_pretrained(args.output_dir)
+    load_processor(args.model_name_or_path).save_pretrained(args.output_dir)
     print(f"Exported {config.num_exits} segments, exits and policy decisions to {args.output_dir}")
     return EENetONNXModel(args.output_dir) if args.check else None
 

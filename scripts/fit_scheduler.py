@@ -18,10 +18,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 import hf_eenet  # noqa: F401  (registers the EENet Auto classes)
+from hf_eenet.auto import is_eenet_config, load_eenet_model, load_processor
 from hf_eenet.data import DatasetArguments, load_processed_splits
 from hf_eenet.evaluation import format_budget_table
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer
@@ -37,14 +38,20 @@ class TrainedModelArguments:
 
 
 def load_trained_model(path: str):
-    """The EENet model and its tokenizer; a clear error for a checkpoint that is not an EENet model."""
-    model = AutoModelForSequenceClassification.from_pretrained(path)
-    if not hasattr(model, "set_exit_policy"):
+    """The EENet model and its processor; a clear error for a checkpoint that is not an EENet model."""
+    config = AutoConfig.from_pretrained(path)
+    if not is_eenet_config(config):
         raise ValueError(
-            f"{path!r} is a {type(model).__name__}, not an EENet model with trained exits; train its exits first with "
-            "scripts/train_exits.py."
+            f"{path!r} is a {config.model_type!r} checkpoint, not an EENet model with trained exits; train its exits "
+            "first with scripts/train_exits.py."
         )
-    return model, AutoTokenizer.from_pretrained(path)
+    return load_eenet_model(path), load_processor(path)
+
+
+def prepare_for(args, processor) -> None:
+    """Image data becomes `pixel_values` on access: the trainer must keep the image column."""
+    if not isinstance(processor, PreTrainedTokenizerBase):
+        args.remove_unused_columns = False
 
 
 def model_label_names(model) -> list[str]:
@@ -62,16 +69,17 @@ def parse_arguments(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> list[dict]:
     """Fit the scheduler; save the model (with its card), tokenizer, budget table and policies; return the table."""
     model_args, data_args, args = parse_arguments(argv)
-    model, tokenizer = load_trained_model(model_args.model_name_or_path)
+    model, processor = load_trained_model(model_args.model_name_or_path)
+    prepare_for(args, processor)
     data, splits, collator = load_processed_splits(
-        data_args, tokenizer, roles=("calibration",), label_names=model_label_names(model)
+        data_args, processor, roles=("calibration",), label_names=model_label_names(model)
     )
     trainer = ExitSchedulerTrainer(
         model=model,
         args=args,
         eval_dataset=splits["calibration"],
         data_collator=collator,
-        processing_class=tokenizer,
+        processing_class=processor,
     )
     rows = trainer.fit_scheduler(split=data_args.calibration_split)
     card = model.model_card_data
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         **card.fitting_hyperparameters,
         "calibration data": f"{data_args.dataset_name} ({data_args.calibration_split}, {len(splits['calibration'])} "
         "samples)",
-        "max_seq_length": data_args.max_seq_length,
+        **({"max_seq_length": data_args.max_seq_length} if isinstance(processor, PreTrainedTokenizerBase) else {}),
     }
     trainer.save_model()
     if trainer.is_world_process_zero():

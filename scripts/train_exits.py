@@ -19,16 +19,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from hf_eenet.auto import load_eenet_model
-from hf_eenet.data import (
-    DatasetArguments,
-    load_text_classification_data,
-    text_data_collator,
-    tokenize_text_splits,
-)
+from hf_eenet.auto import eenet_model_class, is_eenet_config, load_eenet_model, load_processor
+from hf_eenet.data import DatasetArguments, load_processed_splits
 from hf_eenet.model_card import EENetModelCardData
 from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments, compute_exit_accuracies
 
@@ -59,6 +54,17 @@ class ModelArguments:
             "sentence-transformers checkpoints such as the MiniLM."
         },
     )
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train a model from scratch from this EENet config (a config.json or its directory) instead of "
+            "loading `model_name_or_path`, e.g. benchmarks/configs/eenet-resnet-cifar10."
+        },
+    )
+    processor_name: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer or image processor to use (default: from the checkpoint or `config_name`)."},
+    )
 
     def resolved_path(self) -> tuple[str, str]:
         """(local path or Hub id to load, the name to cite as base model)."""
@@ -80,28 +86,46 @@ def is_sentence_transformers_checkpoint(path: str) -> bool:
     return Path(path, "modules.json").is_file() or "sentence-transformers" in path
 
 
+def build_model(model_args: ModelArguments, path: str, overrides: dict):
+    """The EENet model: from scratch from `config_name`, or loaded from the checkpoint at `path`."""
+    if model_args.config_name is None:
+        return load_eenet_model(path, **overrides)
+    config = AutoConfig.from_pretrained(model_args.config_name, **overrides)
+    model_class = eenet_model_class(config)
+    if not is_eenet_config(config):
+        raise ValueError(
+            f"`config_name` must be an EENet config (model_type one of eenet-bert, eenet-vit, eenet-resnet), got "
+            f"{config.model_type!r}."
+        )
+    return model_class(config)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Train the exits; save the model, tokenizer, card and metrics to `output_dir`; return the evaluation metrics."""
+    """Train the exits; save the model, processor, card and metrics to `output_dir`; return the evaluation metrics."""
     model_args, data_args, training_args = parse_arguments(argv)
     path, base_model = model_args.resolved_path()
-    data = load_text_classification_data(data_args, roles=("train", "calibration"))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if model_args.config_name is not None:
+        path, base_model = model_args.config_name, None
+    processor = load_processor(model_args.processor_name or path)
+    data, splits, collator = load_processed_splits(data_args, processor, roles=("train", "calibration"))
     overrides = {"num_labels": data.num_labels, "id2label": data.id2label, "label2id": data.label2id}
     if model_args.exit_layers is not None:
         overrides["exit_layers"] = model_args.exit_layers
-    pooling = model_args.exit_pooling or ("mean" if is_sentence_transformers_checkpoint(path) else None)
+    is_text = isinstance(processor, PreTrainedTokenizerBase)
+    pooling = model_args.exit_pooling or ("mean" if is_text and is_sentence_transformers_checkpoint(path) else None)
     if pooling is not None:
         overrides["exit_pooling"] = pooling
-    model = load_eenet_model(path, **overrides)
-    splits = tokenize_text_splits(data.splits, tokenizer, data_args.max_seq_length)
+    model = build_model(model_args, path, overrides)
+    if not is_text:
+        training_args.remove_unused_columns = False  # images become pixel_values on access: keep the image column
 
     trainer = EarlyExitTrainer(
         model=model,
         args=training_args,
         train_dataset=splits["train"],
         eval_dataset=splits["calibration"],
-        data_collator=text_data_collator(tokenizer),
-        processing_class=tokenizer,
+        data_collator=collator,
+        processing_class=processor,
         compute_metrics=compute_exit_accuracies,
     )
     train_result = trainer.train()
@@ -113,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dataset_config=data_args.dataset_config_name,
         exit_accuracies=[metrics[f"eval_exit_{k}_accuracy"] for k in range(model.config.num_exits)],
         exit_accuracy_split=data_args.calibration_split,
-        training_hyperparameters=training_summary(training_args, data_args, train_result.global_step),
+        training_hyperparameters=training_summary(training_args, data_args, train_result.global_step, is_text),
     )
     trainer.save_model()
     trainer.log_metrics("eval", metrics)
@@ -125,9 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-def training_summary(training_args, data_args, steps: int) -> dict[str, object]:
-    """The hyperparameters shown on the model card."""
-    return {
+def training_summary(training_args, data_args, steps: int, is_text: bool = True) -> dict[str, object]:
+    """The hyperparameters shown on the model card (those that do not apply are left out)."""
+    summary = {
         "learning_rate": training_args.learning_rate,
         "exit_head_learning_rate": training_args.exit_head_learning_rate,
         "epochs": training_args.num_train_epochs,
@@ -138,10 +162,12 @@ def training_summary(training_args, data_args, steps: int) -> dict[str, object]:
         "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
         "distillation_weight": training_args.distillation_weight,
         "retrofit": training_args.retrofit,
-        "max_seq_length": data_args.max_seq_length,
+        "max_seq_length": data_args.max_seq_length if is_text else None,
+        "augment_train": data_args.augment_train or None,
         "train_samples": data_args.max_train_samples or "all",
         "seed": training_args.seed,
     }
+    return {name: value for name, value in summary.items() if value is not None}
 
 
 if __name__ == "__main__":

@@ -394,6 +394,12 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
             Stride (1 or 2) of each early exit's 3x3 convolution (one per exit but the last). Defaults to 2 where the
             stage's feature map at `exit_cost_reference_size` is larger than 4x4, else 1. Stored in the config, so the
             architecture does not change if `exit_cost_reference_size` is edited later.
+        stem_kernel_size (`int`, *optional*, defaults to 7), stem_stride (`int`, *optional*, defaults to 2),
+        stem_pooling (`bool`, *optional*, defaults to `True`):
+            The stem: a `stem_kernel_size` convolution with stride `stem_stride`, then (with `stem_pooling`) a 3x3 max
+            pool with stride 2. The defaults are the stock (ImageNet) stem every ResNet checkpoint has; small images
+            such as CIFAR-10's 32x32 want the CIFAR stem `stem_kernel_size=3, stem_stride=1, stem_pooling=False`
+            (models trained from scratch only: a stock checkpoint's 7x7 stem does not fit it).
         kwargs:
             The [`ResNetConfig`] arguments and the early-exit fields of [`EENetConfigMixin`].
 
@@ -417,6 +423,9 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         exit_cost_source: str = "flops",
         exit_cost_reference_size: int = 224,
         exit_head_strides: Sequence[int] | None = None,
+        stem_kernel_size: int = 7,
+        stem_stride: int = 2,
+        stem_pooling: bool = True,
         default_budget: float | None = None,
         exit_policy: dict | None = None,
         hf_eenet_version: str | None = None,
@@ -424,6 +433,12 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        for name, value in (("stem_kernel_size", stem_kernel_size), ("stem_stride", stem_stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if stem_kernel_size % 2 == 0:
+            raise ValueError(f"`stem_kernel_size` must be odd (same padding), got {stem_kernel_size}.")
+        self.stem_kernel_size, self.stem_stride, self.stem_pooling = stem_kernel_size, stem_stride, bool(stem_pooling)
         if len(self.hidden_sizes) != len(self.depths):
             raise ValueError(
                 f"`hidden_sizes` and `depths` must have one entry per stage, got {self.hidden_sizes} and {self.depths}."
@@ -479,8 +494,8 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         return 2.0 * out_size * out_size * kernel * kernel * in_channels * out_channels
 
     def _stem_output_size(self) -> int:
-        size = self._conv_output_size(self.exit_cost_reference_size, 7, 2)  # 7x7 convolution, stride 2
-        return self._conv_output_size(size, 3, 2)  # 3x3 max pool, stride 2
+        size = self._conv_output_size(self.exit_cost_reference_size, self.stem_kernel_size, self.stem_stride)
+        return self._conv_output_size(size, 3, 2) if self.stem_pooling else size  # 3x3 max pool, stride 2
 
     def _stage_flops_and_size(self, stage: int, size: int) -> tuple[float, int]:
         """FLOPs of one stage at input side `size`, and its output side."""
@@ -514,8 +529,8 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         return sizes
 
     def stem_flops(self) -> float:
-        stem_size = self._conv_output_size(self.exit_cost_reference_size, 7, 2)
-        return self._conv_flops(stem_size, 7, self.num_channels, self.embedding_size)
+        stem_size = self._conv_output_size(self.exit_cost_reference_size, self.stem_kernel_size, self.stem_stride)
+        return self._conv_flops(stem_size, self.stem_kernel_size, self.num_channels, self.embedding_size)
 
     def block_flops(self) -> list[float]:
         flops, size = [], self._stem_output_size()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.models.resnet.modeling_resnet import ResNetModel, ResNetPreTrainedModel
+from transformers.models.resnet.modeling_resnet import ResNetConvLayer, ResNetModel, ResNetPreTrainedModel
 
 from .configuration_eenet import EENetResNetConfig
 from .early_exit import EarlyExitMixin
@@ -67,6 +67,17 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.resnet = ResNetModel(config)
+        if (config.stem_kernel_size, config.stem_stride, config.stem_pooling) != (7, 2, True):
+            embeddings = self.resnet.embedder  # a non-stock stem (e.g. CIFAR's 3x3, stride 1, no pooling)
+            embeddings.embedder = ResNetConvLayer(
+                config.num_channels,
+                config.embedding_size,
+                kernel_size=config.stem_kernel_size,
+                stride=config.stem_stride,
+                activation=config.hidden_act,
+            )
+            if not config.stem_pooling:
+                embeddings.pooler = nn.Identity()
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(config.hidden_sizes[-1], config.num_labels))
         self.exit_heads = nn.ModuleList(
             EENetResNetExitHead(config.hidden_sizes[end - 1], channels, stride, config)

@@ -1,0 +1,9 @@
+# 1. exits: a from-scratch CIFAR-stem ResNet (4 stages of 2 basic blocks, widths 16-128, an exit after every stage),
+#    trained on 90 % of CIFAR-10 train (the other 10 % is the calibration split), 15 epochs, ~45 min on 2 CPU cores
+HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_exits.py --config_name benchmarks/configs/eenet-resnet-cifar10 \
+    --dataset_name ../shared/data/cifar10 --train_split "train[:90%]" --calibration_split "train[90%:]" \
+    --shuffle_seed 0 --augment_train --output_dir outputs/resnet-cifar10 --num_train_epochs 15 \
+    --per_device_train_batch_size 128 --per_device_eval_batch_size 256 --optim sgd \
+    --optim_args "momentum=0.9,nesterov=True" --learning_rate 0.1 --exit_head_learning_rate 0.1 --weight_decay 5e-4 \
+    --lr_scheduler_type cosine --warmup_steps 200 --eval_strategy no --save_strategy no --logging_steps 100 \
+    --report_to none --seed 42
