@@ -239,7 +239,13 @@ class EarlyExitMixin:
         return batch_size
 
     def _costs_tensor(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.config.exit_costs, dtype=torch.float32, device=device)
+        """`config.exit_costs` as a tensor on `device`, kept between calls (rebuilt when the costs change)."""
+        key = (device, tuple(self.config.exit_costs))
+        cached = self.__dict__.get("_exit_costs_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, torch.tensor(key[1], dtype=torch.float32, device=device))
+            self.__dict__["_exit_costs_cache"] = cached
+        return cached[1]
 
     def _all_exits_forward(self, inputs, labels, *, output_exit_features: bool) -> EarlyExitClassifierOutput:
         state = self.embed_inputs(**inputs)
@@ -263,7 +269,7 @@ class EarlyExitMixin:
             loss=loss,
             logits=all_logits[-1],
             exit_index=torch.full((batch_size,), last, dtype=torch.long, device=device),
-            exit_cost=self._costs_tensor(device)[last].expand(batch_size),
+            exit_cost=self._costs_tensor(device)[last].expand(batch_size).clone(),  # not a view of the cache
             all_exit_logits=all_exit_logits,
             all_exit_features=tuple(all_features) if output_exit_features else None,
         )
@@ -321,11 +327,13 @@ class EarlyExitMixin:
             leaving = leave.nonzero().squeeze(1)
             if leaving.numel() == 0:
                 continue
+            if leaving.numel() == active.numel():  # everyone left (e.g. a single sample): no compaction
+                logits_out[active] = logits
+                exit_index[active] = k
+                break
             logits_out[active[leaving]] = logits[leaving]
             exit_index[active[leaving]] = k
             staying = (~leave).nonzero().squeeze(1)
-            if staying.numel() == 0:
-                break
             active = active[staying]
             state = self.select_samples(state, staying)
             policy_state = {name: value.index_select(0, staying) for name, value in policy_state.items()}
