@@ -18,12 +18,13 @@ import shutil
 from pathlib import Path
 
 from hf_eenet.evaluation import format_budget_table
+from hf_eenet.trainer import budget_table_path, split_file_stem
 
 OURS, PAPER = "eenet", "eenet-paper"
 
 
 def load_rows(model_dir: Path, split: str) -> list[dict]:
-    path = model_dir / f"budget_table_{split}.json"
+    path = budget_table_path(model_dir, split)
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run scripts/fit_scheduler.py and scripts/evaluate_budgets.py first.")
     return json.loads(path.read_text())["rows"]
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         lines.append("")
     lines += targets(test_exits, margins, ours_measured, args.test_split)
-    plot = model_dir / f"budget_plot_{args.test_split}.png"
+    plot = model_dir / f"budget_plot_{split_file_stem(args.test_split)}.png"
     if plot.is_file():
         target = output.with_suffix(".png")
         shutil.copyfile(plot, target)

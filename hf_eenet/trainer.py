@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -534,6 +535,16 @@ class EarlyExitTrainer(EENetModelCardMixin, Trainer):
 BUDGET_TABLE_FILE = "budget_table"  # + f"_{split}.json" (every row) and f"_{split}.md" (rendered)
 
 
+def split_file_stem(split: str) -> str:
+    """A split name (possibly with a row slice such as `train[90%:]`) made safe for file names (`train_90pct_`)."""
+    return re.sub(r"[^\w.-]+", "_", split.replace("%", "pct"))
+
+
+def budget_table_path(directory: str | Path, split: str) -> Path:
+    """Where the budget table of a split is saved: `budget_table_<split>.json` (and `.md` beside it)."""
+    return Path(directory) / f"{BUDGET_TABLE_FILE}_{split_file_stem(split)}.json"
+
+
 @dataclass
 class ExitSchedulerArguments(TrainingArguments):
     r"""
@@ -868,12 +879,10 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         """Write `rows` to `output_dir` as `budget_table_{split}.json` and a markdown rendering; returns the json."""
         from .evaluation import format_budget_table
 
-        stem = f"{BUDGET_TABLE_FILE}_{split}"
-        directory = Path(self.args.output_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{stem}.json"
+        path = budget_table_path(self.args.output_dir, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"split": split, "rows": list(rows)}, indent=2) + "\n")
-        (directory / f"{stem}.md").write_text(format_budget_table(rows) + "\n")
+        path.with_suffix(".md").write_text(format_budget_table(rows) + "\n")
         return path
 
     def _record_card_table(self, model, kind: str, split: str, rows: Sequence[Mapping]) -> None:

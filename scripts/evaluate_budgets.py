@@ -24,7 +24,7 @@ from transformers.utils import logging
 from hf_eenet.data import DatasetArguments, load_processed_splits
 from hf_eenet.evaluation import format_budget_table, load_policies, plot_accuracy_vs_cost
 from hf_eenet.model_card import write_model_card
-from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer
+from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, split_file_stem
 
 logger = logging.get_logger("hf_eenet.scripts.evaluate_budgets")
 
@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     output_dir = Path(args.output_dir)
     if eval_args.plot:
         plot = plot_accuracy_vs_cost(
-            rows, output_dir / f"budget_plot_{split}.png", title=f"{Path(eval_args.model_name_or_path).name}: {split}"
+            rows,
+            output_dir / f"budget_plot_{split_file_stem(split)}.png",
+            title=f"{Path(eval_args.model_name_or_path).name}: {split}",
         )
         model.model_card_data.plot_path = str(plot)
         print(f"Plot: {plot}")
