@@ -9,6 +9,7 @@ EENet model shares: `all_exit_logits` in the output of an all-exits forward and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .models.exit_policies import ExitPolicy
@@ -129,15 +130,14 @@ class EarlyExitTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-# Defaults of the early-exit options, used when an `EarlyExitTrainer` is given plain `TrainingArguments`.
-_EARLY_EXIT_DEFAULTS = {
-    "exit_head_learning_rate": 1e-3,
-    "exit_loss_weights": None,
-    "distillation_weight": 0.0,
-    "distillation_temperature": 2.0,
-    "distillation_start": 0.5,
-    "retrofit": False,
-}
+@functools.cache
+def _field_defaults(arguments_class: type) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(arguments_class)}
+
+
+def _option(args: TrainingArguments, name: str, arguments_class: type):
+    """An option of `arguments_class`, or its default when the trainer was given plain `TrainingArguments`."""
+    return getattr(args, name, _field_defaults(arguments_class)[name])
 
 
 def _validated_exit_weights(weights: Sequence[float], num_exits: int | None = None) -> list[float]:
@@ -317,7 +317,7 @@ class EarlyExitTrainer(EENetModelCardMixin, Trainer):
 
     # --- options --------------------------------------------------------------------------------------------------
     def _option(self, name: str):
-        return getattr(self.args, name, _EARLY_EXIT_DEFAULTS[name])
+        return _option(self.args, name, EarlyExitTrainingArguments)
 
     @property
     def distillation_active(self) -> bool:
@@ -684,8 +684,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         self.budget_table: list[dict] | None = None
 
     def _option(self, name: str):
-        defaults = {f.name: f.default for f in dataclasses.fields(ExitSchedulerArguments)}
-        return getattr(self.args, name, defaults[name])
+        return _option(self.args, name, ExitSchedulerArguments)
 
     def _standard_policies(self) -> dict[str, ExitPolicy]:
         from .evaluation import standard_policies
@@ -790,7 +789,8 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         self.budget_table = rows
         self._record_card_table(model, "simulated", split, rows)
         model.model_card_data.calibration_split = split
-        metrics = {f"calibration_exit_{k}_accuracy": acc for k, acc in enumerate(_exit_accuracies(cached))}
+        accuracies = compute_exit_accuracies(EvalPrediction(cached["exit_logits"].numpy(), cached["labels"].numpy()))
+        metrics = {f"calibration_{key}": value for key, value in accuracies.items()}
         for row in rows:
             if row["policy"] == name:
                 metrics[f"calibration_accuracy_at_budget_{row['budget']:g}"] = row["accuracy"]
@@ -906,8 +906,3 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         data = model.model_card_data = getattr(model, "model_card_data", None) or EENetModelCardData()
         if card_rows:
             data.add_budget_table(kind, split, card_rows)
-
-
-def _exit_accuracies(cached: Mapping) -> list[float]:
-    correct = cached["exit_logits"].argmax(-1) == cached["labels"][:, None]
-    return [float(c) for c in correct.float().mean(0)]

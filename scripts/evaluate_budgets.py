@@ -12,13 +12,11 @@ the test tables and the plot. Example (offline):
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fit_scheduler import load_trained_model, model_label_names, prepare_for
-from transformers import HfArgumentParser
+from train_exits import parse_script_arguments
 from transformers.utils import logging
 
 from hf_eenet.data import DatasetArguments, load_processed_splits
@@ -57,10 +55,7 @@ class BudgetEvaluationArguments:
 
 
 def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((BudgetEvaluationArguments, DatasetArguments, ExitSchedulerArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_script_arguments((BudgetEvaluationArguments, DatasetArguments, ExitSchedulerArguments), argv)
 
 
 def fitted_policies(model, eval_args: BudgetEvaluationArguments) -> dict:

@@ -14,11 +14,10 @@ Online, `--dataset_name nyu-mll/glue --dataset_config_name sst2 --calibration_sp
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig, HfArgumentParser, PreTrainedTokenizerBase
+from train_exits import parse_script_arguments
+from transformers import AutoConfig, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 import hf_eenet  # noqa: F401  (registers the EENet Auto classes)
@@ -60,10 +59,7 @@ def model_label_names(model) -> list[str]:
 
 
 def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((TrainedModelArguments, DatasetArguments, ExitSchedulerArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_script_arguments((TrainedModelArguments, DatasetArguments, ExitSchedulerArguments), argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -75,11 +75,16 @@ class ModelArguments:
         return self.model_name_or_path, self.model_name_or_path
 
 
-def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DatasetArguments, EarlyExitTrainingArguments))
+def parse_script_arguments(dataclass_types: tuple, argv: list[str] | None = None):
+    """The workflow scripts' flags: `argv` (or the command line), or a single JSON file of them."""
+    parser = HfArgumentParser(dataclass_types)
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(sys.argv[1]))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    return parse_script_arguments((ModelArguments, DatasetArguments, EarlyExitTrainingArguments), argv)
 
 
 def is_sentence_transformers_checkpoint(path: str) -> bool:

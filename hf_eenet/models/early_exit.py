@@ -241,10 +241,9 @@ class EarlyExitMixin:
     def _costs_tensor(self, device: torch.device) -> torch.Tensor:
         """`config.exit_costs` as a tensor on `device`, kept between calls (rebuilt when the costs change)."""
         key = (device, tuple(self.config.exit_costs))
-        cached = self.__dict__.get("_exit_costs_cache")
+        cached = getattr(self, "_exit_costs_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, torch.tensor(key[1], dtype=torch.float32, device=device))
-            self.__dict__["_exit_costs_cache"] = cached
+            cached = self._exit_costs_cache = (key, torch.tensor(key[1], dtype=torch.float32, device=device))
         return cached[1]
 
     def _all_exits_forward(self, inputs, labels, *, output_exit_features: bool) -> EarlyExitClassifierOutput:
