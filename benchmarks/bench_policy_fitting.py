@@ -76,6 +76,10 @@ def main(argv=None):
     if args.ablations:
         candidates["eenet, no pooled features"] = (EENetPolicy(args.num_exits), False)
         candidates["eenet, no allocation search"] = (EENetPolicy(args.num_exits, search_allocation=False), True)
+        candidates["eenet, no confidence candidates"] = (
+            EENetPolicy(args.num_exits, confidence_candidates=False),
+            True,
+        )
         candidates["eenet, no held-out slice"] = (EENetPolicy(args.num_exits, validation_fraction=0.0), True)
     policies, timings, epochs = {}, {}, {}
     for name, (policy, with_features) in candidates.items():

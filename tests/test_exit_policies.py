@@ -121,13 +121,52 @@ def test_eenet_uses_the_pooled_features():
     logits = torch.stack(logits, 1)
     costs = [0.4, 1.0]
     policy = EENetPolicy(2, **FAST).fit(logits, labels, costs, [0.75], exit_features=features)
-    assert policy.fitted_with_features and policy.fit_summary_[0]["variant"] == "rich"
+    assert policy.fitted_with_features and policy.fit_summary_[0]["scoring"].startswith("rich")
     exits = policy.simulate(logits, 0, features)
     accuracy, cost = accuracy_and_cost(logits, labels, exits, costs)
     assert cost <= 0.75 + 1e-6
     assert accuracy >= 0.97, accuracy  # the optimum (40 % out at exit 0, all right) is 100 % at cost 0.76
     max_prob = ConfidenceThresholdPolicy(2).fit(logits, labels, costs, [0.75])
     assert accuracy_and_cost(logits, labels, max_prob.simulate(logits, 0), costs)[0] < accuracy - 0.1
+
+
+def test_eenet_without_hold_out_is_never_below_a_confidence_baseline_on_calibration(synthetic):
+    """The baselines are candidates of EENet's selection: chosen on the whole calibration split, none is better."""
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    budgets = [0.35, 0.5, 0.7]
+    ours = EENetPolicy(logits.shape[1], **{**FAST, "max_epochs": 5, "validation_fraction": 0.0})
+    ours.fit(logits, labels, costs, budgets)
+    for score in ("max_prob", "entropy"):
+        for allocation in ("global", "geometric"):
+            baseline = ConfidenceThresholdPolicy(logits.shape[1], score=score, allocation=allocation)
+            baseline.fit(logits, labels, costs, budgets)
+            for index in range(len(budgets)):
+                mine = accuracy_and_cost(logits, labels, ours.simulate(logits, index), costs)[0]
+                theirs = accuracy_and_cost(logits, labels, baseline.simulate(logits, index), costs)[0]
+                assert mine >= theirs - 2e-3, (score, allocation, budgets[index], mine, theirs)
+
+
+def test_confidence_candidates_reproduce_the_baselines_inside_eenet(synthetic):
+    """A candidate is an EENet scoring function: weight 1 on the confidence feature, thresholds on the fitting slice."""
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    policy = EENetPolicy(logits.shape[1], **{**FAST, "max_epochs": 5, "validation_fraction": 0.0})
+    policy.fit(logits, labels, costs, [0.5])
+    static = policy._all_static_features(logits.float(), None)
+    trained = {"weight": torch.zeros(2, *policy.score_weight.shape[1:]), "bias": torch.zeros(2, policy.num_exits)}
+    trained |= {
+        "scores": torch.zeros(2, logits.shape[0], policy.num_exits),
+        "fractions": torch.zeros(2, policy.num_exits),
+    }
+    budgets = torch.tensor([0.5])
+    extended = policy._add_candidates(trained, static, torch.tensor(costs), budgets, torch.arange(logits.shape[0]))
+    assert extended["weight"].shape[0] == 2 + len(EENetPolicy.CONFIDENCE_CANDIDATES)
+    global_max_prob = 2 + EENetPolicy.CONFIDENCE_CANDIDATES.index("max-prob (global)")
+    fractions = extended["fractions"][global_max_prob]
+    baseline = ConfidenceThresholdPolicy(policy.num_exits).fit(logits, labels, costs, [0.5])
+    exits = baseline.simulate(logits, 0)
+    expected = torch.bincount(exits, minlength=policy.num_exits).float() / exits.numel()
+    torch.testing.assert_close(fractions, expected)
+    torch.testing.assert_close(extended["scores"][global_max_prob], logits.float().softmax(-1).amax(-1))
 
 
 # --- budgets, monotonicity, determinism ----------------------------------------------------------------------------
@@ -367,3 +406,46 @@ def test_unbudgeted_policy_refuses_a_budget():
     model.set_exit_policy(policy)
     with pytest.raises(ValueError, match="not budget-matched"):
         model(**random_text_batch(2), budget=0.5)
+
+
+def test_a_stored_unbudgeted_policy_runs_without_a_budget(tmp_path):
+    """A stored patience policy is what a plain call runs (it needs no budget); budget=1.0 still is the full model."""
+    model = EENetBertForSequenceClassification(tiny_bert_config(num_hidden_layers=4)).eval()
+    model.set_exit_policy(PatiencePolicy(model.config.num_exits, patience=1))
+    model.save_pretrained(tmp_path)
+    loaded = EENetBertForSequenceClassification.from_pretrained(tmp_path).eval()
+    batch = random_text_batch(16, seed=1)
+    with torch.no_grad():
+        explicit = model(**batch, exit_policy=PatiencePolicy(model.config.num_exits, patience=1))
+        for candidate in (model, loaded):
+            plain = candidate(**batch)
+            assert torch.equal(plain.exit_index, explicit.exit_index)
+            torch.testing.assert_close(plain.logits, explicit.logits)
+        assert int(explicit.exit_index.min()) < model.config.num_exits - 1  # it really exits early
+        full = model(**batch, budget=1.0)
+        assert bool((full.exit_index == model.config.num_exits - 1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_policy_stays_float32_in_a_half_precision_model(tmp_path, dtype):
+    """`.to(dtype)` and `from_pretrained(dtype=...)` cast the model, not its fitted policy; decisions still follow it."""
+    model = EENetBertForSequenceClassification(tiny_bert_config(exit_pooling="mean")).eval()
+    batches = [random_text_batch(32, seed=s) for s in range(3)]
+    policy = EENetPolicy(model.config.num_exits, **{**FAST, "max_epochs": 25})
+    fit_on_model(model, policy, batches)
+    model.set_exit_policy(policy)
+    model.save_pretrained(tmp_path)
+    for half in (
+        EENetBertForSequenceClassification.from_pretrained(tmp_path).eval().to(dtype),
+        EENetBertForSequenceClassification.from_pretrained(tmp_path, dtype=dtype).eval(),
+    ):
+        assert half.bert.embeddings.word_embeddings.weight.dtype == dtype
+        for name, buffer in half.exit_policy.named_buffers():
+            assert buffer.dtype == torch.float32, name
+            assert torch.equal(buffer, model.exit_policy.get_buffer(name)), name
+        with torch.no_grad():
+            for batch in batches:
+                all_exits = half(**batch, output_all_exits=True, output_exit_features=True)
+                assert all_exits.all_exit_logits.dtype == dtype
+                simulated = half.exit_policy.simulate(all_exits.all_exit_logits, 1, all_exits.all_exit_features)
+                assert torch.equal(half(**batch, budget=policy.budgets[1]).exit_index, simulated)

@@ -216,6 +216,9 @@ class EarlyExitMixin:
                 return exit_policy, None
             if budget is None:
                 raise ValueError(f"The {exit_policy.policy_type} exit policy needs a `budget`.")
+        stored = self.exit_policy if exit_policy is None else None
+        if budget is None and stored is not None and not stored.requires_budget:
+            return stored, None  # a stored policy that decides its own cost (e.g. patience) runs without a budget
         if budget is None or budget >= 1.0:
             return None, None
         if budget < costs[0] - 1e-9:

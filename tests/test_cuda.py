@@ -1,0 +1,124 @@
+"""
+The early-exit engine on an accelerator: the same guarantees as on the CPU. Runs where a CUDA device is present
+(`HF_EENET_TEST_DEVICE` picks another device, e.g. `mps`, or `cpu` to check these tests themselves).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import random_text_batch, tiny_bert_config
+from test_exit_policies import FAST
+from test_modeling_eenet_vision import BACKBONES, exit_patterns, random_images
+from transformers import BertTokenizer, pipeline
+
+from hf_eenet import EENetBertForSequenceClassification, EENetPolicy, ForcedExitPolicy
+
+CUDA = torch.device(os.environ.get("HF_EENET_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def bert_case(batch_size: int, seed: int):
+    model = EENetBertForSequenceClassification(tiny_bert_config(exit_pooling="mean")).eval()
+    return model, random_text_batch(batch_size, seed=seed)
+
+
+def vision_case(backbone, batch_size: int, seed: int):
+    return backbone.model(), {"pixel_values": random_images(batch_size, seed=seed)}
+
+
+CASES = {
+    "bert": bert_case,
+    **{b.name: (lambda batch_size, seed, b=b: vision_case(b, batch_size, seed)) for b in BACKBONES},
+}
+by_backbone = pytest.mark.parametrize("name", list(CASES))
+
+
+def on_cuda(batch: dict) -> dict:
+    return {key: value.to(CUDA) for key, value in batch.items()}
+
+
+@by_backbone
+@pytest.mark.parametrize("batch_size", [1, 7, 32])
+def test_early_exit_logits_equal_all_exits_logits_on_cuda(name, batch_size):
+    model, batch = CASES[name](batch_size, seed=batch_size)
+    model, batch = model.to(CUDA), on_cuda(batch)
+    with torch.no_grad():
+        reference = model(**batch, output_all_exits=True).all_exit_logits
+        assert reference.device.type == CUDA.type
+        for pattern, targets in exit_patterns(batch_size, model.config.num_exits).items():
+            out = model(**batch, exit_policy=ForcedExitPolicy(targets))
+            assert out.logits.device.type == CUDA.type and out.exit_index.device.type == CUDA.type
+            assert torch.equal(out.exit_index.cpu(), targets), pattern
+            expected = reference[torch.arange(batch_size, device=CUDA), targets.to(CUDA)]
+            torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=1e-4, msg=pattern)
+            torch.testing.assert_close(out.exit_cost.cpu(), torch.tensor(model.config.exit_costs)[targets])
+
+
+@by_backbone
+def test_cuda_matches_cpu(name):
+    model, batch = CASES[name](9, seed=5)
+    with torch.no_grad():
+        cpu = model(**batch, output_all_exits=True).all_exit_logits
+        cuda = model.to(CUDA)(**on_cuda(batch), output_all_exits=True).all_exit_logits
+    torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+def fitted_eenet(model, batches) -> EENetPolicy:
+    with torch.no_grad():
+        outputs = [model(**batch, output_all_exits=True, output_exit_features=True) for batch in batches]
+    logits = torch.cat([out.all_exit_logits for out in outputs])
+    features = [torch.cat([out.all_exit_features[k] for out in outputs]) for k in range(model.config.num_exits)]
+    labels = logits[:, -1].argmax(-1).roll(1)  # a learnable, not trivial, target
+    policy = EENetPolicy(model.config.num_exits, **{**FAST, "max_epochs": 25})
+    cheapest = model.config.exit_costs[0]
+    budgets = [round(cheapest + fraction * (1 - cheapest), 3) for fraction in (0.1, 0.35, 0.6, 0.85)]
+    return policy.fit(logits, labels, model.config.exit_costs, budgets, exit_features=features)
+
+
+@by_backbone
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fitted_eenet_on_cuda_decides_as_simulated(name, dtype, tmp_path):
+    """Fit on CUDA outputs, store, reload on CUDA in `dtype`: the engine takes the simulated exits, budgets hold."""
+    model, _ = CASES[name](1, seed=0)
+    batches = [on_cuda(CASES[name](32, seed=seed)[1]) for seed in range(3)]
+    model = model.to(CUDA)
+    model.set_exit_policy(fitted_eenet(model, batches))
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, dtype=dtype).eval().to(CUDA)
+    assert all(buffer.dtype == torch.float32 for buffer in loaded.exit_policy.buffers())
+    policy = loaded.exit_policy
+    with torch.no_grad():
+        for index, budget in enumerate(policy.budgets):
+            engine, simulated = [], []
+            for batch in batches:
+                batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+                all_exits = loaded(**batch, output_all_exits=True, output_exit_features=True)
+                simulated.append(policy.simulate(all_exits.all_exit_logits, index, all_exits.all_exit_features))
+                engine.append(loaded(**batch, budget=budget).exit_index)
+            engine, simulated = torch.cat(engine), torch.cat(simulated)
+            if dtype == torch.float32:
+                assert torch.equal(engine, simulated), budget
+            else:  # half-precision kernels may round a compacted batch differently: near-threshold samples may move
+                assert (engine == simulated).float().mean() >= 0.95, (budget, engine, simulated)
+
+
+def test_text_pipeline_with_budget_on_cuda():
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] a fine film dull and long , the end is mess . not worth ticket".split()
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+    config = tiny_bert_config(
+        num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
+    )
+    model = EENetBertForSequenceClassification(config).eval()
+    texts = ["a fine film", "dull", "not worth the ticket", "dull and long , the end is a mess ."] * 8
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    model.set_exit_policy(fitted_eenet(model, [batch]))
+    budget = model.exit_policy.budgets[1]
+    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=CUDA, budget=budget)
+    assert classifier.model.device.type == CUDA.type
+    results = classifier(texts, batch_size=4)
+    assert len(results) == len(texts) and {r["label"] for r in results} <= {"negative", "positive"}
+    expected = model(**on_cuda(batch), budget=budget).logits.softmax(-1).amax(-1)
+    torch.testing.assert_close(torch.tensor([r["score"] for r in results]), expected.cpu(), atol=1e-4, rtol=1e-4)
