@@ -59,7 +59,7 @@ def comparison(rows: list[dict]) -> tuple[list[str], list[dict]]:
 
 
 def targets(
-    exit_accuracy: list[float], margins: list[dict], measured: list[dict], split: str, preset: str
+    exit_accuracy: list[float], margins: list[dict], measured: list[dict], split: str, preset: str, cheapest: float
 ) -> list[str]:
     """The reference results' targets (`preset`: "sst2" or "cifar10"), each with its margin and a verdict."""
     last = exit_accuracy[-1]
@@ -78,6 +78,14 @@ def targets(
             worst["margin"] >= 0,
         )
     )
+    if cheapest > 0.3 + 1e-9:
+        checks.append(
+            (
+                "budgets from 0.3 can be served",
+                f"the cheapest exit costs {cheapest:.3f}: budgets below it are refused",
+                False,
+            )
+        )
     low = [m for m in margins if 0.3 - 1e-9 <= m["budget"] <= 0.5 + 1e-9]
     weakest = min(low, key=lambda m: m["margin"])
     if preset == "sst2":
@@ -120,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commands", required=True, help="Shell file with the commands that produced the tables.")
     parser.add_argument("--output", required=True)
     parser.add_argument("--targets", choices=["sst2", "cifar10"], default="sst2", help="Which targets to check.")
+    parser.add_argument("--notes", default=None, help="Markdown file of analysis appended after the targets.")
     args = parser.parse_args(argv)
     model_dir, output = Path(args.model_dir), Path(args.output)
     calibration = load_rows(model_dir, args.calibration_split)
     test = load_rows(model_dir, args.test_split)
+    config = json.loads((model_dir / "config.json").read_text())
     commands = Path(args.commands).read_text().strip()
     test_exits, calibration_exits = exit_accuracies(test), exit_accuracies(calibration)
     table, margins = comparison(test)
@@ -142,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Simulated rows come from cached exit outputs; measured rows from the real early-exit forward, timed beside the "
         "full model in one run (same machine, same batches).",
+        "",
+        f"Exit costs ({config['exit_cost_source']}): {[round(c, 3) for c in config['exit_costs']]}.",
         "",
         "## Per-exit accuracy (simulated)",
         "",
@@ -176,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{1000 * row['seconds_per_sample']:.3f} | {row['speedup']:.2f}x |"
             )
         lines.append("")
-    lines += targets(test_exits, margins, ours_measured, args.test_split, args.targets)
+    lines += targets(test_exits, margins, ours_measured, args.test_split, args.targets, config["exit_costs"][0])
+    if args.notes:
+        lines += [Path(args.notes).read_text().strip(), ""]
     plot = model_dir / f"budget_plot_{split_file_stem(args.test_split)}.png"
     if plot.is_file():
         target = output.with_suffix(".png")
