@@ -1,0 +1,24 @@
+# 1. exits: a from-scratch ViT (patch 4, hidden 96, 3 heads, 6 layers, exits after layers 1, 2, 3, 4 and 6 on the CLS
+#    token), trained on 90 % of CIFAR-10 train (the other 10 % is the calibration split), 10 epochs, ~45 min on 2 CPU
+#    cores
+HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_exits.py --config_name benchmarks/configs/eenet-vit-cifar10 \
+    --dataset_name ../shared/data/cifar10 --train_split "train[:90%]" --calibration_split "train[90%:]" \
+    --shuffle_seed 0 --augment_train --output_dir outputs/vit-cifar10 --num_train_epochs 10 \
+    --per_device_train_batch_size 128 --per_device_eval_batch_size 256 --optim adamw_torch \
+    --learning_rate 1e-3 --exit_head_learning_rate 1e-3 --weight_decay 0.05 --lr_scheduler_type cosine \
+    --warmup_steps 300 --eval_strategy no --save_strategy no --logging_steps 100 --report_to none --seed 42
+# 2. scheduler: exit costs measured on this CPU at batch 64, then EENet (stored), the paper-faithful EENet and every
+#    baseline, fitted on the held-out 10 % of train
+HF_HUB_OFFLINE=1 .venv/bin/python scripts/fit_scheduler.py --model_name_or_path outputs/vit-cifar10 \
+    --dataset_name ../shared/data/cifar10 --calibration_split "train[90%:]" --shuffle_seed 0 \
+    --per_device_eval_batch_size 256 --latency_costs_batch_size 64 --report_to none --seed 42 \
+    --output_dir outputs/vit-cifar10-eenet
+# 3. test (10,000 images): simulated for every policy and the oracle; EENet measured at batch 64 (2 threads, interleaved)
+HF_HUB_OFFLINE=1 .venv/bin/python scripts/evaluate_budgets.py --model_name_or_path outputs/vit-cifar10-eenet \
+    --dataset_name ../shared/data/cifar10 --test_split test --per_device_eval_batch_size 64 --report_to none \
+    --measured_budgets 0.3 0.5 0.7 --output_dir outputs/vit-cifar10-eenet
+# 4. this report
+.venv/bin/python benchmarks/report_budget_tables.py --model_dir outputs/vit-cifar10-eenet \
+    --calibration_split "train[90%:]" --test_split test --title "Small ViT on CIFAR-10" \
+    --commands benchmarks/results/cifar10_vit_commands.sh --output benchmarks/results/cifar10_vit.md \
+    --targets cifar10-vit
