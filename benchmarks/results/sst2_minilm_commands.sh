@@ -16,4 +16,4 @@ HF_HUB_OFFLINE=1 .venv/bin/python scripts/evaluate_budgets.py --model_name_or_pa
 # 4. this report
 .venv/bin/python benchmarks/report_budget_tables.py --model_dir outputs/minilm-sst2-eenet --calibration_split dev \
     --test_split test --title "MiniLM-L6 on SST-2" --commands benchmarks/results/sst2_minilm_commands.sh \
-    --output benchmarks/results/sst2_minilm.md
+    --output benchmarks/results/sst2_minilm.md --notes benchmarks/results/sst2_minilm_notes.md
