@@ -28,6 +28,7 @@ import csv
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
     else:
         machine = f"{platform.processor() or platform.machine()}, {args.threads} torch threads, CPU"
-    command = "python benchmarks/bench_speed.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python benchmarks/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"# Early-exit speed and memory: MiniLM-L6 (measured, {args.device})",
         "",

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from conftest import random_text_batch, tiny_bert_config
-from test_exit_policies import FAST
+from test_exit_policies import FAST, fit_on_model
 from test_modeling_eenet_vision import BACKBONES, exit_patterns, random_images
 from transformers import BertTokenizer, pipeline
 
@@ -67,15 +67,12 @@ def test_cuda_matches_cpu(name):
 
 
 def fitted_eenet(model, batches) -> EENetPolicy:
-    with torch.no_grad():
-        outputs = [model(**batch, output_all_exits=True, output_exit_features=True) for batch in batches]
-    logits = torch.cat([out.all_exit_logits for out in outputs])
-    features = [torch.cat([out.all_exit_features[k] for out in outputs]) for k in range(model.config.num_exits)]
-    labels = logits[:, -1].argmax(-1).roll(1)  # a learnable, not trivial, target
+    """EENet fitted on the model's own outputs for four budgets between its cheapest exit and the full model."""
     policy = EENetPolicy(model.config.num_exits, **{**FAST, "max_epochs": 25})
     cheapest = model.config.exit_costs[0]
     budgets = [round(cheapest + fraction * (1 - cheapest), 3) for fraction in (0.1, 0.35, 0.6, 0.85)]
-    return policy.fit(logits, labels, model.config.exit_costs, budgets, exit_features=features)
+    fit_on_model(model, policy, batches, budgets=budgets)
+    return policy
 
 
 @by_backbone

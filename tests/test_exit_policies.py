@@ -305,7 +305,7 @@ def test_call_time_budget_uses_nearest_fitted_budget_not_above(fitted):
         policy.budget_index(0.3)
 
 
-def fit_on_model(model, policy, batches, seed=0):
+def fit_on_model(model, policy, batches, seed=0, budgets=(0.4, 0.55, 0.7, 0.9)):
     with torch.no_grad():
         outputs = [model(**batch, output_all_exits=True, output_exit_features=True) for batch in batches]
     logits = torch.cat([o.all_exit_logits for o in outputs])
@@ -313,8 +313,7 @@ def fit_on_model(model, policy, batches, seed=0):
     labels = torch.randint(
         0, model.config.num_labels, (logits.shape[0],), generator=torch.Generator().manual_seed(seed)
     )
-    budgets = [0.4, 0.55, 0.7, 0.9]
-    policy.fit(logits, labels, model.config.exit_costs, budgets, exit_features=features)
+    policy.fit(logits, labels, model.config.exit_costs, list(budgets), exit_features=features)
     return logits, features
 
 

@@ -1472,7 +1472,7 @@ class EENetPolicy(EENetPaperPolicy):
 
     def _candidate_name(self, index: int) -> str:
         """The name of candidate `index` of a budget: a trained variant and restart, or a confidence baseline."""
-        trained = 2 * self.restarts
+        trained = len(self._variant_masks()) * self.restarts
         if index >= trained:
             return self.CONFIDENCE_CANDIDATES[index - trained]
         return f"{'basic' if index // self.restarts == 0 else 'rich'} (restart {index % self.restarts})"
