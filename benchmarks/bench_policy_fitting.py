@@ -80,6 +80,10 @@ def main(argv=None):
             EENetPolicy(args.num_exits, confidence_candidates=False),
             True,
         )
+        candidates["eenet, held-out maximum (no sign test)"] = (
+            EENetPolicy(args.num_exits, selection_significance=0.0),
+            True,
+        )
         candidates["eenet, no held-out slice"] = (EENetPolicy(args.num_exits, validation_fraction=0.0), True)
     policies, timings, epochs = {}, {}, {}
     for name, (policy, with_features) in candidates.items():

@@ -20,6 +20,7 @@ from hf_eenet.models.exit_policies import (
     PatiencePolicy,
     StaticExitPolicy,
     exit_policy_from_config,
+    first_exit_over_threshold,
     geometric_exit_fractions,
     match_thresholds,
     tilt_exit_fractions,
@@ -167,6 +168,41 @@ def test_confidence_candidates_reproduce_the_baselines_inside_eenet(synthetic):
     expected = torch.bincount(exits, minlength=policy.num_exits).float() / exits.numel()
     torch.testing.assert_close(fractions, expected)
     torch.testing.assert_close(extended["scores"][global_max_prob], logits.float().softmax(-1).amax(-1))
+
+
+def test_the_best_confidence_rule_stays_unless_a_candidate_beats_it_significantly():
+    """The guard replaces the tuned heuristic only on held-out evidence: a paired sign test at `z` deviations."""
+    policy = EENetPolicy(3, num_labels=2, selection_significance=1.0)
+    trained = len(policy._variant_masks()) * policy.restarts
+    num_candidates, num_allocations = trained + len(EENetPolicy.CONFIDENCE_CANDIDATES), 2
+    rule = (trained + 1) * num_allocations  # the second confidence candidate, with its own allocation
+    challenger = 0  # the first trained variant
+    keys = torch.zeros(1, num_candidates * num_allocations, dtype=torch.long)
+    keys[0, challenger] = 10  # the best on held-out data
+    totals = torch.zeros_like(keys)
+    totals[0, rule] = 5  # the most accurate confidence rule on the whole calibration split
+    hits = torch.zeros(1, keys.shape[1], 100)
+    hits[0, rule, :50] = 1.0
+    hits[0, challenger, 2:56] = 1.0  # won 6, lost 2: won - lost = 4 vs sqrt(8) = 2.8 deviations of 1
+    best = torch.tensor([challenger])
+    assert policy._guard_against_confidence(best, keys, totals, hits, num_allocations).tolist() == [challenger]
+    policy.selection_significance = 2.0  # 4 < 2 * 2.8: not significant
+    assert policy._guard_against_confidence(best, keys, totals, hits, num_allocations).tolist() == [rule]
+
+
+def test_eenet_falls_back_to_a_confidence_rule_without_significant_evidence(synthetic):
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    budgets = [0.35, 0.5, 0.7]
+    strict = EENetPolicy(logits.shape[1], **{**FAST, "max_epochs": 5, "selection_significance": 1e9})
+    strict.fit(logits, labels, costs, budgets)
+    for index, row in enumerate(strict.fit_summary_):
+        assert row["scoring"] in EENetPolicy.CONFIDENCE_CANDIDATES and row["allocation"] == "learned", row
+        # `decide` scores such a budget from its one confidence feature: the same exits as the full scoring
+        assert strict._confidence_rules(index) is not None
+        general = first_exit_over_threshold(strict.exit_scores(logits, index), strict.thresholds[index])
+        assert torch.equal(strict.simulate(logits, index), general)
+    with pytest.raises(ValueError, match="selection_significance"):
+        EENetPolicy(3, selection_significance=-1.0)
 
 
 # --- budgets, monotonicity, determinism ----------------------------------------------------------------------------
