@@ -869,6 +869,14 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             unknown = [n for n in names if n not in self.policies]
             if unknown:
                 raise ValueError(f"Unknown policies to measure {unknown}; fitted policies: {list(self.policies)}.")
+            labels = cached["labels"]
+            if labels.unique().numel() > 1 and bool((labels[1:] >= labels[:-1]).all()):
+                logger.warning(
+                    f"The {split} split is sorted by label, so every measured batch holds one or two classes, unlike "
+                    "deployment traffic: how many samples leave together at each exit, and so the measured times, "
+                    "then differ from mixed batches. Shuffle the split (e.g. `--shuffle_seed 0`) for representative "
+                    "timings."
+                )
             device = model.device
             policies = {n: self.policies[n].to(device) for n in names}
             batches = list(self._plain_dataloader(dataset))

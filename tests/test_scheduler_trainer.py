@@ -12,6 +12,8 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from test_trainer import REPO_ROOT, tiny_model, token_dataset  # noqa: E402
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification  # noqa: E402
+from transformers.testing_utils import CaptureLogger  # noqa: E402
+from transformers.utils import logging  # noqa: E402
 
 from hf_eenet.evaluation import load_policies, simulated_budget_table  # noqa: E402
 from hf_eenet.models.exit_policies import EENetPolicy  # noqa: E402
@@ -109,6 +111,18 @@ def test_evaluate_budgets_simulated_and_measured_side_by_side(fitted):
     assert os.path.isfile(os.path.join(trainer.args.output_dir, "budget_table_test.json"))
     tables = {(t["kind"], t["split"]) for t in model.model_card_data.budget_tables}
     assert {("simulated", "dev"), ("simulated", "test"), ("measured", "test")} <= tables
+
+
+def test_measuring_a_split_sorted_by_label_warns(fitted):
+    trainer, _, _, _ = fitted
+    dataset = token_dataset(32, seed=4).sort("label")
+    logger = logging.get_logger("hf_eenet.trainer")
+    with CaptureLogger(logger) as captured:
+        trainer.evaluate_budgets(dataset, split="sorted", measured_budgets=[0.5])
+    assert "sorted by label" in captured.out and "--shuffle_seed" in captured.out
+    with CaptureLogger(logger) as captured:
+        trainer.evaluate_budgets(dataset.shuffle(seed=0), split="shuffled", measured_budgets=[0.5])
+    assert "sorted by label" not in captured.out
 
 
 def test_train_is_fit_scheduler(tmp_path):

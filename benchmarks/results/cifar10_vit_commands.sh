@@ -13,10 +13,12 @@ HF_HUB_OFFLINE=1 .venv/bin/python scripts/fit_scheduler.py --model_name_or_path 
     --dataset_name ../shared/data/cifar10 --calibration_split "train[90%:]" --shuffle_seed 0 \
     --per_device_eval_batch_size 256 --latency_costs_batch_size 64 --report_to none --seed 42 \
     --output_dir outputs/vit-cifar10-eenet
-# 3. test (10,000 images): simulated for every policy and the oracle; EENet measured at batch 64 (2 threads, interleaved)
+# 3. test (10,000 images, shuffled: the parquet file is sorted by label, and measured batches should mix classes as
+#    deployment traffic does): simulated for every policy and the oracle; EENet measured at batch 64 (2 threads,
+#    interleaved)
 HF_HUB_OFFLINE=1 .venv/bin/python scripts/evaluate_budgets.py --model_name_or_path outputs/vit-cifar10-eenet \
-    --dataset_name ../shared/data/cifar10 --test_split test --per_device_eval_batch_size 64 --report_to none \
-    --measured_budgets 0.3 0.5 0.7 --output_dir outputs/vit-cifar10-eenet
+    --dataset_name ../shared/data/cifar10 --test_split test --shuffle_seed 0 --per_device_eval_batch_size 64 \
+    --report_to none --measured_budgets 0.3 0.5 0.7 --output_dir outputs/vit-cifar10-eenet
 # 4. this report
 .venv/bin/python benchmarks/report_budget_tables.py --model_dir outputs/vit-cifar10-eenet \
     --calibration_split "train[90%:]" --test_split test --title "Small ViT on CIFAR-10" \
