@@ -1264,13 +1264,14 @@ class EENetPolicy(EENetPaperPolicy):
       exit fractions are scoring functions of EENet's own family (weight 1 on that feature). Per budget the best
       of them on the whole calibration split (the tuned heuristic) is the default, and the guard replaces it by the
       best candidate on held-out data (a trained one, or a searched allocation) only when that one wins there by
-      `selection_significance` standard deviations of a paired sign test. Taking the held-out maximum over the ~16
-      candidates instead chose noise: on the CIFAR-10 ResNet (1,000 held-out images) it lost up to 0.76 pt on test
-      to max-prob at budget 0.4; with the test at one deviation the worst loss there was 0.10 pt while the mean gain
-      over the grid stayed (+0.12 pt), and the small ViT kept its +0.8..+1.6 pt at budgets 0.35-0.5 with no loss
-      anywhere (simulated on the cached exits of the earlier reference fits; the refits are in
-      `benchmarks/results/cifar10_*.md`). On SST-2 dev (872 sentences) the learned
-      functions tie max-prob within noise.
+      `selection_significance` standard deviations of a paired sign test. Taking the held-out maximum over the 12
+      candidates (2 trained variants and 4 confidence rules, each with its own or a searched allocation) instead
+      chose noise: on the CIFAR-10 ResNet (1,000 held-out images) it lost up to 0.76 pt on test to max-prob at
+      budget 0.4; with the test at one deviation the worst loss there was 0.10 pt while the mean gain over the grid
+      stayed (+0.12 pt), and the small ViT kept its +0.8..+1.6 pt at budgets 0.35-0.5 with no loss anywhere
+      (simulated on the cached exits of the earlier reference fits; the refits are in
+      `benchmarks/results/cifar10_*.md`). On SST-2 dev (872 sentences) the learned functions tie max-prob within
+      noise.
 
     What was measured (`benchmarks/results/policy_fitting.md`: 10,000 synthetic calibration samples, 6 exits,
     20 budgets; mean simulated accuracy over the grid on an independent test draw): ours 79.94 %, without the pooled
