@@ -201,6 +201,10 @@ def test_eenet_falls_back_to_a_confidence_rule_without_significant_evidence(synt
         assert strict._confidence_rules(index) is not None
         general = first_exit_over_threshold(strict.exit_scores(logits, index), strict.thresholds[index])
         assert torch.equal(strict.simulate(logits, index), general)
+    with torch.inference_mode():  # buffers made here track no version: `decide` works without its cache
+        restored = exit_policy_from_config(strict.get_config())
+        restored.load_state_dict(strict.state_dict())
+        assert torch.equal(restored.simulate(logits, 0), strict.simulate(logits, 0))
     with pytest.raises(ValueError, match="selection_significance"):
         EENetPolicy(3, selection_significance=-1.0)
 

@@ -867,8 +867,11 @@ class EENetPaperPolicy(ExitPolicy):
         the weights change.
         """
         weight = self.score_weight
-        key = (weight.data_ptr(), weight._version)
-        if getattr(self, "_confidence_rules_cache", (None,))[0] != key:
+        try:
+            key = (weight.data_ptr(), weight._version)
+        except RuntimeError:  # a tensor made under `torch.inference_mode` tracks no version: nothing is cached
+            key = None
+        if key is None or getattr(self, "_confidence_rules_cache", (None,))[0] != key:
             self._confidence_rules_cache = (key, {})
         rules = self._confidence_rules_cache[1]
         if budget_index not in rules:
