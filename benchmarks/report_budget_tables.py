@@ -101,7 +101,19 @@ def targets(
     if measured:
         errors = [abs(r["cost"] - r["budget"]) / r["budget"] for r in measured]
         checks.append(
-            ("measured cost within 2 % of the budget", f"max {100 * max(errors):.1f} %", max(errors) <= 0.02)
+            (
+                "measured cost (the exits taken, at the exit costs) within 2 % of the budget",
+                f"max {100 * max(errors):.1f} %",
+                max(errors) <= 0.02,
+            )
+        )
+        wall_clock = [abs(1 / r["speedup"] - r["budget"]) / r["budget"] for r in measured]
+        checks.append(
+            (
+                "wall-clock time within 2 % of the budget",
+                f"max {100 * max(wall_clock):.1f} %",
+                max(wall_clock) <= 0.02,
+            )
         )
         speedup = next((r["speedup"] for r in measured if abs(r["budget"] - 0.4) < 1e-9), None)
         if preset == "sst2" and speedup is not None:
@@ -181,15 +193,23 @@ def main(argv: list[str] | None = None) -> int:
         lines += [
             f"## EENet measured on {args.test_split}",
             "",
-            "| budget | accuracy | realized cost | cost error vs budget | ms / sample | speed-up vs full model |",
-            "|---|---|---|---|---|---|",
-            f"| full model | {100 * full['accuracy']:.2f} % | 1.000 | — | {1000 * full['seconds_per_sample']:.3f} | 1.00x |",
+            "The realized cost counts each sample's exit at the model's exit costs; the wall-clock fraction is the "
+            "measured time per sample over the full model's, in the same run.",
+            "",
+            "| budget | accuracy | realized cost | cost error vs budget | ms / sample | wall-clock fraction | "
+            "wall-clock error vs budget | speed-up vs full model |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| full model | {100 * full['accuracy']:.2f} % | 1.000 | — | {1000 * full['seconds_per_sample']:.3f} | "
+            "1.000 | — | 1.00x |",
         ]
         for row in ours_measured:
             error = 100 * (row["cost"] - row["budget"]) / row["budget"]
+            fraction = 1 / row["speedup"]
+            wall_error = 100 * (fraction - row["budget"]) / row["budget"]
             lines.append(
                 f"| {row['budget']:.2f} | {100 * row['accuracy']:.2f} % | {row['cost']:.3f} | {error:+.1f} % | "
-                f"{1000 * row['seconds_per_sample']:.3f} | {row['speedup']:.2f}x |"
+                f"{1000 * row['seconds_per_sample']:.3f} | {fraction:.3f} | {wall_error:+.1f} % | "
+                f"{row['speedup']:.2f}x |"
             )
         lines.append("")
     lines += targets(test_exits, margins, ours_measured, args.test_split, args.targets, config["exit_costs"][0])
