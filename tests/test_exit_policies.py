@@ -176,18 +176,16 @@ def test_the_best_confidence_rule_stays_unless_a_candidate_beats_it_significantl
     trained = len(policy._variant_masks()) * policy.restarts
     num_candidates, num_allocations = trained + len(EENetPolicy.CONFIDENCE_CANDIDATES), 2
     rule = (trained + 1) * num_allocations  # the second confidence candidate, with its own allocation
-    challenger = 0  # the first trained variant
-    keys = torch.zeros(1, num_candidates * num_allocations, dtype=torch.long)
-    keys[0, challenger] = 10  # the best on held-out data
-    totals = torch.zeros_like(keys)
+    challenger = 0  # the first trained variant, the best on held-out data
+    totals = torch.zeros(1, num_candidates * num_allocations, dtype=torch.long)
     totals[0, rule] = 5  # the most accurate confidence rule on the whole calibration split
-    hits = torch.zeros(1, keys.shape[1], 100)
+    hits = torch.zeros(1, totals.shape[1], 100)
     hits[0, rule, :50] = 1.0
     hits[0, challenger, 2:56] = 1.0  # won 6, lost 2: won - lost = 4 vs sqrt(8) = 2.8 deviations of 1
     best = torch.tensor([challenger])
-    assert policy._guard_against_confidence(best, keys, totals, hits, num_allocations).tolist() == [challenger]
+    assert policy._guard_against_confidence(best, totals, hits, num_allocations).tolist() == [challenger]
     policy.selection_significance = 2.0  # 4 < 2 * 2.8: not significant
-    assert policy._guard_against_confidence(best, keys, totals, hits, num_allocations).tolist() == [rule]
+    assert policy._guard_against_confidence(best, totals, hits, num_allocations).tolist() == [rule]
 
 
 def test_eenet_falls_back_to_a_confidence_rule_without_significant_evidence(synthetic):

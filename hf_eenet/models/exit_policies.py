@@ -837,10 +837,12 @@ class EENetPaperPolicy(ExitPolicy):
                 f"The exit logits have {logits.shape[-1]} classes but the policy was fitted on {self.num_labels}."
             )
 
-    def _confidences(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`max p` and the entropy confidence `1 - H(p)/log C`, each `(B, 1)`, of probabilities `(B, C)`."""
+    def _confidence(self, probs: torch.Tensor, kind: int) -> torch.Tensor:
+        """`(B, 1)` confidence of probabilities `(B, C)`: `max p` (`kind=0`) or `1 - H(p)/log C` (`kind=1`)."""
+        if kind == 0:
+            return probs.amax(-1, keepdim=True)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1, keepdim=True)
-        return probs.amax(-1, keepdim=True), 1.0 - entropy / math.log(self.num_labels)
+        return 1.0 - entropy / math.log(self.num_labels)
 
     def _static_features(
         self, exit_index: int, logits: torch.Tensor, features: torch.Tensor | None, state: dict[str, torch.Tensor]
@@ -848,7 +850,7 @@ class EENetPaperPolicy(ExitPolicy):
         """`[p_k, max p_k, 1 - H(p_k)/log C]` for a batch `(B, C)` of exit `exit_index`'s logits."""
         self._check_exit_inputs(exit_index, logits, features)
         probs = logits.float().softmax(-1)
-        return torch.cat([probs, *self._confidences(probs)], dim=-1), state
+        return torch.cat([probs, self._confidence(probs, 0), self._confidence(probs, 1)], dim=-1), state
 
     def initial_state(self, batch_size, device):
         return {"scores": torch.zeros(batch_size, self.num_exits - 1, device=device)}
@@ -896,7 +898,7 @@ class EENetPaperPolicy(ExitPolicy):
         if rule is not None:  # this budget scores with one confidence feature only: nothing else to compute
             self._check_exit_inputs(exit_index, logits, features)
             column, weight = rule[exit_index]
-            score = self._confidences(logits.float().softmax(-1))[column][:, 0] * weight
+            score = self._confidence(logits.float().softmax(-1), column)[:, 0] * weight
             score = score + self.score_bias[budget_index, exit_index].float()
             return score >= self.thresholds[budget_index, exit_index], state
         static, state = self._static_features(exit_index, logits, features, state)
@@ -1574,7 +1576,7 @@ class EENetPolicy(EENetPaperPolicy):
         validation_hits = torch.stack(validation_hits, 1).view(num_budgets, keys.shape[1], -1)
         best = keys.argmax(-1)
         if self.confidence_candidates:
-            best = self._guard_against_confidence(best, keys, totals, validation_hits, num_allocations)
+            best = self._guard_against_confidence(best, totals, validation_hits, num_allocations)
         model = torch.arange(num_budgets, device=best.device) * (keys.shape[1] // num_allocations)
         model = model + best // num_allocations
         allocation = best % num_allocations
@@ -1588,15 +1590,15 @@ class EENetPolicy(EENetPaperPolicy):
         }
         return model, fractions, details
 
-    def _guard_against_confidence(self, best, keys, totals, validation_hits, num_allocations) -> torch.Tensor:
+    def _guard_against_confidence(self, best, totals, validation_hits, num_allocations) -> torch.Tensor:
         """
         Per budget, the best confidence rule (a confidence candidate with its own allocation, the most accurate on
         the whole calibration split: the tuned heuristic) stays chosen unless the best candidate on held-out data
         beats it there by `selection_significance` standard deviations of a paired sign test.
         """
         trained = len(self._variant_masks()) * self.restarts
-        num_candidates = keys.shape[1] // num_allocations
-        rules = torch.arange(trained, num_candidates, device=keys.device) * num_allocations  # own allocation
+        num_candidates = totals.shape[1] // num_allocations
+        rules = torch.arange(trained, num_candidates, device=totals.device) * num_allocations  # own allocation
         chosen = []
         for m, challenger in enumerate(best.tolist()):
             rule = int(rules[totals[m, rules].argmax()])
