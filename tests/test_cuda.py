@@ -12,9 +12,12 @@ import torch
 from conftest import random_text_batch, tiny_bert_config
 from test_exit_policies import FAST, fit_on_model
 from test_modeling_eenet_vision import BACKBONES, exit_patterns, random_images
+from test_scheduler_trainer import scheduler_args
+from test_trainer import tiny_model, token_dataset
 from transformers import BertTokenizer, pipeline
 
 from hf_eenet import EENetBertForSequenceClassification, EENetPolicy, ForcedExitPolicy
+from hf_eenet.trainer import ExitSchedulerTrainer
 
 CUDA = torch.device(os.environ.get("HF_EENET_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -119,3 +122,34 @@ def test_text_pipeline_with_budget_on_cuda():
     assert len(results) == len(texts) and {r["label"] for r in results} <= {"negative", "positive"}
     expected = model(**on_cuda(batch), budget=budget).logits.softmax(-1).amax(-1)
     torch.testing.assert_close(torch.tensor([r["score"] for r in results]), expected.cpu(), atol=1e-4, rtol=1e-4)
+
+
+def test_policy_on_cuda_simulates_exits_cached_on_the_cpu():
+    model, _ = bert_case(1, seed=0)
+    batches = [random_text_batch(32, seed=seed) for seed in range(3)]
+    policy = fitted_eenet(model, batches)
+    with torch.no_grad():
+        outputs = [model(**batch, output_all_exits=True, output_exit_features=True) for batch in batches]
+    logits = torch.cat([out.all_exit_logits for out in outputs])
+    features = [torch.cat(per_exit) for per_exit in zip(*(out.all_exit_features for out in outputs))]
+    expected = [policy.simulate(logits, index, features) for index in range(len(policy.budgets))]
+    policy = policy.to(CUDA)
+    for index, exits in enumerate(expected):
+        simulated = policy.simulate(logits, index, features)
+        assert simulated.device.type == "cpu" and torch.equal(simulated, exits)
+
+
+def test_scheduler_trainer_fits_and_measures_on_cuda(tmp_path):
+    """The trainer caches exit outputs on the CPU and stores the policy in the model on the accelerator."""
+    args = scheduler_args(tmp_path, use_cpu=CUDA.type == "cpu")
+    trainer = ExitSchedulerTrainer(model=tiny_model(), args=args, eval_dataset=token_dataset(64))
+    assert trainer.model.device.type == CUDA.type
+    fitted_rows = trainer.fit_scheduler(split="dev")
+    assert trainer.model.exit_policy.thresholds.device.type == CUDA.type
+    rows = trainer.evaluate_budgets(token_dataset(48, seed=3), split="test", measured_budgets=[0.5])
+    measured = next(row for row in rows if row["mode"] == "measured" and row["budget"] == 0.5)
+    simulated = next(
+        row for row in rows if row["mode"] == "simulated" and row["policy"] == "eenet" and row["budget"] == 0.5
+    )
+    assert measured["exit_histogram"] == simulated["exit_histogram"]
+    assert {row["policy"] for row in fitted_rows} >= {"eenet", "oracle"}

@@ -34,10 +34,12 @@ def exit_patterns(batch_size: int, num_exits: int) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean or an additive mask, carried through compaction
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("batch_size", [1, 7, 32])
-def test_early_exit_logits_equal_all_exits_logits(batch_size, pooling):
+def test_early_exit_logits_equal_all_exits_logits(batch_size, pooling, attention):
     model = tiny_model(exit_pooling=pooling, num_hidden_layers=4, exit_layers=[1, 2, 4])
+    model.set_attn_implementation(attention)
     batch = random_text_batch(batch_size, seed=batch_size)
     with torch.no_grad():
         reference = model(**batch, output_all_exits=True).all_exit_logits  # (B, K, C)

@@ -6,8 +6,8 @@ A backbone plugs in through a thin adapter (the four `*_` methods of [`EarlyExit
 - `run_blocks(state, start, end)`: run backbone blocks `start..end-1` on the state;
 - `exit_features(state, k)`: pool the state for exit `k`'s head;
 - `exit_logits(k, features)`: exit `k`'s head;
-- `select_samples(state, index)` (optional): keep only some samples (the default indexes every tensor; text backbones
-  also trim padding to the longest survivor).
+- `select_samples(state, index, length)` (optional): keep only some samples (the default indexes every state tensor
+  and, for text backbones, trims padding to the longest survivor; an override may also carry per-batch caches).
 
 The engine owns everything else: the three forward modes, the policy calls, batch compaction, cost accounting, the
 multi-exit loss, latency calibration and the output.
@@ -91,12 +91,14 @@ class EarlyExitMixin:
     # to the longest kept sample.
     padding_mask_name: ClassVar[str | None] = None
 
-    def select_samples(self, state: State, index: torch.Tensor) -> State:
-        """Keep the samples at `index` (a `torch.LongTensor`) and, with a padding mask, trim trailing padding."""
+    def select_samples(self, state: State, index: torch.Tensor, length: int | None = None) -> State:
+        """
+        Keep the samples at `index` (a `torch.LongTensor`); with `length` (a backbone with a padding mask), also trim
+        every state tensor's axis 1 to that many positions (the longest kept sample, computed by the engine).
+        """
         kept = {name: state[name].index_select(0, index) for name in self.state_names}
-        if self.padding_mask_name is None:
+        if length is None:
             return kept
-        length = max(int(kept[self.padding_mask_name].sum(1).max()), 1) if index.numel() else 1
         return {name: value[:, :length] for name, value in kept.items()}
 
     def exit_head_parameters(self):
@@ -322,22 +324,26 @@ class EarlyExitMixin:
             logits = self.exit_logits(k, features)
             if logits_out is None:
                 logits_out = logits.new_empty((batch_size, logits.shape[-1]))
+            # (`index_copy_`/`index_fill_`: no host scalar is copied to the device, unlike `exit_index[active] = k`)
+            logits_out.index_copy_(0, active, logits)
+            exit_index.index_fill_(0, active, k)
             if k == last:
-                logits_out[active] = logits
                 break
             leave, policy_state = policy.decide(k, logits, features, policy_state, budget_index)
-            leaving = leave.nonzero().squeeze(1)
-            if leaving.numel() == 0:
-                continue
-            if leaving.numel() == active.numel():  # everyone left (e.g. a single sample): no compaction
-                logits_out[active] = logits
-                exit_index[active] = k
+            # Every running sample recorded this exit above; those that stay overwrite it at a later exit. Then a
+            # single device-to-host copy per exit: how many stay and, with padding, the longest of them.
+            stay = ~leave
+            counts = [stay.sum()]
+            if self.padding_mask_name is not None:
+                counts.append(torch.where(stay, state[self.padding_mask_name].sum(1), 0).amax().long())
+            num_staying, *longest = torch.stack(counts).tolist()
+            if num_staying == 0:
                 break
-            logits_out[active[leaving]] = logits[leaving]
-            exit_index[active[leaving]] = k
-            staying = (~leave).nonzero().squeeze(1)
+            if num_staying == active.numel():
+                continue
+            staying = torch.argsort(leave.to(torch.uint8), stable=True)[:num_staying]  # the staying, in order
             active = active[staying]
-            state = self.select_samples(state, staying)
+            state = self.select_samples(state, staying, max(longest[0], 1) if longest else None)
             policy_state = {name: value.index_select(0, staying) for name, value in policy_state.items()}
         return EarlyExitClassifierOutput(
             logits=logits_out,

@@ -452,8 +452,15 @@ class ExitPolicy(nn.Module):
     ) -> torch.Tensor:
         """
         The exit every sample takes, from cached exit logits `(num_samples, num_exits, num_labels)`, using the same
-        `decide` calls as the early-exit engine (so simulated and real decisions agree by construction).
+        `decide` calls as the early-exit engine (so simulated and real decisions agree by construction). The decisions
+        run where the policy's tensors are (e.g. a policy stored in a model on the GPU, with exit outputs cached on the
+        CPU); the exits come back on `exit_logits`' device.
         """
+        policy_tensor = next(self.buffers(), None)
+        if policy_tensor is not None and policy_tensor.device != exit_logits.device:
+            features = None if exit_features is None else [f.to(policy_tensor.device) for f in exit_features]
+            exits = self.simulate(exit_logits.to(policy_tensor.device), budget_index, features)
+            return exits.to(exit_logits.device)
         num_samples = exit_logits.shape[0]
         exits = torch.full((num_samples,), self.num_exits - 1, dtype=torch.long, device=exit_logits.device)
         active = torch.ones(num_samples, dtype=torch.bool, device=exit_logits.device)
