@@ -363,6 +363,8 @@ def measured_budget_table(
     batches = list(batches)
     if not batches:
         raise ValueError("`batches` is empty: nothing to measure.")
+    if num_warmup_batches < 0:
+        raise ValueError(f"`num_warmup_batches` must be >= 0, got {num_warmup_batches}.")
     if policies is None:
         if getattr(model, "exit_policy", None) is None:
             raise ValueError("The model has no stored exit policy; pass `policies`.")

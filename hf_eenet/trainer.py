@@ -849,7 +849,8 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             measured_policies (`Sequence[str]`, *optional*): policies to measure (default: the stored one; pass
                 every name of `policies` to measure all of them).
             measured_budgets (`Sequence[float]`, *optional*): budgets to measure (default: the fitted grid).
-            num_warmup_batches (`int`, *optional*, defaults to 1): untimed batches before each measured row.
+            num_warmup_batches (`int`, *optional*, defaults to 1): leading batches run through every measured
+                configuration, untimed, before the timed pass (see `hf_eenet.evaluation.measured_budget_table`).
 
         Returns:
             `list[dict]`: simulated rows, then measured rows.

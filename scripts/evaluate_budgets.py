@@ -48,6 +48,14 @@ class BudgetEvaluationArguments:
     measured_budgets: list[float] | None = field(
         default=None, metadata={"help": "Budgets to measure (default: the fitted grid)."}
     )
+    measured_warmup_batches: int = field(
+        default=1,
+        metadata={
+            "help": "Leading batches run through every measured configuration, untimed, before the timed pass. On a "
+            "GPU each new survivor count looks up or builds kernel plans: a warm-up over as many batches as are "
+            "timed measures the steady state of long-running traffic instead of cold shapes."
+        },
+    )
     plot: bool = field(default=True, metadata={"help": "Write the accuracy-vs-cost plot."})
     update_model_card: bool = field(
         default=True, metadata={"help": "Add the tables and plot to the model card in `output_dir`."}
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         measured=eval_args.measured,
         measured_policies=measured_policies,
         measured_budgets=eval_args.measured_budgets,
+        num_warmup_batches=eval_args.measured_warmup_batches,
     )
     if not trainer.is_world_process_zero():
         return rows

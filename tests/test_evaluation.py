@@ -141,8 +141,13 @@ def test_cache_and_measured_table_agree_with_simulation():
     assert full["cost"] == 1.0 and full["exit_histogram"] == [0.0, 0.0, 1.0]
     for row in measured:
         assert row["seconds_per_sample"] > 0 and row["samples_per_second"] > 0 and row["num_samples"] == 48
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
     stored = measured_budget_table(model, batches, include_full_model=False, num_warmup_batches=0)
-    assert [r["policy"] for r in stored] == ["stored", "stored"]
+    assert [r["policy"] for r in stored] == ["stored", "stored"] and len(calls) == 2 * 3
+    calls.clear()  # a warm-up runs its batches through every configuration, untimed
+    measured_budget_table(model, batches, include_full_model=False, num_warmup_batches=2)
+    assert len(calls) == 2 * 2 + 2 * 3
     assert "ms / sample" in format_budget_table(measured)
     assert model.training is False
 
@@ -153,5 +158,7 @@ def test_measured_table_errors():
         measured_budget_table(model, [])
     with pytest.raises(ValueError, match="no stored exit policy"):
         measured_budget_table(model, [random_text_batch(2)])
+    with pytest.raises(ValueError, match="`num_warmup_batches` must be >= 0, got -1"):
+        measured_budget_table(model, [random_text_batch(2)], num_warmup_batches=-1)
     with pytest.raises(ValueError, match="`batches` is empty"):
         cache_exit_outputs(model, [])

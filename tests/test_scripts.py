@@ -129,6 +129,8 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
             "all",
             "--measured_budgets",
             "0.5",
+            "--measured_warmup_batches",
+            "2",
         ]
     )
     measured = [row for row in rows if row["mode"] == "measured"]
