@@ -61,6 +61,10 @@ class BudgetEvaluationArguments:
         default=True, metadata={"help": "Add the tables and plot to the model card in `output_dir`."}
     )
 
+    def __post_init__(self):
+        if self.measured_warmup_batches < 0:
+            raise ValueError(f"`measured_warmup_batches` must be >= 0, got {self.measured_warmup_batches}.")
+
 
 def parse_arguments(argv: list[str] | None = None):
     return parse_script_arguments((BudgetEvaluationArguments, DatasetArguments, ExitSchedulerArguments), argv)

@@ -52,6 +52,20 @@ def test_early_exit_logits_equal_all_exits_logits(batch_size, pooling, attention
             torch.testing.assert_close(out.exit_cost, costs)
 
 
+def test_early_exit_without_padding_keeps_the_mask_free_path():
+    """No padding: the attention needs no mask, before and after compaction."""
+    model = tiny_model(num_hidden_layers=4, exit_layers=[1, 2, 4])
+    batch = random_text_batch(8, seed=2)
+    batch = {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["attention_mask"])}
+    targets = torch.tensor([0, 2, 1, 2, 0, 1, 2, 0])
+    with torch.no_grad():
+        reference = model(**batch, output_all_exits=True).all_exit_logits
+        state = model.run_blocks(model.embed_inputs(**batch), 0, 1)
+        assert state["attention_bias"].numel() == 0  # transformers drops an all-ones mask
+        out = model(**batch, exit_policy=ForcedExitPolicy(targets))
+    torch.testing.assert_close(out.logits, reference[torch.arange(8), targets], atol=1e-5, rtol=1e-5)
+
+
 def test_early_exit_logits_do_not_depend_on_batch_composition():
     """A sample's logits are the same alone, in a batch of easy samples, or in a batch of hard ones."""
     model = tiny_model(exit_pooling="mean")

@@ -147,6 +147,14 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
 def test_evaluate_budgets_needs_a_fitted_model(trained_checkpoint, tiny_sst2, tmp_path):
     with pytest.raises(ValueError, match="no fitted exit policy"):
         evaluate_budgets.main(common_args(trained_checkpoint, tiny_sst2, tmp_path / "out", train=False))
+    with pytest.raises(ValueError, match="`measured_warmup_batches` must be >= 0, got -1"):
+        evaluate_budgets.parse_arguments(
+            [
+                *common_args(trained_checkpoint, tiny_sst2, tmp_path / "out", train=False),
+                "--measured_warmup_batches",
+                "-1",
+            ]
+        )
 
 
 def test_fit_scheduler_refuses_a_stock_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path):

@@ -23,4 +23,4 @@ HF_HUB_OFFLINE=1 .venv/bin/python scripts/evaluate_budgets.py --model_name_or_pa
 .venv/bin/python benchmarks/report_budget_tables.py --model_dir outputs/vit-cifar10-eenet \
     --calibration_split "train[90%:]" --test_split test --title "Small ViT on CIFAR-10" \
     --commands benchmarks/results/cifar10_vit_commands.sh --output benchmarks/results/cifar10_vit.md \
-    --targets cifar10-vit
+    --targets cifar10-vit --notes benchmarks/results/cifar10_vit_notes.md

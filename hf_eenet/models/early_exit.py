@@ -85,7 +85,8 @@ class EarlyExitMixin:
         raise NotImplementedError
 
     # The tensors of the state between blocks (what `run_blocks` returns, and what the ONNX segments exchange); other
-    # entries a backbone may add (per-batch caches) are dropped by `select_samples`.
+    # entries a backbone may add (per-batch caches) are dropped by the default `select_samples` (an override may keep
+    # them, as BERT keeps its attention mask).
     state_names: ClassVar[tuple[str, ...]] = ("hidden_states",)
     # A right-padding mask among `state_names`: after compaction every state tensor's axis 1 (the sequence) is trimmed
     # to the longest kept sample.
@@ -325,7 +326,7 @@ class EarlyExitMixin:
             if logits_out is None:
                 logits_out = logits.new_empty((batch_size, logits.shape[-1]))
             # (`index_copy_`/`index_fill_`: no host scalar is copied to the device, unlike `exit_index[active] = k`)
-            logits_out.index_copy_(0, active, logits)
+            logits_out.index_copy_(0, active, logits.to(logits_out.dtype))
             exit_index.index_fill_(0, active, k)
             if k == last:
                 break
@@ -335,7 +336,8 @@ class EarlyExitMixin:
             stay = ~leave
             counts = [stay.sum()]
             if self.padding_mask_name is not None:
-                counts.append(torch.where(stay, state[self.padding_mask_name].sum(1), 0).amax().long())
+                lengths = state[self.padding_mask_name].sum(1, dtype=torch.long)
+                counts.append(torch.where(stay, lengths, 0).amax())
             num_staying, *longest = torch.stack(counts).tolist()
             if num_staying == 0:
                 break
@@ -343,7 +345,10 @@ class EarlyExitMixin:
                 continue
             staying = torch.argsort(leave.to(torch.uint8), stable=True)[:num_staying]  # the staying, in order
             active = active[staying]
-            state = self.select_samples(state, staying, max(longest[0], 1) if longest else None)
+            if longest:  # trim the padding to the longest survivor
+                state = self.select_samples(state, staying, max(longest[0], 1))
+            else:
+                state = self.select_samples(state, staying)
             policy_state = {name: value.index_select(0, staying) for name, value in policy_state.items()}
         return EarlyExitClassifierOutput(
             logits=logits_out,

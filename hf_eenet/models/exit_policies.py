@@ -457,7 +457,8 @@ class ExitPolicy(nn.Module):
         CPU); the exits come back on `exit_logits`' device.
         """
         policy_tensor = next(self.buffers(), None)
-        if policy_tensor is not None and policy_tensor.device != exit_logits.device:
+        devices = {exit_logits.device, *(f.device for f in exit_features or ())}
+        if policy_tensor is not None and devices != {policy_tensor.device}:
             features = None if exit_features is None else [f.to(policy_tensor.device) for f in exit_features]
             exits = self.simulate(exit_logits.to(policy_tensor.device), budget_index, features)
             return exits.to(exit_logits.device)

@@ -87,7 +87,7 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
 
     def run_blocks(self, state, start, end):
         hidden_states = state["hidden_states"]
-        if "attention_bias" not in state:  # built once per batch, as BertModel does once per forward
+        if "attention_bias" not in state:  # built once per batch (as BertModel does), kept through compaction if 4-D
             bias = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=state["attention_mask"]
             )
@@ -102,7 +102,7 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
         bias = state.get("attention_bias")
         if torch.is_tensor(bias) and (bias.ndim == 4 or not bias.numel()):  # else `run_blocks` builds it again
             # the kept samples' attention mask `(batch, heads or 1, queries or 1, keys)`, trimmed like the sequence
-            kept["attention_bias"] = bias.index_select(0, index)[..., :length, :length] if bias.numel() else bias
+            kept["attention_bias"] = bias[..., :length, :length].index_select(0, index) if bias.numel() else bias
         return kept
 
     def exit_features(self, state, exit_index):
