@@ -153,3 +153,17 @@ def test_scheduler_trainer_fits_and_measures_on_cuda(tmp_path):
     )
     assert measured["exit_histogram"] == simulated["exit_histogram"]
     assert {row["policy"] for row in fitted_rows} >= {"eenet", "oracle"}
+
+
+def test_a_policy_passed_at_call_time_follows_the_model_to_cuda():
+    model, _ = bert_case(1, seed=0)
+    batches = [random_text_batch(32, seed=seed) for seed in range(3)]
+    policy = fitted_eenet(model, batches)  # fitted on the CPU
+    assert policy.thresholds.device.type == "cpu"
+    model, batch = model.to(CUDA), on_cuda(batches[0])
+    with torch.no_grad():
+        out = model(**batch, budget=policy.budgets[1], exit_policy=policy)
+        assert policy.thresholds.device.type == CUDA.type
+        all_exits = model(**batch, output_all_exits=True, output_exit_features=True)
+        expected = policy.simulate(all_exits.all_exit_logits, 1, all_exits.all_exit_features)
+    assert torch.equal(out.exit_index, expected)
