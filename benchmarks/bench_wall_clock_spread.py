@@ -14,30 +14,21 @@ Run (from the repository root):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
 
 
 def measure(args) -> dict:
-    import numpy as np
-    import pyarrow.parquet as pq
     import torch
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from bench_compaction_shapes import load_pixels
+    from transformers import AutoModelForImageClassification
 
-    import hf_eenet  # noqa: F401  (registers the EENet classes)
     from hf_eenet.evaluation import measured_budget_table
 
     torch.set_num_threads(args.threads)
     model = AutoModelForImageClassification.from_pretrained(args.model_dir).eval()
-    table = pq.read_table(args.data)
-    column = next(name for name in table.column_names if "im" in name)
-    images = table.column(column).to_pylist()
-    order = np.random.default_rng(0).permutation(len(images))[: args.num_images]
-    pil = [Image.open(io.BytesIO(images[i]["bytes"])).convert("RGB") for i in order]
-    pixels = AutoImageProcessor.from_pretrained(args.model_dir)(pil, return_tensors="pt")["pixel_values"]
+    pixels = load_pixels(args.model_dir, args.data, args.num_images, "cpu")
     batches = [{"pixel_values": batch} for batch in pixels.split(args.batch_size)]
     rows = measured_budget_table(model, batches, budgets=args.budgets)
     full = rows[0]["seconds_per_sample"] * args.batch_size * 1e3

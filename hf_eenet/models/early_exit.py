@@ -215,8 +215,7 @@ class EarlyExitMixin:
                 raise TypeError(f"`exit_policy` must be an ExitPolicy, got {type(exit_policy).__name__}.")
             if exit_policy.num_exits > num_exits or (exit_policy.persistable and exit_policy.num_exits != num_exits):
                 raise ValueError(f"The exit policy has {exit_policy.num_exits} exits but the model has {num_exits}.")
-            policy_tensor = next(exit_policy.buffers(), None)
-            if policy_tensor is not None and policy_tensor.device != self.device:
+            if exit_policy.device not in (None, self.device):
                 exit_policy.to(self.device)  # as `set_exit_policy` does: the policy decides where the model runs
             if not exit_policy.requires_budget:
                 return exit_policy, None

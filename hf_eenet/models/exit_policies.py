@@ -296,6 +296,12 @@ class ExitPolicy(nn.Module):
 
         return super()._apply(keep_dtype, recurse)
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where the policy's tensors are (`None` for a policy without tensors, e.g. patience)."""
+        tensor = next(self.buffers(), None)
+        return None if tensor is None else tensor.device
+
     # --- configuration ----------------------------------------------------------------------------------------------
     def hyperparameters(self) -> dict:
         """Hyperparameters that, with the budget grid, rebuild this policy (saved in `config.exit_policy`)."""
@@ -456,12 +462,10 @@ class ExitPolicy(nn.Module):
         run where the policy's tensors are (e.g. a policy stored in a model on the GPU, with exit outputs cached on the
         CPU); the exits come back on `exit_logits`' device.
         """
-        policy_tensor = next(self.buffers(), None)
-        devices = {exit_logits.device, *(f.device for f in exit_features or ())}
-        if policy_tensor is not None and devices != {policy_tensor.device}:
-            features = None if exit_features is None else [f.to(policy_tensor.device) for f in exit_features]
-            exits = self.simulate(exit_logits.to(policy_tensor.device), budget_index, features)
-            return exits.to(exit_logits.device)
+        device = self.device
+        if device is not None and {exit_logits.device, *(f.device for f in exit_features or ())} != {device}:
+            features = None if exit_features is None else [f.to(device) for f in exit_features]
+            return self.simulate(exit_logits.to(device), budget_index, features).to(exit_logits.device)
         num_samples = exit_logits.shape[0]
         exits = torch.full((num_samples,), self.num_exits - 1, dtype=torch.long, device=exit_logits.device)
         active = torch.ones(num_samples, dtype=torch.bool, device=exit_logits.device)
@@ -475,12 +479,20 @@ class ExitPolicy(nn.Module):
         return exits
 
 
-def _confidence(logits: torch.Tensor, score: str) -> torch.Tensor:
-    probs = logits.float().softmax(-1)
+CONFIDENCE_SCORES = ("max_prob", "entropy")
+
+
+def _probability_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
+    """Confidence `(...)` of probabilities `(..., C)`: `max p` (`"max_prob"`) or `1 - H(p)/log C` (`"entropy"`)."""
     if score == "max_prob":
         return probs.amax(-1)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
     return 1.0 - entropy / math.log(max(probs.shape[-1], 2))
+
+
+def _confidence(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """Confidence `(...)` of logits `(..., C)` (see `_probability_confidence`)."""
+    return _probability_confidence(logits.float().softmax(-1), score)
 
 
 @register_exit_policy
@@ -512,7 +524,7 @@ class ConfidenceThresholdPolicy(ExitPolicy):
         allocation: str = "global",
     ):
         super().__init__(num_exits, budgets)
-        if score not in ("max_prob", "entropy"):
+        if score not in CONFIDENCE_SCORES:
             raise ValueError(f"`score` must be 'max_prob' or 'entropy', got {score!r}.")
         if allocation not in ("global", "geometric"):
             raise ValueError(f"`allocation` must be 'global' or 'geometric', got {allocation!r}.")
@@ -845,20 +857,14 @@ class EENetPaperPolicy(ExitPolicy):
                 f"The exit logits have {logits.shape[-1]} classes but the policy was fitted on {self.num_labels}."
             )
 
-    def _confidence(self, probs: torch.Tensor, kind: int) -> torch.Tensor:
-        """`(B, 1)` confidence of probabilities `(B, C)`: `max p` (`kind=0`) or `1 - H(p)/log C` (`kind=1`)."""
-        if kind == 0:
-            return probs.amax(-1, keepdim=True)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1, keepdim=True)
-        return 1.0 - entropy / math.log(self.num_labels)
-
     def _static_features(
         self, exit_index: int, logits: torch.Tensor, features: torch.Tensor | None, state: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`[p_k, max p_k, 1 - H(p_k)/log C]` for a batch `(B, C)` of exit `exit_index`'s logits."""
         self._check_exit_inputs(exit_index, logits, features)
         probs = logits.float().softmax(-1)
-        return torch.cat([probs, self._confidence(probs, 0), self._confidence(probs, 1)], dim=-1), state
+        confidences = [_probability_confidence(probs, score)[:, None] for score in CONFIDENCE_SCORES]
+        return torch.cat([probs, *confidences], dim=-1), state
 
     def initial_state(self, batch_size, device):
         return {"scores": torch.zeros(batch_size, self.num_exits - 1, device=device)}
@@ -872,8 +878,8 @@ class EENetPaperPolicy(ExitPolicy):
     def _confidence_rules(self, budget_index: int) -> list[tuple[int, float]] | None:
         """
         For a budget whose scoring functions each weigh a single confidence feature (`max p_k` or the entropy
-        confidence: the confidence rules EENet's guard may keep), that feature (0 or 1) and its weight per exit;
-        `None` for any other budget. `decide` then skips the other features, giving the same scores. Cached until
+        confidence: the confidence rules EENet's guard may keep), that feature (its index in `CONFIDENCE_SCORES`)
+        and its weight per exit; `None` for any other budget. `decide` then skips the other features, giving the same scores. Cached until
         the weights change.
         """
         weight = self.score_weight
@@ -906,7 +912,7 @@ class EENetPaperPolicy(ExitPolicy):
         if rule is not None:  # this budget scores with one confidence feature only: nothing else to compute
             self._check_exit_inputs(exit_index, logits, features)
             column, weight = rule[exit_index]
-            score = self._confidence(logits.float().softmax(-1), column)[:, 0] * weight
+            score = _confidence(logits, CONFIDENCE_SCORES[column]) * weight
             score = score + self.score_bias[budget_index, exit_index].float()
             return score >= self.thresholds[budget_index, exit_index], state
         static, state = self._static_features(exit_index, logits, features, state)
