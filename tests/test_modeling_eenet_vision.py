@@ -138,22 +138,38 @@ def test_early_exit_logits_do_not_depend_on_batch_composition(backbone):
             torch.testing.assert_close(single[0], together[i], atol=1e-5, rtol=1e-5)
 
 
+def block_inputs(model, blocks, targets: torch.Tensor, describe) -> list:
+    """`describe(input)` of every block call in one early-exit forward of random images with forced `targets`."""
+    seen: list = []
+    hooks = [
+        block.register_forward_hook(lambda module, args, output: seen.append(describe(args[0]))) for block in blocks
+    ]
+    try:
+        with torch.no_grad():
+            model(random_images(targets.numel()), exit_policy=ForcedExitPolicy(targets))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_resnet_channels_last_stays_channels_last_through_compaction():
+    """A channels-last ResNet (the fast layout for CNN inference) keeps that layout in every stage after compaction."""
+    model = RESNET.model().to(memory_format=torch.channels_last)
+    targets = torch.tensor([0, 2, 1, 0, 2, 1, 1, 0, 2])
+    layouts = block_inputs(
+        model, RESNET.blocks(model), targets, lambda x: x.is_contiguous(memory_format=torch.channels_last)
+    )
+    assert layouts == [True, True, True]
+    assert_forced_exits_match_all_exits(model, random_images(9))
+
+
 @by_name
 def test_compaction_reduces_work(backbone):
     """Count the images every block really processes: only those whose exit lies at or beyond it."""
     model = backbone.model()
     targets = torch.tensor([0, 0, 1, 2, 0, 1, 0, 0, 1, 0, 2, 0])
-    processed: list[int] = []
-    hooks = [
-        block.register_forward_hook(lambda module, args, output: processed.append(args[0].shape[0]))
-        for block in backbone.blocks(model)
-    ]
-    try:
-        with torch.no_grad():
-            model(random_images(12), exit_policy=ForcedExitPolicy(targets))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    processed = block_inputs(model, backbone.blocks(model), targets, lambda x: x.shape[0])
     assert processed == [12, int((targets >= 1).sum()), int((targets >= 2).sum())] == [12, 5, 2]
 
 

@@ -54,6 +54,16 @@ def multi_exit_loss(all_exit_logits: torch.Tensor, labels: torch.Tensor, weights
     return (per_exit.mean(0) * weights).sum() / weights.sum()
 
 
+def _select_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """
+    `tensor[index]` along the batch axis, in the tensor's memory format: a channels-last feature map stays channels-last
+    (`index_select` would return it contiguous, and every later convolution would convert it back and run slower).
+    """
+    if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor[index]
+    return tensor.index_select(0, index)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -97,7 +107,7 @@ class EarlyExitMixin:
         Keep the samples at `index` (a `torch.LongTensor`); with `length` (a backbone with a padding mask), also trim
         every state tensor's axis 1 to that many positions (the longest kept sample, computed by the engine).
         """
-        kept = {name: state[name].index_select(0, index) for name in self.state_names}
+        kept = {name: _select_rows(state[name], index) for name in self.state_names}
         if length is None:
             return kept
         return {name: value[:, :length] for name, value in kept.items()}

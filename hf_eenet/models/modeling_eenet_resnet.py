@@ -49,6 +49,9 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
     that its linear classifier receives, of shape `(batch_size, channels_k)`. The heads' batch norms use their running
     statistics in eval mode, so an image's prediction never depends on the rest of its batch.
 
+    In the channels-last layout (`model.to(memory_format=torch.channels_last)`, usually the faster one for
+    convolutions) the early-exit forward keeps every stage's input channels-last through the batch compaction.
+
     Example:
 
     ```python
