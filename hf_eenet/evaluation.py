@@ -45,6 +45,7 @@ from .models.exit_policies import (
 __all__ = [
     "ORACLE_NAME",
     "cache_exit_outputs",
+    "exit_costs_from_measured_rows",
     "fit_policies",
     "format_budget_table",
     "load_policies",
@@ -434,6 +435,54 @@ def measured_budget_table(
                 full["seconds_per_sample"] / row["seconds_per_sample"] if row["seconds_per_sample"] else None
             )
     return rows
+
+
+def exit_costs_from_measured_rows(
+    rows: Sequence[Mapping], prior_costs: Sequence[float], prior_weight: float = 0.05
+) -> list[float]:
+    """
+    Exit costs that explain measured wall-clock times (e.g. the rows of `measured_budget_table` for one policy at
+    every budget of its grid). Each row's wall-clock fraction (its time per sample over the full model's, measured in
+    the same run: `1 / speedup`) is modelled as `sum_k h_k c_k`, with `h` its exit histogram and `c_k` the cost of
+    leaving at exit `k`; the costs are the least-squares solution, pulled toward `prior_costs` (a ridge term of weight
+    `prior_weight` per exit, which decides the costs of exits that few samples took), then made strictly increasing.
+
+    Unlike costs timed on uniform batches (every sample through every exit, as
+    [`~EarlyExitMixin.calibrate_exit_costs`] does), these price what the early-exit forward adds on mixed batches:
+    the policy's decisions, the compaction, and blocks running on fewer samples.
+
+    Args:
+        rows (`Sequence[Mapping]`): measured rows with `exit_histogram` and `speedup` (the full model's row, and rows
+            without a speed-up, are skipped).
+        prior_costs (`Sequence[float]`): the current exit costs, one per exit.
+        prior_weight (`float`, *optional*, defaults to 0.05): weight of the pull toward `prior_costs`, relative to one
+            row.
+
+    Returns:
+        `list[float]`: the new exit costs.
+    """
+    prior = torch.tensor([float(c) for c in prior_costs], dtype=torch.float64)
+    if prior.ndim != 1 or prior.numel() < 1 or not bool((prior > 0).all()):
+        raise ValueError(f"`prior_costs` must be positive costs, one per exit, got {list(prior_costs)}.")
+    if not (math.isfinite(prior_weight) and prior_weight > 0):
+        raise ValueError(f"`prior_weight` must be a positive number, got {prior_weight}.")
+    used = [row for row in rows if row.get("policy") != "full model" and row.get("speedup")]
+    if not used:
+        raise ValueError("No measured row with a speed-up against the full model: nothing to fit the costs to.")
+    for row in used:
+        if len(row["exit_histogram"]) != prior.numel():
+            raise ValueError(
+                f"A row's exit histogram has {len(row['exit_histogram'])} exits but there are {prior.numel()} costs."
+            )
+    histograms = torch.tensor([row["exit_histogram"] for row in used], dtype=torch.float64)
+    fractions = torch.tensor([1.0 / row["speedup"] for row in used], dtype=torch.float64)
+    ridge = math.sqrt(prior_weight) * torch.eye(prior.numel(), dtype=torch.float64)
+    design = torch.cat([histograms, ridge])
+    target = torch.cat([fractions, math.sqrt(prior_weight) * prior])
+    costs = torch.linalg.lstsq(design, target[:, None]).solution[:, 0].clamp_min(1e-6).tolist()
+    for k in range(1, len(costs)):  # exit k runs every block before it: never cheaper than exit k - 1
+        costs[k] = max(costs[k], costs[k - 1] * (1 + 1e-6))
+    return costs
 
 
 # --- rendering -------------------------------------------------------------------------------------------------------

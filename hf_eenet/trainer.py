@@ -576,6 +576,14 @@ class ExitSchedulerArguments(TrainingArguments):
             config (`exit_cost_source="latency"`): budgets then are fractions of the full model's wall-clock time here,
             exit heads and per-call overheads included, instead of FLOPs fractions. Use the batch size of deployment.
             `None` keeps the config's costs.
+        latency_costs_early_exit_batches (`int`, *optional*):
+            With `latency_costs_batch_size`: after a first fit, time the stored policy's real early-exit forward
+            beside the full model at every fitted budget on this many calibration batches (of
+            `latency_costs_batch_size` samples), refit the exit costs to those times
+            ([`~hf_eenet.evaluation.exit_costs_from_measured_rows`]) and fit every policy again with them. Costs
+            timed on uniform batches leave out what the early-exit forward adds on mixed batches (the policy's
+            decisions, the compaction, blocks running on fewer samples), so the wall clock overshoots the budget by
+            that much; these costs price it in. `None` (default) skips this step.
     """
 
     exit_policy: str = field(
@@ -605,9 +613,27 @@ class ExitSchedulerArguments(TrainingArguments):
         },
     )
 
+    latency_costs_early_exit_batches: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --latency_costs_batch_size: after a first fit, time the stored policy's early-exit forward "
+            "at every budget on this many calibration batches, refit the exit costs to those times and fit again."
+        },
+    )
+
     def __post_init__(self):
         if self.latency_costs_batch_size is not None and self.latency_costs_batch_size < 1:
             raise ValueError(f"`latency_costs_batch_size` must be >= 1, got {self.latency_costs_batch_size}.")
+        if self.latency_costs_early_exit_batches is not None:
+            if self.latency_costs_early_exit_batches < 1:
+                raise ValueError(
+                    f"`latency_costs_early_exit_batches` must be >= 1, got {self.latency_costs_early_exit_batches}."
+                )
+            if self.latency_costs_batch_size is None:
+                raise ValueError(
+                    "`latency_costs_early_exit_batches` refits measured latency costs: set `latency_costs_batch_size` "
+                    "(the batch size of deployment) too."
+                )
         if isinstance(self.policy_kwargs, str):
             try:
                 self.policy_kwargs = json.loads(self.policy_kwargs)
@@ -697,6 +723,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                     f"Policy {policy_name!r} has {policy.num_exits} exits but the model has {self.num_exits}."
                 )
         self.budget_table: list[dict] | None = None
+        self.early_exit_cost_timings: dict | None = None
 
     def _option(self, name: str):
         return _option(self.args, name, ExitSchedulerArguments)
@@ -789,16 +816,22 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             )
         if self._option("latency_costs_batch_size") is not None:
             self.measure_exit_costs(calibration_dataset)
-        exit_costs = model.config.exit_costs
-        budgets = self._option("budgets") or default_budget_grid(exit_costs)
-        if budgets[0] < exit_costs[0] - 1e-9:
-            raise ValueError(
-                f"The smallest budget {budgets[0]} is below the cost of the cheapest exit ({exit_costs[0]:.4f})."
-            )
-        logger.info(f"Fitting {len(self.policies)} exit policies for budgets {budgets} on {len(labels)} samples.")
-        fit_policies(self.policies, **cached, exit_costs=exit_costs, budgets=budgets)
         name = self._option("exit_policy")
-        model.set_exit_policy(self.policies[name])
+
+        def fit(exit_costs):
+            budgets = self._option("budgets") or default_budget_grid(exit_costs)
+            if budgets[0] < exit_costs[0] - 1e-9:
+                raise ValueError(
+                    f"The smallest budget {budgets[0]} is below the cost of the cheapest exit ({exit_costs[0]:.4f})."
+                )
+            logger.info(f"Fitting {len(self.policies)} exit policies for budgets {budgets} on {len(labels)} samples.")
+            fit_policies(self.policies, **cached, exit_costs=exit_costs, budgets=budgets)
+            model.set_exit_policy(self.policies[name])
+
+        fit(model.config.exit_costs)
+        if self._option("latency_costs_early_exit_batches") is not None:
+            fit(self.refit_exit_costs_on_early_exit_path(calibration_dataset))
+        exit_costs = model.config.exit_costs
         default_budget = self._option("default_budget")
         if default_budget is not None:
             model.config.default_budget = default_budget
@@ -909,6 +942,45 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             previous = model.config.exit_costs
             costs = [model.calibrate_exit_costs(inputs)]
             logger.info(f"Measured exit costs {[round(c, 4) for c in costs[0]]} (were {previous}).")
+        if self.args.world_size > 1:
+            costs = broadcast_object_list(costs)
+        model.config.set_exit_costs(costs[0], source="latency")
+        return costs[0]
+
+    def refit_exit_costs_on_early_exit_path(self, dataset=None) -> list[float]:
+        """
+        Time the stored policy's real early-exit forward beside the full model at every fitted budget, on the first
+        `latency_costs_early_exit_batches` batches of `latency_costs_batch_size` samples of `dataset` (default:
+        `eval_dataset`), and set the model's exit costs to those that explain the times
+        ([`~hf_eenet.evaluation.exit_costs_from_measured_rows`]). The policies must then be fitted again for the new
+        costs (`fit_scheduler` does). Under DDP the main process measures and every process takes its costs. Returns
+        the new costs; the timings behind them stay in `early_exit_cost_timings` (the previous costs, the new ones, and
+        the measured rows).
+        """
+        from accelerate.utils import broadcast_object_list
+
+        from .evaluation import exit_costs_from_measured_rows, measured_budget_table
+
+        model = self.accelerator.unwrap_model(self.model)
+        if model.exit_policy is None or not model.exit_policy.requires_budget:
+            raise ValueError("Refitting the exit costs on the early-exit path needs a stored, budget-matched policy.")
+        dataset = dataset if dataset is not None else self.eval_dataset
+        costs = [None]
+        if self.is_world_process_zero():
+            batches = []
+            for batch in self._plain_dataloader(dataset, self._option("latency_costs_batch_size")):
+                batches.append({key: value for key, value in batch.items() if key != "label"})
+                if len(batches) == self._option("latency_costs_early_exit_batches"):
+                    break
+            rows = measured_budget_table(model, batches, {"stored": model.exit_policy})
+            previous = model.config.exit_costs
+            costs = [exit_costs_from_measured_rows(rows, previous)]
+            self.early_exit_cost_timings = {"previous_costs": previous, "costs": costs[0], "rows": rows}
+            fractions = [f"{row['budget']:g}: {1 / row['speedup']:.3f}" for row in rows if row["budget"] != 1.0]
+            logger.info(
+                f"Wall-clock fractions of the early-exit forward at each budget ({', '.join(fractions)}); exit costs "
+                f"refitted to them: {[round(c, 4) for c in costs[0]]} (were {[round(c, 4) for c in previous]})."
+            )
         if self.args.world_size > 1:
             costs = broadcast_object_list(costs)
         model.config.set_exit_costs(costs[0], source="latency")

@@ -10,6 +10,7 @@ from hf_eenet import EENetBertForSequenceClassification
 from hf_eenet.evaluation import (
     ORACLE_NAME,
     cache_exit_outputs,
+    exit_costs_from_measured_rows,
     fit_policies,
     format_budget_table,
     measured_budget_table,
@@ -162,3 +163,54 @@ def test_measured_table_errors():
         measured_budget_table(model, [random_text_batch(2)], num_warmup_batches=-1)
     with pytest.raises(ValueError, match="`batches` is empty"):
         cache_exit_outputs(model, [])
+
+
+def _rows_for(costs, histograms):
+    """Measured rows whose wall-clock fractions are exactly `histogram @ costs`, plus the full model's row."""
+    rows = [
+        {"policy": "full model", "budget": 1.0, "exit_histogram": [0.0] * (len(costs) - 1) + [1.0], "speedup": 1.0}
+    ]
+    for histogram in histograms:
+        fraction = sum(h * c for h, c in zip(histogram, costs))
+        rows.append({"policy": "stored", "budget": fraction, "exit_histogram": histogram, "speedup": 1 / fraction})
+    return rows
+
+
+def test_exit_costs_from_measured_rows_recovers_the_costs_that_explain_the_times():
+    true_costs = [0.25, 0.45, 0.7, 1.05]
+    histograms = [[0.9, 0.1, 0, 0], [0.5, 0.3, 0.2, 0], [0.2, 0.3, 0.3, 0.2], [0, 0.2, 0.3, 0.5], [0.1, 0.1, 0.1, 0.7]]
+    rows = _rows_for(true_costs, histograms)
+    costs = exit_costs_from_measured_rows(rows, [0.2, 0.4, 0.6, 1.0], prior_weight=1e-6)
+    assert costs == pytest.approx(true_costs, abs=1e-3)
+    # the full model's row is not a mixed batch: it is skipped, not fitted
+    assert exit_costs_from_measured_rows(rows[1:], [0.2, 0.4, 0.6, 1.0], prior_weight=1e-6) == pytest.approx(costs)
+
+
+def test_exit_costs_from_measured_rows_keeps_the_prior_where_no_sample_left_and_stays_increasing():
+    # exit 2 never taken: its cost comes from the prior; a noisy solution is made strictly increasing
+    rows = _rows_for([0.3, 0.5, 0.9, 1.0], [[0.6, 0.4, 0, 0], [0.2, 0.8, 0, 0], [0.3, 0.2, 0, 0.5], [0, 0.5, 0, 0.5]])
+    costs = exit_costs_from_measured_rows(rows, [0.3, 0.5, 0.6, 1.0], prior_weight=1e-3)
+    assert costs[:2] == pytest.approx([0.3, 0.5], abs=1e-2) and costs[2] == pytest.approx(0.6, abs=1e-2)
+    backwards = [{"policy": "stored", "exit_histogram": [0.5, 0.5], "speedup": 1 / 0.5}]
+    costs = exit_costs_from_measured_rows(backwards, [0.7, 0.3], prior_weight=1e-3)
+    assert costs[0] < costs[1]
+
+
+@pytest.mark.parametrize(
+    ("rows", "prior", "weight", "match"),
+    [
+        ([], [0.5, 1.0], 0.05, "No measured row"),
+        ([{"policy": "full model", "exit_histogram": [0, 1], "speedup": 1.0}], [0.5, 1.0], 0.05, "No measured row"),
+        (
+            [{"policy": "p", "exit_histogram": [0.5, 0.5, 0], "speedup": 2.0}],
+            [0.5, 1.0],
+            0.05,
+            "3 exits but there are 2",
+        ),
+        ([{"policy": "p", "exit_histogram": [0.5, 0.5], "speedup": 2.0}], [0.0, 1.0], 0.05, "positive costs"),
+        ([{"policy": "p", "exit_histogram": [0.5, 0.5], "speedup": 2.0}], [0.5, 1.0], 0.0, "prior_weight"),
+    ],
+)
+def test_exit_costs_from_measured_rows_rejects_bad_input(rows, prior, weight, match):
+    with pytest.raises(ValueError, match=match):
+        exit_costs_from_measured_rows(rows, prior, prior_weight=weight)

@@ -16,7 +16,7 @@ from transformers.testing_utils import CaptureLogger  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from hf_eenet.evaluation import load_policies, simulated_budget_table  # noqa: E402
-from hf_eenet.models.exit_policies import EENetPolicy  # noqa: E402
+from hf_eenet.models.exit_policies import EENetPolicy, default_budget_grid  # noqa: E402
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer  # noqa: E402
 
 BUDGETS = [0.5, 0.8]
@@ -182,10 +182,39 @@ def test_latency_costs_are_measured_before_fitting(tmp_path):
     assert saved["exit_costs"] == costs and saved["exit_cost_source"] == "latency"
 
 
+def test_latency_costs_are_refitted_on_the_early_exit_path(tmp_path):
+    # blocks big enough that leaving early saves time on any machine (a tiny model's blocks cost less than the engine)
+    model = tiny_model(hidden_size=128, intermediate_size=512, num_hidden_layers=4)
+    args = scheduler_args(
+        tmp_path, fit_baselines=False, latency_costs_batch_size=32, latency_costs_early_exit_batches=2, budgets=None
+    )
+    trainer = ExitSchedulerTrainer(model=model, args=args, eval_dataset=token_dataset(64, length=64))
+    uniform = []
+    original = trainer.measure_exit_costs
+
+    def measure(dataset=None):
+        uniform.extend(original(dataset))
+        return uniform
+
+    trainer.measure_exit_costs = measure
+    rows = trainer.fit_scheduler()
+    costs = model.config.exit_costs
+    assert model.config.exit_cost_source == "latency" and uniform and costs != uniform
+    timings = trainer.early_exit_cost_timings
+    assert timings["previous_costs"] == uniform and timings["costs"] == costs
+    assert [row["budget"] for row in timings["rows"]] == [1.0, *default_budget_grid(uniform)]  # every fitted budget
+    assert all(a < b for a, b in zip(costs, costs[1:]))
+    assert model.exit_policy.budgets[0] >= costs[0] - 1e-9
+    cached = trainer.cache_exit_outputs()
+    assert simulated_budget_table(trainer.policies, **cached, exit_costs=costs) == rows  # refitted for these costs
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"latency_costs_batch_size": 0}, "latency_costs_batch_size"),
+        ({"latency_costs_batch_size": 8, "latency_costs_early_exit_batches": 0}, "latency_costs_early_exit_batches"),
+        ({"latency_costs_early_exit_batches": 2}, "set `latency_costs_batch_size`"),
         ({"budgets": [0.8, 0.5]}, "strictly increasing"),
         ({"budgets": [1.5]}, r"\(0, 1\)"),
         ({"default_budget": 0.0}, "default_budget"),

@@ -8,11 +8,12 @@ HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_exits.py --config_name benchmark
     --learning_rate 1e-3 --exit_head_learning_rate 1e-3 --weight_decay 0.05 --lr_scheduler_type cosine \
     --warmup_steps 300 --eval_strategy no --save_strategy no --logging_steps 100 --report_to none --seed 42
 # 2. scheduler: exit costs measured on this CPU at batch 64, then EENet (stored), the paper-faithful EENet and every
-#    baseline, fitted on the held-out 10 % of train
+#    baseline, fitted on the held-out 10 % of train; then the stored EENet's early-exit forward timed at every budget
+#    on 20 calibration batches of 64, the exit costs refitted to those times, and every policy fitted again
 HF_HUB_OFFLINE=1 .venv/bin/python scripts/fit_scheduler.py --model_name_or_path outputs/vit-cifar10 \
     --dataset_name ../shared/data/cifar10 --calibration_split "train[90%:]" --shuffle_seed 0 \
-    --per_device_eval_batch_size 256 --latency_costs_batch_size 64 --report_to none --seed 42 \
-    --output_dir outputs/vit-cifar10-eenet
+    --per_device_eval_batch_size 256 --latency_costs_batch_size 64 --latency_costs_early_exit_batches 20 \
+    --report_to none --seed 42 --output_dir outputs/vit-cifar10-eenet
 # 3. test (10,000 images, shuffled: the parquet file is sorted by label, and measured batches should mix classes as
 #    deployment traffic does): simulated for every policy and the oracle; EENet measured at batch 64 (2 threads,
 #    interleaved)
