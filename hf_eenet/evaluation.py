@@ -437,6 +437,33 @@ def measured_budget_table(
     return rows
 
 
+def _nonnegative_least_squares(matrix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`argmin_x ||matrix @ x - target||` subject to `x >= 0` (the Lawson-Hanson active-set method)."""
+    num_variables = matrix.shape[1]
+    solution = matrix.new_zeros(num_variables)
+    free = torch.zeros(num_variables, dtype=torch.bool)
+    tolerance = 1e-12 * max(1.0, float(matrix.abs().max()) ** 2)
+    for _ in range(3 * num_variables + 1):
+        gradient = matrix.T @ (target - matrix @ solution)
+        blocked = (~free) & (gradient > tolerance)
+        if not bool(blocked.any()):
+            break
+        free[int(torch.where(blocked, gradient, -math.inf).argmax())] = True
+        while True:
+            candidate = matrix.new_zeros(num_variables)
+            columns = free.nonzero().flatten()
+            candidate[columns] = torch.linalg.lstsq(matrix[:, columns], target[:, None]).solution[:, 0]
+            if bool((candidate[columns] > 0).all()):
+                solution = candidate
+                break
+            crossing = free & (candidate <= 0)  # step toward the candidate until a variable reaches zero
+            step = (solution[crossing] / (solution[crossing] - candidate[crossing])).min()
+            solution = solution + step * (candidate - solution)
+            free &= solution > tolerance
+            solution = torch.where(free, solution, 0.0)
+    return solution
+
+
 def exit_costs_from_measured_rows(
     rows: Sequence[Mapping], prior_costs: Sequence[float], prior_weight: float = 0.05
 ) -> list[float]:
@@ -444,8 +471,10 @@ def exit_costs_from_measured_rows(
     Exit costs that explain measured wall-clock times (e.g. the rows of `measured_budget_table` for one policy at
     every budget of its grid). Each row's wall-clock fraction (its time per sample over the full model's, measured in
     the same run: `1 / speedup`) is modelled as `sum_k h_k c_k`, with `h` its exit histogram and `c_k` the cost of
-    leaving at exit `k`; the costs are the least-squares solution, pulled toward `prior_costs` (a ridge term of weight
-    `prior_weight` per exit, which decides the costs of exits that few samples took), then made strictly increasing.
+    leaving at exit `k`. The costs are the least-squares solution under the constraint that they never decrease with
+    depth (exit `k` runs every block before it), with a ridge term of weight `prior_weight` per exit pulling them
+    toward `prior_costs` (it decides the costs of exits that few samples took); ties are then split by a relative
+    `1e-6` so the costs increase strictly.
 
     Unlike costs timed on uniform batches (every sample through every exit, as
     [`~EarlyExitMixin.calibrate_exit_costs`] does), these price what the early-exit forward adds on mixed batches:
@@ -462,25 +491,32 @@ def exit_costs_from_measured_rows(
         `list[float]`: the new exit costs.
     """
     prior = torch.tensor([float(c) for c in prior_costs], dtype=torch.float64)
-    if prior.ndim != 1 or prior.numel() < 1 or not bool((prior > 0).all()):
-        raise ValueError(f"`prior_costs` must be positive costs, one per exit, got {list(prior_costs)}.")
+    if prior.numel() < 1 or not bool((torch.isfinite(prior) & (prior > 0)).all()):
+        raise ValueError(f"`prior_costs` must be finite positive costs, one per exit, got {list(prior_costs)}.")
     if not (math.isfinite(prior_weight) and prior_weight > 0):
         raise ValueError(f"`prior_weight` must be a positive number, got {prior_weight}.")
     used = [row for row in rows if row.get("policy") != "full model" and row.get("speedup")]
     if not used:
         raise ValueError("No measured row with a speed-up against the full model: nothing to fit the costs to.")
     for row in used:
+        if "exit_histogram" not in row:
+            raise ValueError(f"A measured row has no `exit_histogram`: {dict(row)}.")
         if len(row["exit_histogram"]) != prior.numel():
             raise ValueError(
                 f"A row's exit histogram has {len(row['exit_histogram'])} exits but there are {prior.numel()} costs."
             )
+        if not (math.isfinite(row["speedup"]) and row["speedup"] > 0):
+            raise ValueError(f"A measured row's `speedup` must be a finite positive number, got {row['speedup']}.")
     histograms = torch.tensor([row["exit_histogram"] for row in used], dtype=torch.float64)
     fractions = torch.tensor([1.0 / row["speedup"] for row in used], dtype=torch.float64)
     ridge = math.sqrt(prior_weight) * torch.eye(prior.numel(), dtype=torch.float64)
     design = torch.cat([histograms, ridge])
     target = torch.cat([fractions, math.sqrt(prior_weight) * prior])
-    costs = torch.linalg.lstsq(design, target[:, None]).solution[:, 0].clamp_min(1e-6).tolist()
-    for k in range(1, len(costs)):  # exit k runs every block before it: never cheaper than exit k - 1
+    # costs = cumulative sums of non-negative increments: a non-negative least-squares problem in the increments
+    cumulative = torch.ones(prior.numel(), prior.numel(), dtype=torch.float64).tril()
+    increments = _nonnegative_least_squares(design @ cumulative, target)
+    costs = increments.cumsum(0).clamp_min(1e-6).tolist()
+    for k in range(1, len(costs)):
         costs[k] = max(costs[k], costs[k - 1] * (1 + 1e-6))
     return costs
 

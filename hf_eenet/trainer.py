@@ -535,6 +535,16 @@ class EarlyExitTrainer(EENetModelCardMixin, Trainer):
 BUDGET_TABLE_FILE = "budget_table"  # + f"_{split}.json" (every row) and f"_{split}.md" (rendered)
 
 
+def _warn_if_sorted_by_label(labels: torch.Tensor, split: str) -> None:
+    """Warn that timings on `split` are unrepresentative when its labels are sorted (one or two classes per batch)."""
+    if labels.unique().numel() > 1 and bool((labels[1:] >= labels[:-1]).all()):
+        logger.warning(
+            f"The {split} split is sorted by label, so every measured batch holds one or two classes, unlike "
+            "deployment traffic: how many samples leave together at each exit, and so the measured times, then "
+            "differ from mixed batches. Shuffle the split (e.g. `--shuffle_seed 0`) for representative timings."
+        )
+
+
 def split_file_stem(split: str) -> str:
     """A split name (possibly with a row slice such as `train[90%:]`) made safe for file names (`train_90pct_`)."""
     return re.sub(r"[^\w.-]+", "_", split.replace("%", "pct"))
@@ -792,7 +802,10 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
     def fit_scheduler(self, calibration_dataset=None, split: str = "calibration") -> list[dict]:
         """
         Fit every policy on the calibration split, store the chosen one in the model, and log, save and return the
-        simulated budget table of the calibration split.
+        simulated budget table of the calibration split. With `latency_costs_batch_size`, the exit costs are first
+        measured on this device; with `latency_costs_early_exit_batches` too, they are then refitted to the timed
+        early-exit forward of the stored policy ([`~ExitSchedulerTrainer.refit_exit_costs_on_early_exit_path`]) and
+        every policy is fitted again for them.
 
         Args:
             calibration_dataset (`datasets.Dataset`, *optional*): overrides `eval_dataset`.
@@ -814,7 +827,9 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 f"Calibration labels must be class ids in [0, {num_labels - 1}], found {labels.min()}..{labels.max()} "
                 "(an unlabelled split such as GLUE's test uses -1)."
             )
+        self.early_exit_cost_timings = None
         if self._option("latency_costs_batch_size") is not None:
+            _warn_if_sorted_by_label(labels, split)
             self.measure_exit_costs(calibration_dataset)
         name = self._option("exit_policy")
 
@@ -830,10 +845,24 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
 
         fit(model.config.exit_costs)
         if self._option("latency_costs_early_exit_batches") is not None:
+            grid = list(model.exit_policy.budgets)
             fit(self.refit_exit_costs_on_early_exit_path(calibration_dataset))
+            dropped = [budget for budget in grid if budget not in model.exit_policy.budgets]
+            if dropped:
+                logger.warning(
+                    f"Budgets {dropped} are below the cheapest exit once its cost is measured on the early-exit path "
+                    f"({model.config.exit_costs[0]:.4f} of the full model's time): the policies are fitted without "
+                    "them, and a call with such a budget is refused."
+                )
         exit_costs = model.config.exit_costs
         default_budget = self._option("default_budget")
         if default_budget is not None:
+            smallest = model.exit_policy.budgets[0]
+            if default_budget < 1 and default_budget < smallest - 1e-9:
+                raise ValueError(
+                    f"`default_budget` {default_budget} is below the smallest fitted budget {smallest} (the cheapest "
+                    f"exit costs {exit_costs[0]:.4f}): a plain call would be refused. Use a budget of at least {smallest}."
+                )
             model.config.default_budget = default_budget
         rows = simulated_budget_table(self.policies, **cached, exit_costs=exit_costs)
         self.budget_table = rows
@@ -903,14 +932,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             unknown = [n for n in names if n not in self.policies]
             if unknown:
                 raise ValueError(f"Unknown policies to measure {unknown}; fitted policies: {list(self.policies)}.")
-            labels = cached["labels"]
-            if labels.unique().numel() > 1 and bool((labels[1:] >= labels[:-1]).all()):
-                logger.warning(
-                    f"The {split} split is sorted by label, so every measured batch holds one or two classes, unlike "
-                    "deployment traffic: how many samples leave together at each exit, and so the measured times, "
-                    "then differ from mixed batches. Shuffle the split (e.g. `--shuffle_seed 0`) for representative "
-                    "timings."
-                )
+            _warn_if_sorted_by_label(cached["labels"], split)
             device = model.device
             policies = {n: self.policies[n].to(device) for n in names}
             batches = list(self._plain_dataloader(dataset))
@@ -931,60 +953,113 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         on the first batch of `latency_costs_batch_size` samples of `dataset` (default: `eval_dataset`). Under DDP the
         main process measures and every process takes its costs. Returns the new costs.
         """
-        from accelerate.utils import broadcast_object_list
-
         model = self.accelerator.unwrap_model(self.model)
         dataset = dataset if dataset is not None else self.eval_dataset
-        costs = [None]
-        if self.is_world_process_zero():
+
+        def measure():
             batch = next(iter(self._plain_dataloader(dataset, self._option("latency_costs_batch_size"))))
             inputs = {name: value for name, value in batch.items() if name not in ("labels", "label")}
             previous = model.config.exit_costs
-            costs = [model.calibrate_exit_costs(inputs)]
-            logger.info(f"Measured exit costs {[round(c, 4) for c in costs[0]]} (were {previous}).")
-        if self.args.world_size > 1:
-            costs = broadcast_object_list(costs)
-        model.config.set_exit_costs(costs[0], source="latency")
-        return costs[0]
+            costs = model.calibrate_exit_costs(inputs)
+            logger.info(f"Measured exit costs {[round(c, 4) for c in costs]} (were {previous}).")
+            return costs
 
-    def refit_exit_costs_on_early_exit_path(self, dataset=None) -> list[float]:
+        costs = self._on_main_process(measure)
+        model.config.set_exit_costs(costs, source="latency")
+        return costs
+
+    def refit_exit_costs_on_early_exit_path(
+        self, dataset=None, num_batches: int | None = None, batch_size: int | None = None
+    ) -> list[float]:
         """
-        Time the stored policy's real early-exit forward beside the full model at every fitted budget, on the first
-        `latency_costs_early_exit_batches` batches of `latency_costs_batch_size` samples of `dataset` (default:
-        `eval_dataset`), and set the model's exit costs to those that explain the times
+        Time the stored policy's real early-exit forward beside the full model at every fitted budget on the first
+        batches of `dataset`, and set the model's exit costs to those that explain the times
         ([`~hf_eenet.evaluation.exit_costs_from_measured_rows`]). The policies must then be fitted again for the new
-        costs (`fit_scheduler` does). Under DDP the main process measures and every process takes its costs. Returns
-        the new costs; the timings behind them stay in `early_exit_cost_timings` (the previous costs, the new ones, and
-        the measured rows).
-        """
-        from accelerate.utils import broadcast_object_list
+        costs (`fit_scheduler` does). Under DDP the main process measures and every process takes its costs.
 
+        Args:
+            dataset (`datasets.Dataset`, *optional*): the calibration split (default: `eval_dataset`).
+            num_batches (`int`, *optional*): how many batches to time (default: `latency_costs_early_exit_batches`).
+            batch_size (`int`, *optional*): their size, that of deployment (default: `latency_costs_batch_size`, else
+                `per_device_eval_batch_size`).
+
+        Returns:
+            `list[float]`: the new costs. On the main process, `early_exit_cost_timings` keeps what they came from:
+            the previous costs, the new ones and the measured rows.
+        """
         from .evaluation import exit_costs_from_measured_rows, measured_budget_table
 
         model = self.accelerator.unwrap_model(self.model)
         if model.exit_policy is None or not model.exit_policy.requires_budget:
             raise ValueError("Refitting the exit costs on the early-exit path needs a stored, budget-matched policy.")
+        num_batches = num_batches if num_batches is not None else self._option("latency_costs_early_exit_batches")
+        if num_batches is None or num_batches < 1:
+            raise ValueError(
+                f"Pass `num_batches` >= 1 (or set `latency_costs_early_exit_batches`), got {num_batches}: the number "
+                "of calibration batches to time."
+            )
+        batch_size = batch_size if batch_size is not None else self._option("latency_costs_batch_size")
         dataset = dataset if dataset is not None else self.eval_dataset
-        costs = [None]
-        if self.is_world_process_zero():
+        budgets = self._option("budgets")
+
+        def measure():
             batches = []
-            for batch in self._plain_dataloader(dataset, self._option("latency_costs_batch_size")):
+            for batch in self._plain_dataloader(dataset, batch_size):
                 batches.append({key: value for key, value in batch.items() if key != "label"})
-                if len(batches) == self._option("latency_costs_early_exit_batches"):
+                if len(batches) == num_batches:
                     break
             rows = measured_budget_table(model, batches, {"stored": model.exit_policy})
             previous = model.config.exit_costs
-            costs = [exit_costs_from_measured_rows(rows, previous)]
-            self.early_exit_cost_timings = {"previous_costs": previous, "costs": costs[0], "rows": rows}
-            fractions = [f"{row['budget']:g}: {1 / row['speedup']:.3f}" for row in rows if row["budget"] != 1.0]
+            costs = exit_costs_from_measured_rows(rows, previous)
+            if budgets and budgets[0] < costs[0] - 1e-9:
+                raise ValueError(
+                    f"Refitted on the early-exit path, the cheapest exit costs {costs[0]:.4f} of the full model's time "
+                    f"(was {previous[0]:.4f}), above the smallest of `budgets` {budgets}: this device cannot meet "
+                    "that budget on the clock. Drop the budgets below it, or leave out "
+                    "`latency_costs_early_exit_batches`."
+                )
+            fractions = {row["budget"]: 1 / row["speedup"] for row in rows if row["policy"] != "full model"}
+            slower = [budget for budget, fraction in fractions.items() if fraction >= 1.0]
+            if slower:
+                logger.warning(
+                    f"At budgets {slower} the early-exit forward took as long as the full model or longer: the blocks "
+                    "between exits are too cheap for early exits to save time on this device at this batch size, or "
+                    "the machine was busy while timing."
+                )
+            self.early_exit_cost_timings = {"previous_costs": previous, "costs": costs, "rows": rows}
             logger.info(
-                f"Wall-clock fractions of the early-exit forward at each budget ({', '.join(fractions)}); exit costs "
-                f"refitted to them: {[round(c, 4) for c in costs[0]]} (were {[round(c, 4) for c in previous]})."
+                f"Wall-clock fractions of the early-exit forward at each budget "
+                f"({', '.join(f'{b:g}: {f:.3f}' for b, f in fractions.items())}); exit costs refitted to them: "
+                f"{[round(c, 4) for c in costs]} (were {[round(c, 4) for c in previous]})."
             )
+            return costs
+
+        costs = self._on_main_process(measure)
+        model.config.set_exit_costs(costs, source="latency")
+        return costs
+
+    def _on_main_process(self, measure):
+        """
+        `measure()` on the main process alone, its result broadcast to every process. An error there is raised on every
+        process (the others would otherwise wait for the broadcast until the timeout).
+        """
+        from accelerate.utils import broadcast_object_list
+
+        payload, failure = [None, None], None
+        if self.is_world_process_zero():
+            try:
+                payload = [measure(), None]
+            except Exception as error:
+                if self.args.world_size == 1:
+                    raise
+                payload, failure = [None, f"{type(error).__name__}: {error}"], error
         if self.args.world_size > 1:
-            costs = broadcast_object_list(costs)
-        model.config.set_exit_costs(costs[0], source="latency")
-        return costs[0]
+            payload = broadcast_object_list(payload)
+        if payload[1] is not None:
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"Measuring on the main process failed: {payload[1]}")
+        return payload[0]
 
     def _plain_dataloader(self, dataset, batch_size: int | None = None):
         """The split in evaluation batches on this process alone (timing must not depend on other processes)."""

@@ -4,7 +4,9 @@ Runs the model over the calibration split (held out from training, and looking l
 (stored in the model) and every baseline for the budget grid, and saves the model with its scheduler, the budget
 table of the calibration split and the fitted policies to `output_dir`. Every `TrainingArguments` flag is available
 (evaluation batch size, devices, `seed`, ...), plus the scheduler ones (`--exit_policy`, `--budgets`,
-`--default_budget`, `--policy_kwargs`) and the dataset flags of `hf_eenet.data.DatasetArguments`. Example (offline):
+`--default_budget`, `--policy_kwargs`, `--latency_costs_batch_size` to measure the exit costs on this device and
+`--latency_costs_early_exit_batches` to refit them to the timed early-exit forward) and the dataset flags of
+`hf_eenet.data.DatasetArguments`. Example (offline):
 
     python scripts/fit_scheduler.py --model_name_or_path outputs/minilm-sst2 --dataset_name ../shared/data/sst2 \
         --calibration_split dev --output_dir outputs/minilm-sst2-eenet

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import random_text_batch, tiny_bert_config
@@ -196,6 +198,14 @@ def test_exit_costs_from_measured_rows_keeps_the_prior_where_no_sample_left_and_
     assert costs[0] < costs[1]
 
 
+def test_exit_costs_from_measured_rows_is_the_best_fit_among_increasing_costs():
+    # timings that say exit 1 is cheaper than exit 0: the best non-decreasing costs tie them at the mean, where
+    # raising exit 1 to exit 0's cost (0.6, 0.6) would fit worse
+    rows = _rows_for([0.6, 0.5, 1.0], [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    costs = exit_costs_from_measured_rows(rows, [0.6, 0.5, 1.0], prior_weight=1e-9)
+    assert costs == pytest.approx([0.55, 0.55, 1.0], abs=1e-6) and costs[0] < costs[1] < costs[2]
+
+
 @pytest.mark.parametrize(
     ("rows", "prior", "weight", "match"),
     [
@@ -209,6 +219,9 @@ def test_exit_costs_from_measured_rows_keeps_the_prior_where_no_sample_left_and_
         ),
         ([{"policy": "p", "exit_histogram": [0.5, 0.5], "speedup": 2.0}], [0.0, 1.0], 0.05, "positive costs"),
         ([{"policy": "p", "exit_histogram": [0.5, 0.5], "speedup": 2.0}], [0.5, 1.0], 0.0, "prior_weight"),
+        ([{"policy": "p", "exit_histogram": [0.5, 0.5], "speedup": 2.0}], [0.5, math.inf], 0.05, "finite positive"),
+        ([{"policy": "p", "exit_histogram": [0.5, 0.5], "speedup": math.inf}], [0.5, 1.0], 0.05, "`speedup`"),
+        ([{"policy": "p", "speedup": 2.0}], [0.5, 1.0], 0.05, "no `exit_histogram`"),
     ],
 )
 def test_exit_costs_from_measured_rows_rejects_bad_input(rows, prior, weight, match):

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from transformers.testing_utils import CaptureLogger  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
-from hf_eenet.evaluation import load_policies, simulated_budget_table  # noqa: E402
+from hf_eenet.evaluation import exit_costs_from_measured_rows, load_policies, simulated_budget_table  # noqa: E402
 from hf_eenet.models.exit_policies import EENetPolicy, default_budget_grid  # noqa: E402
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer  # noqa: E402
 
@@ -182,31 +182,73 @@ def test_latency_costs_are_measured_before_fitting(tmp_path):
     assert saved["exit_costs"] == costs and saved["exit_cost_source"] == "latency"
 
 
-def test_latency_costs_are_refitted_on_the_early_exit_path(tmp_path):
-    # blocks big enough that leaving early saves time on any machine (a tiny model's blocks cost less than the engine)
-    model = tiny_model(hidden_size=128, intermediate_size=512, num_hidden_layers=4)
-    args = scheduler_args(
-        tmp_path, fit_baselines=False, latency_costs_batch_size=32, latency_costs_early_exit_batches=2, budgets=None
-    )
-    trainer = ExitSchedulerTrainer(model=model, args=args, eval_dataset=token_dataset(64, length=64))
-    uniform = []
-    original = trainer.measure_exit_costs
+UNIFORM_COSTS = [0.3, 0.55, 1.02]  # what timing uniform batches "measured" (the tiny model has 3 exits)
+EARLY_EXIT_COSTS = [0.38, 0.68, 1.05]  # what its early-exit forward really costs in these tests
 
-    def measure(dataset=None):
-        uniform.extend(original(dataset))
-        return uniform
 
-    trainer.measure_exit_costs = measure
-    rows = trainer.fit_scheduler()
-    costs = model.config.exit_costs
-    assert model.config.exit_cost_source == "latency" and uniform and costs != uniform
+def refit_trainer(tmp_path, monkeypatch, **kwargs):
+    """
+    A trainer whose timings are known: uniform-batch costs `UNIFORM_COSTS`, and early-exit rows (timed on real
+    batches by the real `measured_budget_table`, then given the wall-clock fractions `EARLY_EXIT_COSTS` imply).
+    """
+    import hf_eenet.evaluation as evaluation
+
+    model = tiny_model()
+    defaults = {"fit_baselines": False, "latency_costs_batch_size": 8, "latency_costs_early_exit_batches": 2}
+    args = scheduler_args(tmp_path, **{"budgets": None, **defaults, **kwargs})
+    trainer = ExitSchedulerTrainer(model=model, args=args, eval_dataset=token_dataset(32))
+
+    def measure_exit_costs(dataset=None):
+        model.config.set_exit_costs(UNIFORM_COSTS, source="latency")
+        return UNIFORM_COSTS
+
+    real_table, timed = evaluation.measured_budget_table, []
+
+    def measured_budget_table(model, batches, policies, **table_kwargs):
+        timed.append([batch["input_ids"].shape[0] for batch in batches])
+        rows = real_table(model, batches, policies, **table_kwargs)
+        for row in rows:  # the fractions the known costs give these exits (the full model's row: 1.0)
+            row["speedup"] = 1.0 / sum(h * c for h, c in zip(row["exit_histogram"], EARLY_EXIT_COSTS + [1.0]))
+        rows[0]["speedup"] = 1.0
+        return rows
+
+    monkeypatch.setattr(trainer, "measure_exit_costs", measure_exit_costs)
+    monkeypatch.setattr(evaluation, "measured_budget_table", measured_budget_table)
+    return trainer, model, timed
+
+
+def test_latency_costs_are_refitted_on_the_early_exit_path(tmp_path, monkeypatch):
+    trainer, model, timed = refit_trainer(tmp_path, monkeypatch)
+    with CaptureLogger(logging.get_logger("hf_eenet.trainer")) as captured:
+        rows = trainer.fit_scheduler()
     timings = trainer.early_exit_cost_timings
-    assert timings["previous_costs"] == uniform and timings["costs"] == costs
-    assert [row["budget"] for row in timings["rows"]] == [1.0, *default_budget_grid(uniform)]  # every fitted budget
-    assert all(a < b for a, b in zip(costs, costs[1:]))
-    assert model.exit_policy.budgets[0] >= costs[0] - 1e-9
+    assert timed == [[8, 8]]  # 2 batches of `latency_costs_batch_size`
+    assert [row["budget"] for row in timings["rows"]] == [1.0, *default_budget_grid(UNIFORM_COSTS)]  # every budget
+    costs = model.config.exit_costs
+    assert timings["previous_costs"] == UNIFORM_COSTS
+    assert costs == timings["costs"] == exit_costs_from_measured_rows(timings["rows"], UNIFORM_COSTS)
+    assert model.config.exit_cost_source == "latency" and costs[0] > UNIFORM_COSTS[0]
+    # refitted for the new costs: the grid starts above the new cheapest exit, and the dropped budgets are named
+    assert model.exit_policy.budgets == default_budget_grid(costs) != default_budget_grid(UNIFORM_COSTS)
+    assert "Budgets [0.3" in captured.out
     cached = trainer.cache_exit_outputs()
-    assert simulated_budget_table(trainer.policies, **cached, exit_costs=costs) == rows  # refitted for these costs
+    assert simulated_budget_table(trainer.policies, **cached, exit_costs=costs) == rows
+
+
+def test_refitted_costs_above_the_requested_budgets_fail_clearly(tmp_path, monkeypatch):
+    trainer, model, _ = refit_trainer(tmp_path, monkeypatch, budgets=[0.3, 0.6])
+    with pytest.raises(ValueError, match=r"Refitted on the early-exit path, the cheapest exit costs .* \[0.3, 0.6\]"):
+        trainer.fit_scheduler()
+    assert model.config.exit_costs == UNIFORM_COSTS  # nothing half-updated
+    trainer, model, _ = refit_trainer(tmp_path, monkeypatch, default_budget=0.3)
+    with pytest.raises(ValueError, match="`default_budget` 0.3 is below the smallest fitted budget"):
+        trainer.fit_scheduler()
+
+
+def test_refitting_costs_needs_a_number_of_batches(fitted):
+    trainer = fitted[0]
+    with pytest.raises(ValueError, match="num_batches"):
+        trainer.refit_exit_costs_on_early_exit_path()
 
 
 @pytest.mark.parametrize(
