@@ -54,6 +54,13 @@ class ModelArguments:
             "sentence-transformers checkpoints such as the MiniLM."
         },
     )
+    exit_layer_unit: str | None = field(
+        default=None,
+        metadata={
+            "help": "ResNet only: what --exit_layers counts, 'stage' or 'block' (residual blocks, so an exit can sit "
+            "inside a stage). Default: the checkpoint's ('stage')."
+        },
+    )
     config_name: str | None = field(
         default=None,
         metadata={
@@ -120,6 +127,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pooling = model_args.exit_pooling or ("mean" if is_text and is_sentence_transformers_checkpoint(path) else None)
     if pooling is not None:
         overrides["exit_pooling"] = pooling
+    if model_args.exit_layer_unit is not None:
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type not in ("resnet", "eenet-resnet"):
+            raise ValueError(
+                f"`exit_layer_unit` applies to ResNet models only (exits after stages or blocks); this model is "
+                f"{model_type!r}, whose `exit_layers` count its layers."
+            )
+        overrides["exit_layer_unit"] = model_args.exit_layer_unit
     model = build_model(model_args, path, overrides)
     if not is_text:
         training_args.remove_unused_columns = False  # images become pixel_values on access: keep the image column

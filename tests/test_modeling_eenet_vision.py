@@ -479,6 +479,43 @@ def test_resnet_flops_costs():
     assert small.exit_head_channels() == [8, 16]
 
 
+# --- exits inside stages -------------------------------------------------------------------------------------------
+BLOCK_RESNET = {"depths": [2, 1, 2], "exit_layer_unit": "block"}
+
+
+def test_resnet_exits_after_blocks_equal_the_all_exits_logits():
+    model = RESNET.model(**BLOCK_RESNET, exit_layers=[1, 2, 4, 5])
+    assert model.config.exit_input_channels() == [8, 8, 32] and model.config.exit_head_strides == [2, 2, 1]
+    assert_forced_exits_match_all_exits(model, random_images(7, seed=5))
+    targets = torch.tensor([0, 1, 3, 2, 0, 3, 1])
+    processed = block_inputs(model, model.exit_units(), targets, lambda x: x.shape[0])
+    # blocks 1-2 (stage 0), 3 (stage 1), 4-5 (stage 2): each runs on the images that have not left yet
+    assert processed == [7, 5, 3, 3, 2]
+
+
+def test_resnet_exits_at_the_ends_of_stages_are_the_same_in_either_unit(tmp_path):
+    """Counted in blocks, exits at the stage ends give the same architecture, costs and logits as counted in stages."""
+    by_stage = RESNET.model(depths=[2, 1, 2], exit_layers=[1, 2, 3])
+    by_stage.save_pretrained(tmp_path)
+    by_block = RESNET.model_class.from_pretrained(tmp_path, exit_layer_unit="block", exit_layers=[2, 3, 5]).eval()
+    assert by_block.config.exit_costs == pytest.approx(by_stage.config.exit_costs)
+    assert by_block.config.exit_head_strides == by_stage.config.exit_head_strides
+    images = random_images(4)
+    with torch.no_grad():
+        expected = by_stage(images, output_all_exits=True).all_exit_logits
+        torch.testing.assert_close(by_block(images, output_all_exits=True).all_exit_logits, expected)
+
+
+def test_resnet_block_costs_count_each_block():
+    config = RESNET.config(**BLOCK_RESNET, exit_layers=[1, 2, 3, 4, 5], exit_cost_reference_size=32)
+    by_stage = RESNET.config(depths=[2, 1, 2], exit_cost_reference_size=32)
+    blocks = config.block_flops()
+    assert len(blocks) == 5 and sum(blocks[:2]) == pytest.approx(by_stage.block_flops()[0])
+    assert sum(blocks[3:]) == pytest.approx(by_stage.block_flops()[2])
+    assert config.unit_output_sizes() == [8, 8, 4, 2, 2] and config.stage_output_sizes() == [8, 4, 2]
+    assert config.exit_costs[0] < by_stage.exit_costs[0]  # half of stage 0, and a head as wide as stage 0's
+
+
 # --- errors ---------------------------------------------------------------------------------------------------------
 
 
@@ -496,6 +533,8 @@ def test_resnet_flops_costs():
         (RESNET, {"exit_cost_reference_size": 0}, "exit_cost_reference_size"),
         (RESNET, {"hidden_sizes": [8, 16]}, "one entry per stage"),
         (RESNET, {"default_budget": -1}, "default_budget"),
+        (RESNET, {"exit_layer_unit": "layer"}, "exit_layer_unit"),
+        (RESNET, {**BLOCK_RESNET, "exit_layers": [1, 3]}, "must end with the number of backbone blocks \\(5\\)"),
     ],
 )
 def test_bad_config_values_are_rejected(backbone, overrides, match):

@@ -119,10 +119,18 @@ def test_other_stored_policies(tmp_path, policy):
     assert_same_outputs(expected, onnx_model(**inputs, budget=budget, exit_policy=onnx_model.exit_policy))
 
 
-@pytest.mark.parametrize("backbone", [VIT, RESNET], ids=lambda b: b.name)
-def test_vision_backbones_export_the_same_way(tmp_path, backbone):
+@pytest.mark.parametrize(
+    ("backbone", "overrides"),
+    [
+        (VIT, {}),
+        (RESNET, {}),
+        (RESNET, {"depths": [2, 1, 2], "exit_layer_unit": "block", "exit_layers": [1, 2, 4, 5]}),
+    ],
+    ids=["vit", "resnet", "resnet-block-exits"],
+)
+def test_vision_backbones_export_the_same_way(tmp_path, backbone, overrides):
     torch.manual_seed(0)
-    model = backbone.model()
+    model = backbone.model(**overrides)
     size = 32
     images = [{"pixel_values": torch.randn(16, model.config.num_channels, size, size)} for _ in range(2)]
     fitted(model, images, ConfidenceThresholdPolicy(model.config.num_exits, allocation="geometric"))

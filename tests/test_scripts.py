@@ -86,6 +86,7 @@ def test_train_exits_end_to_end(tiny_checkpoint, tiny_sst2, tmp_path):
         (["--text_column", "review"], "review"),
         (["--calibration_split", "holdout"], "holdout"),
         (["--label_column", "7"], "7"),
+        (["--exit_layer_unit", "block"], "`exit_layer_unit` applies to ResNet models only"),
     ],
 )
 def test_bad_dataset_arguments_fail_clearly(tiny_checkpoint, tiny_sst2, tmp_path, extra, match):

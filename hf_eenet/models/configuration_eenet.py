@@ -376,11 +376,13 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
     fields then take their defaults.
 
     Exits sit after *stages* (`len(depths)` of them): `exit_layers` counts stages, and its last entry is the number of
-    stages (the stock pooler and classifier). An early exit's head is a 3x3 convolution (stride
-    `exit_head_strides[k]`) with batch norm and ReLU, a global average pool giving the exit's features, and a linear
-    classifier. The convolution keeps the width of its stage's own 3x3 convolutions: `hidden_sizes[s]` channels for
-    `"basic"` layers, `hidden_sizes[s] // 4` for `"bottleneck"` layers, so a head costs about one 3x3 convolution of
-    its stage (a quarter of one when it downsamples).
+    stages (the stock pooler and classifier). With `exit_layer_unit="block"`, `exit_layers` counts residual blocks
+    instead (`sum(depths)` of them), so an exit can also sit inside a stage: e.g. after the first block, where the
+    first stage is a large share of the time on devices that run its high-resolution, narrow convolutions slowly. An
+    early exit's head is a 3x3 convolution (stride `exit_head_strides[k]`) with batch norm and ReLU, a global average
+    pool giving the exit's features, and a linear classifier. The convolution keeps the width of its stage's own 3x3
+    convolutions: `hidden_sizes[s]` channels for `"basic"` layers, `hidden_sizes[s] // 4` for `"bottleneck"` layers,
+    so a head costs about one 3x3 convolution of its stage (a quarter of one when it downsamples).
 
     The FLOPs-based exit costs count the convolutions and linear layers (batch norm, activations, pooling and residual
     additions are negligible) for a square input of `exit_cost_reference_size` pixels.
@@ -390,9 +392,11 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
             Side of the square input at which the FLOPs-based exit costs are computed and at which the default
             `exit_head_strides` are chosen: 224 for ImageNet checkpoints such as `microsoft/resnet-50`; set it to the
             resolution the model actually sees (e.g. 32 for CIFAR-10 images fed unresized).
+        exit_layer_unit (`str`, *optional*, defaults to `"stage"`):
+            What `exit_layers` counts: `"stage"` or `"block"` (residual blocks, across stages).
         exit_head_strides (`list[int]`, *optional*):
             Stride (1 or 2) of each early exit's 3x3 convolution (one per exit but the last). Defaults to 2 where the
-            stage's feature map at `exit_cost_reference_size` is larger than 4x4, else 1. Stored in the config, so the
+            exit's feature map at `exit_cost_reference_size` is larger than 4x4, else 1. Stored in the config, so the
             architecture does not change if `exit_cost_reference_size` is edited later.
         stem_kernel_size (`int`, *optional*, defaults to 7), stem_stride (`int`, *optional*, defaults to 2),
         stem_pooling (`bool`, *optional*, defaults to `True`):
@@ -414,6 +418,7 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
     """
 
     model_type = "eenet-resnet"
+    EXIT_LAYER_UNITS = ("stage", "block")
 
     def __init__(
         self,
@@ -422,6 +427,7 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         exit_costs: Sequence[float] | None = None,
         exit_cost_source: str = "flops",
         exit_cost_reference_size: int = 224,
+        exit_layer_unit: str = "stage",
         exit_head_strides: Sequence[int] | None = None,
         stem_kernel_size: int = 7,
         stem_stride: int = 2,
@@ -446,10 +452,13 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         if isinstance(exit_cost_reference_size, bool) or int(exit_cost_reference_size) < 1:
             raise ValueError(f"`exit_cost_reference_size` must be an integer >= 1, got {exit_cost_reference_size}.")
         self.exit_cost_reference_size = int(exit_cost_reference_size)
+        if exit_layer_unit not in self.EXIT_LAYER_UNITS:
+            raise ValueError(f"`exit_layer_unit` must be one of {self.EXIT_LAYER_UNITS}, got {exit_layer_unit!r}.")
+        self.exit_layer_unit = exit_layer_unit
         # set before `_init_early_exit_fields`, which computes the FLOPs-based costs (and so needs the strides)
         self.exit_head_strides = None if exit_head_strides is None else [int(s) for s in exit_head_strides]
         self._init_early_exit_fields(
-            num_blocks=len(self.depths),
+            num_blocks=len(self.exit_units()),
             exit_layers=exit_layers,
             exit_loss_weights=exit_loss_weights,
             exit_costs=exit_costs,
@@ -463,7 +472,7 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
     def _resolve_exit_head_strides(self) -> list[int]:
         """Fill in the default strides (once `exit_layers` is validated) and check them."""
         if self.exit_head_strides is None:
-            sizes = self.stage_output_sizes()
+            sizes = self.unit_output_sizes()
             self.exit_head_strides = [2 if sizes[end - 1] > 4 else 1 for end in self.exit_layers[:-1]]
         strides = self.exit_head_strides
         if len(strides) != len(self.exit_layers) - 1 or any(s not in (1, 2) for s in strides):
@@ -476,13 +485,32 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
     @classmethod
     def _drop_derived_fields(cls, config_dict: dict, overrides: dict) -> None:
         super()._drop_derived_fields(config_dict, overrides)
-        if "exit_head_strides" not in overrides and {"exit_layers", "exit_cost_reference_size"} & overrides.keys():
+        if (
+            "exit_head_strides" not in overrides
+            and {
+                "exit_layers",
+                "exit_cost_reference_size",
+                "exit_layer_unit",
+            }
+            & overrides.keys()
+        ):
             config_dict.pop("exit_head_strides", None)
+
+    def exit_units(self) -> list[tuple[int, range]]:
+        """What `exit_layers` counts, in order: `(stage, its residual blocks in that unit)` per stage or per block."""
+        if self.exit_layer_unit == "stage":
+            return [(stage, range(depth)) for stage, depth in enumerate(self.depths)]
+        return [(stage, range(layer, layer + 1)) for stage, depth in enumerate(self.depths) for layer in range(depth)]
+
+    def exit_input_channels(self) -> list[int]:
+        """Channels of the feature map each early exit's head receives (its stage's width)."""
+        units = self.exit_units()
+        return [self.hidden_sizes[units[end - 1][0]] for end in self.exit_layers[:-1]]
 
     def exit_head_channels(self) -> list[int]:
         """Width of each early exit's 3x3 convolution (= the size of its pooled features)."""
         reduction = 4 if self.layer_type == "bottleneck" else 1
-        return [max(1, self.hidden_sizes[end - 1] // reduction) for end in self.exit_layers[:-1]]
+        return [max(1, channels // reduction) for channels in self.exit_input_channels()]
 
     # --- analytic costs -------------------------------------------------------------------------------------------
     @staticmethod
@@ -497,53 +525,63 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         size = self._conv_output_size(self.exit_cost_reference_size, self.stem_kernel_size, self.stem_stride)
         return self._conv_output_size(size, 3, 2) if self.stem_pooling else size  # 3x3 max pool, stride 2
 
-    def _stage_flops_and_size(self, stage: int, size: int) -> tuple[float, int]:
-        """FLOPs of one stage at input side `size`, and its output side."""
-        in_channels = self.embedding_size if stage == 0 else self.hidden_sizes[stage - 1]
+    def _layer_flops_and_size(self, stage: int, layer: int, size: int) -> tuple[float, int]:
+        """FLOPs of one residual block (`layer` of `stage`) at input side `size`, and its output side."""
         out_channels = self.hidden_sizes[stage]
-        stride = 2 if stage > 0 or self.downsample_in_first_stage else 1
+        stage_in = self.embedding_size if stage == 0 else self.hidden_sizes[stage - 1]
+        stage_stride = 2 if stage > 0 or self.downsample_in_first_stage else 1
+        layer_in, layer_stride = (stage_in, stage_stride) if layer == 0 else (out_channels, 1)
+        out_size = self._conv_output_size(size, 3, layer_stride)
         flops = 0.0
-        for layer in range(self.depths[stage]):
-            layer_in, layer_stride = (in_channels, stride) if layer == 0 else (out_channels, 1)
-            out_size = self._conv_output_size(size, 3, layer_stride)
-            if layer_in != out_channels or layer_stride != 1:  # 1x1 projection shortcut
-                flops += self._conv_flops(out_size, 1, layer_in, out_channels)
-            if self.layer_type == "basic":
-                flops += self._conv_flops(out_size, 3, layer_in, out_channels)
-                flops += self._conv_flops(out_size, 3, out_channels, out_channels)
-            else:
-                reduced = out_channels // 4
-                first_size = out_size if self.downsample_in_bottleneck else size
-                flops += self._conv_flops(first_size, 1, layer_in, reduced)
-                flops += self._conv_flops(out_size, 3, reduced, reduced)
-                flops += self._conv_flops(out_size, 1, reduced, out_channels)
-            size = out_size
-        return flops, size
+        if layer_in != out_channels or layer_stride != 1:  # 1x1 projection shortcut
+            flops += self._conv_flops(out_size, 1, layer_in, out_channels)
+        if self.layer_type == "basic":
+            flops += self._conv_flops(out_size, 3, layer_in, out_channels)
+            flops += self._conv_flops(out_size, 3, out_channels, out_channels)
+        else:
+            reduced = out_channels // 4
+            first_size = out_size if self.downsample_in_bottleneck else size
+            flops += self._conv_flops(first_size, 1, layer_in, reduced)
+            flops += self._conv_flops(out_size, 3, reduced, reduced)
+            flops += self._conv_flops(out_size, 1, reduced, out_channels)
+        return flops, out_size
+
+    def _unit_flops_and_sizes(self) -> list[tuple[float, int]]:
+        """FLOPs and output side of every unit `exit_layers` counts (see `exit_units`), for the reference input."""
+        result, size = [], self._stem_output_size()
+        for stage, layers in self.exit_units():
+            flops = 0.0
+            for layer in layers:
+                layer_flops, size = self._layer_flops_and_size(stage, layer, size)
+                flops += layer_flops
+            result.append((flops, size))
+        return result
 
     def stage_output_sizes(self) -> list[int]:
         """Side of each stage's output feature map for the reference input."""
         sizes, size = [], self._stem_output_size()
-        for stage in range(len(self.depths)):
-            size = self._stage_flops_and_size(stage, size)[1]
+        for stage, depth in enumerate(self.depths):
+            for layer in range(depth):
+                size = self._layer_flops_and_size(stage, layer, size)[1]
             sizes.append(size)
         return sizes
+
+    def unit_output_sizes(self) -> list[int]:
+        """Side of the feature map after each unit `exit_layers` counts (a stage or a block) for the reference input."""
+        return [size for _, size in self._unit_flops_and_sizes()]
 
     def stem_flops(self) -> float:
         stem_size = self._conv_output_size(self.exit_cost_reference_size, self.stem_kernel_size, self.stem_stride)
         return self._conv_flops(stem_size, self.stem_kernel_size, self.num_channels, self.embedding_size)
 
     def block_flops(self) -> list[float]:
-        flops, size = [], self._stem_output_size()
-        for stage in range(len(self.depths)):
-            stage_flops, size = self._stage_flops_and_size(stage, size)
-            flops.append(stage_flops)
-        return flops
+        return [flops for flops, _ in self._unit_flops_and_sizes()]
 
     def exit_head_flops(self) -> list[float]:
-        sizes, strides = self.stage_output_sizes(), self._resolve_exit_head_strides()
+        sizes, strides = self.unit_output_sizes(), self._resolve_exit_head_strides()
         heads = []
-        for k, (end, channels) in enumerate(zip(self.exit_layers[:-1], self.exit_head_channels())):
-            stage_channels = self.hidden_sizes[end - 1]
+        exits = zip(self.exit_layers[:-1], self.exit_input_channels(), self.exit_head_channels())
+        for k, (end, stage_channels, channels) in enumerate(exits):
             out_size = self._conv_output_size(sizes[end - 1], 3, strides[k])
             heads.append(self._conv_flops(out_size, 3, stage_channels, channels) + 2.0 * channels * self.num_labels)
         heads.append(2.0 * self.hidden_sizes[-1] * self.num_labels)  # the stock pooler + linear classifier

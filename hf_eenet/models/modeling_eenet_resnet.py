@@ -36,8 +36,8 @@ class EENetResNetExitHead(nn.Module):
 
 class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
     r"""
-    ResNet with a classifier after several stages (`config.exit_layers` counts stages) that exits early, per image,
-    inside a batch.
+    ResNet with a classifier after several stages (`config.exit_layers` counts stages, or residual blocks with
+    `config.exit_layer_unit="block"`) that exits early, per image, inside a batch.
 
     The backbone and classifier keep the names of [`ResNetForImageClassification`] (`resnet`, and `classifier` =
     flatten + linear), so a stock ResNet checkpoint (a pretrained `ResNetModel` or a fine-tuned
@@ -83,9 +83,9 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
                 embeddings.pooler = nn.Identity()
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(config.hidden_sizes[-1], config.num_labels))
         self.exit_heads = nn.ModuleList(
-            EENetResNetExitHead(config.hidden_sizes[end - 1], channels, stride, config)
-            for end, channels, stride in zip(
-                config.exit_layers[:-1], config.exit_head_channels(), config.exit_head_strides
+            EENetResNetExitHead(in_channels, channels, stride, config)
+            for in_channels, channels, stride in zip(
+                config.exit_input_channels(), config.exit_head_channels(), config.exit_head_strides
             )
         )
         self._init_exit_policy()
@@ -104,10 +104,17 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
             raise ValueError("The batch is empty: pass at least one image.")
         return {"hidden_states": self.resnet.embedder(pixel_values)}
 
+    def exit_units(self) -> list[nn.Module]:
+        """The modules `config.exit_layers` counts: the stages, or (`exit_layer_unit="block"`) their residual blocks."""
+        stages = self.resnet.encoder.stages
+        if self.config.exit_layer_unit == "stage":
+            return list(stages)
+        return [layer for stage in stages for layer in stage.layers]
+
     def run_blocks(self, state, start, end):
         hidden_state = state["hidden_states"]
-        for stage in self.resnet.encoder.stages[start:end]:
-            hidden_state = stage(hidden_state)
+        for unit in self.exit_units()[start:end]:
+            hidden_state = unit(hidden_state)
         return {"hidden_states": hidden_state}
 
     def exit_features(self, state, exit_index):
