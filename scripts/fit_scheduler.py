@@ -89,13 +89,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     trainer.save_model()
     if trainer.is_world_process_zero():
-        timings = trainer.early_exit_cost_timings
-        if timings is not None:
+        for round_index, timings in enumerate(trainer.early_exit_cost_timings, 1):
             fractions = {
                 row["budget"]: round(1 / row["speedup"], 3) for row in timings["rows"] if row["budget"] != 1.0
             }
-            print(f"\nWall-clock fractions of the early-exit forward on calibration batches (measured): {fractions}")
-            print(f"Exit costs before refitting to them: {[round(c, 4) for c in timings['previous_costs']]}")
+            print(
+                f"\nRound {round_index}: wall-clock fractions of the early-exit forward on calibration batches "
+                f"(measured) {fractions}, with exit costs {[round(c, 4) for c in timings['previous_costs']]}; "
+                f"refitted: {[round(c, 4) for c in timings['costs']]}"
+            )
         costs = [round(c, 4) for c in model.config.exit_costs]
         print(f"Exit costs ({model.config.exit_cost_source}): {costs}")
         stored = [row for row in rows if row["policy"] in (args.exit_policy, "oracle")]

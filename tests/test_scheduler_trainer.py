@@ -166,10 +166,11 @@ def test_bad_arguments_fail_early(tmp_path, kwargs, trainer_kwargs, match):
 
 
 def test_latency_costs_are_measured_before_fitting(tmp_path):
-    model = tiny_model()
+    # blocks big enough that the first exit costs well under the full model even on a busy machine
+    model = tiny_model(hidden_size=128, intermediate_size=512, num_hidden_layers=4)
     flops_costs = list(model.config.exit_costs)
-    args = scheduler_args(tmp_path, fit_baselines=False, latency_costs_batch_size=8, budgets=None)
-    trainer = ExitSchedulerTrainer(model=model, args=args, eval_dataset=token_dataset(32))
+    args = scheduler_args(tmp_path, fit_baselines=False, latency_costs_batch_size=32, budgets=None)
+    trainer = ExitSchedulerTrainer(model=model, args=args, eval_dataset=token_dataset(64, length=64))
     rows = trainer.fit_scheduler()
     costs = model.config.exit_costs
     assert model.config.exit_cost_source == "latency" and costs != flops_costs
@@ -218,15 +219,17 @@ def refit_trainer(tmp_path, monkeypatch, **kwargs):
 
 
 def test_latency_costs_are_refitted_on_the_early_exit_path(tmp_path, monkeypatch):
-    trainer, model, timed = refit_trainer(tmp_path, monkeypatch)
+    trainer, model, timed = refit_trainer(tmp_path, monkeypatch, latency_costs_early_exit_rounds=2)
     with CaptureLogger(logging.get_logger("hf_eenet.trainer")) as captured:
         rows = trainer.fit_scheduler()
-    timings = trainer.early_exit_cost_timings
-    assert timed == [[8, 8]]  # 2 batches of `latency_costs_batch_size`
-    assert [row["budget"] for row in timings["rows"]] == [1.0, *default_budget_grid(UNIFORM_COSTS)]  # every budget
+    first, second = trainer.early_exit_cost_timings  # two rounds
+    assert timed == [[8, 8], [8, 8]]  # 2 batches of `latency_costs_batch_size` per round
+    assert [row["budget"] for row in first["rows"]] == [1.0, *default_budget_grid(UNIFORM_COSTS)]  # every budget
+    assert [row["budget"] for row in second["rows"]] == [1.0, *default_budget_grid(first["costs"])]  # refitted grid
     costs = model.config.exit_costs
-    assert timings["previous_costs"] == UNIFORM_COSTS
-    assert costs == timings["costs"] == exit_costs_from_measured_rows(timings["rows"], UNIFORM_COSTS)
+    assert first["previous_costs"] == UNIFORM_COSTS and second["previous_costs"] == first["costs"]
+    assert first["costs"] == exit_costs_from_measured_rows(first["rows"], UNIFORM_COSTS)
+    assert costs == second["costs"] == exit_costs_from_measured_rows(second["rows"], first["costs"])
     assert model.config.exit_cost_source == "latency" and costs[0] > UNIFORM_COSTS[0]
     # refitted for the new costs: the grid starts above the new cheapest exit, and the dropped budgets are named
     assert model.exit_policy.budgets == default_budget_grid(costs) != default_budget_grid(UNIFORM_COSTS)
@@ -257,6 +260,7 @@ def test_refitting_costs_needs_a_number_of_batches(fitted):
         ({"latency_costs_batch_size": 0}, "latency_costs_batch_size"),
         ({"latency_costs_batch_size": 8, "latency_costs_early_exit_batches": 0}, "latency_costs_early_exit_batches"),
         ({"latency_costs_early_exit_batches": 2}, "set `latency_costs_batch_size`"),
+        ({"latency_costs_early_exit_rounds": 0}, "latency_costs_early_exit_rounds"),
         ({"budgets": [0.8, 0.5]}, "strictly increasing"),
         ({"budgets": [1.5]}, r"\(0, 1\)"),
         ({"default_budget": 0.0}, "default_budget"),
