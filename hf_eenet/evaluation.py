@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .models.configuration_eenet import strictly_increasing
 from .models.exit_policies import (
     ConfidenceThresholdPolicy,
     EENetPaperPolicy,
@@ -515,10 +516,7 @@ def exit_costs_from_measured_rows(
     # costs = cumulative sums of non-negative increments: a non-negative least-squares problem in the increments
     cumulative = torch.ones(prior.numel(), prior.numel(), dtype=torch.float64).tril()
     increments = _nonnegative_least_squares(design @ cumulative, target)
-    costs = increments.cumsum(0).clamp_min(1e-6).tolist()
-    for k in range(1, len(costs)):
-        costs[k] = max(costs[k], costs[k - 1] * (1 + 1e-6))
-    return costs
+    return strictly_increasing(increments.cumsum(0).clamp_min(1e-6).tolist())
 
 
 # --- rendering -------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ into it unchanged) and adds the same early-exit fields through [`EENetConfigMixi
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -192,6 +193,17 @@ class EENetConfigMixin:
                     config_dict.pop(key, None)
         elif "exit_costs" not in overrides and config_dict.get("exit_cost_source", "flops") == "flops":
             config_dict.pop("exit_costs", None)
+
+
+def strictly_increasing(costs: Sequence[float]) -> list[float]:
+    """
+    `costs` with every exit costing more than the one before it: an exit that measured no dearer than its predecessor
+    (a tie of medians, or noise) is raised to `1 + 1e-6` times its predecessor's cost.
+    """
+    costs = [float(c) for c in costs]
+    for k in range(1, len(costs)):
+        costs[k] = max(costs[k], costs[k - 1] * (1 + 1e-6))
+    return costs
 
 
 def validate_budget(budget, *, name: str = "budget") -> float:
@@ -419,6 +431,8 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
 
     model_type = "eenet-resnet"
     EXIT_LAYER_UNITS = ("stage", "block")
+    # the fields the default `exit_head_strides` are derived from
+    _EXIT_HEAD_STRIDE_INPUTS = frozenset({"exit_layers", "exit_cost_reference_size", "exit_layer_unit"})
 
     def __init__(
         self,
@@ -485,15 +499,7 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
     @classmethod
     def _drop_derived_fields(cls, config_dict: dict, overrides: dict) -> None:
         super()._drop_derived_fields(config_dict, overrides)
-        if (
-            "exit_head_strides" not in overrides
-            and {
-                "exit_layers",
-                "exit_cost_reference_size",
-                "exit_layer_unit",
-            }
-            & overrides.keys()
-        ):
+        if "exit_head_strides" not in overrides and cls._EXIT_HEAD_STRIDE_INPUTS & overrides.keys():
             config_dict.pop("exit_head_strides", None)
 
     def exit_units(self) -> list[tuple[int, range]]:
@@ -546,25 +552,28 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
             flops += self._conv_flops(out_size, 1, reduced, out_channels)
         return flops, out_size
 
+    def _block_flops_and_sizes(self) -> list[tuple[float, int]]:
+        """FLOPs and output side of every residual block, in order, for the reference input."""
+        blocks, size = [], self._stem_output_size()
+        for stage, depth in enumerate(self.depths):
+            for layer in range(depth):
+                flops, size = self._layer_flops_and_size(stage, layer, size)
+                blocks.append((flops, size))
+        return blocks
+
     def _unit_flops_and_sizes(self) -> list[tuple[float, int]]:
         """FLOPs and output side of every unit `exit_layers` counts (see `exit_units`), for the reference input."""
-        result, size = [], self._stem_output_size()
-        for stage, layers in self.exit_units():
-            flops = 0.0
-            for layer in layers:
-                layer_flops, size = self._layer_flops_and_size(stage, layer, size)
-                flops += layer_flops
-            result.append((flops, size))
-        return result
+        blocks, units, start = self._block_flops_and_sizes(), [], 0
+        for _, layers in self.exit_units():
+            end = start + len(layers)
+            units.append((sum(flops for flops, _ in blocks[start:end]), blocks[end - 1][1]))
+            start = end
+        return units
 
     def stage_output_sizes(self) -> list[int]:
         """Side of each stage's output feature map for the reference input."""
-        sizes, size = [], self._stem_output_size()
-        for stage, depth in enumerate(self.depths):
-            for layer in range(depth):
-                size = self._layer_flops_and_size(stage, layer, size)[1]
-            sizes.append(size)
-        return sizes
+        blocks = self._block_flops_and_sizes()
+        return [blocks[end - 1][1] for end in itertools.accumulate(self.depths)]
 
     def unit_output_sizes(self) -> list[int]:
         """Side of the feature map after each unit `exit_layers` counts (a stage or a block) for the reference input."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from .configuration_eenet import validate_budget
+from .configuration_eenet import strictly_increasing, validate_budget
 from .exit_policies import ExitPolicy, exit_policy_from_config
 from .modeling_outputs import EarlyExitClassifierOutput
 
@@ -406,9 +406,10 @@ class EarlyExitMixin:
         finally:
             self.train(was_training)
         full = statistics.median(full_times)
-        costs = [statistics.median(times[k] for times in exit_times) / full for k in range(self.config.num_exits)]
-        for k in range(1, len(costs)):  # medians of cumulative times can tie: keep costs strictly increasing
-            costs[k] = max(costs[k], costs[k - 1] * (1 + 1e-6))
+        # medians of cumulative times can tie: keep the costs strictly increasing
+        costs = strictly_increasing(
+            statistics.median(times[k] for times in exit_times) / full for k in range(self.config.num_exits)
+        )
         if self.exit_policy is not None:
             logger.warning(
                 "Exit costs changed after the exit policy was fitted; refit the policy so its budgets match the new "

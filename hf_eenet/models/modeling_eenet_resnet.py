@@ -88,6 +88,13 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
                 config.exit_input_channels(), config.exit_head_channels(), config.exit_head_strides
             )
         )
+        stages = self.resnet.encoder.stages
+        # a plain tuple (not registered again as submodules), built once for `run_blocks`
+        self._exit_units = (
+            tuple(stages)
+            if config.exit_layer_unit == "stage"
+            else tuple(layer for stage in stages for layer in stage.layers)
+        )
         self._init_exit_policy()
         self.post_init()
 
@@ -104,12 +111,9 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
             raise ValueError("The batch is empty: pass at least one image.")
         return {"hidden_states": self.resnet.embedder(pixel_values)}
 
-    def exit_units(self) -> list[nn.Module]:
+    def exit_units(self) -> tuple[nn.Module, ...]:
         """The modules `config.exit_layers` counts: the stages, or (`exit_layer_unit="block"`) their residual blocks."""
-        stages = self.resnet.encoder.stages
-        if self.config.exit_layer_unit == "stage":
-            return list(stages)
-        return [layer for stage in stages for layer in stage.layers]
+        return self._exit_units
 
     def run_blocks(self, state, start, end):
         hidden_state = state["hidden_states"]
