@@ -3,8 +3,9 @@
 Fits EENet (ours, `eenet`) and the paper-faithful EENet (`eenet-paper`) -- every budget of the grid in one batched
 optimisation -- and the confidence baselines on a synthetic calibration draw (exits of increasing accuracy, see
 `hf_eenet.evaluation.synthetic_exit_outputs`), prints the fitting times, and evaluates every policy on an independent
-test draw of the same synthetic "model" (simulated accuracy and cost). `--ablations` also fits EENet without the
-pooled features and without the allocation search, to show what each part contributes.
+test draw of the same synthetic "model" (simulated accuracy and cost). `--ablations` also fits EENet without each of
+its parts (pooled features, allocation search, confidence candidates, sign test, regret candidate, cross-validated
+choice, any held-out data), to show what each part contributes.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_policy_fitting.py --output benchmarks/results/policy_fitting.md
 """
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-budgets", type=int, default=20)
     parser.add_argument("--feature-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ablations", action="store_true", help="also fit EENet without features / allocation search")
+    parser.add_argument("--ablations", action="store_true", help="also fit EENet without each of its parts")
     parser.add_argument("--output", type=Path, default=None, help="write the results as markdown here")
     return parser.parse_args(argv)
 
@@ -84,7 +85,15 @@ def main(argv=None):
             EENetPolicy(args.num_exits, selection_significance=0.0),
             True,
         )
-        candidates["eenet, no held-out slice"] = (EENetPolicy(args.num_exits, validation_fraction=0.0), True)
+        candidates["eenet, no regret candidate"] = (EENetPolicy(args.num_exits, regret_candidate=False), True)
+        candidates["eenet, one held-out slice (no cross-validation)"] = (
+            EENetPolicy(args.num_exits, selection_folds=1),
+            True,
+        )
+        candidates["eenet, no held-out data"] = (
+            EENetPolicy(args.num_exits, selection_folds=1, validation_fraction=0.0),
+            True,
+        )
     policies, timings, epochs = {}, {}, {}
     for name, (policy, with_features) in candidates.items():
         start = time.perf_counter()

@@ -23,6 +23,7 @@ from hf_eenet.models.exit_policies import (
     first_exit_over_threshold,
     geometric_exit_fractions,
     match_thresholds,
+    regret_scoring_functions,
     tilt_exit_fractions,
 )
 
@@ -153,29 +154,126 @@ def test_confidence_candidates_reproduce_the_baselines_inside_eenet(synthetic):
     policy = EENetPolicy(logits.shape[1], **{**FAST, "max_epochs": 5, "validation_fraction": 0.0})
     policy.fit(logits, labels, costs, [0.5])
     static = policy._all_static_features(logits.float(), None)
+    correct = (logits.argmax(-1) == labels[:, None]).float()
     trained = {"weight": torch.zeros(2, *policy.score_weight.shape[1:]), "bias": torch.zeros(2, policy.num_exits)}
     trained |= {
         "scores": torch.zeros(2, logits.shape[0], policy.num_exits),
         "fractions": torch.zeros(2, policy.num_exits),
     }
     budgets = torch.tensor([0.5])
-    extended = policy._add_candidates(trained, static, torch.tensor(costs), budgets, torch.arange(logits.shape[0]))
-    assert extended["weight"].shape[0] == 2 + len(EENetPolicy.CONFIDENCE_CANDIDATES)
-    global_max_prob = 2 + EENetPolicy.CONFIDENCE_CANDIDATES.index("max-prob (global)")
-    fractions = extended["fractions"][global_max_prob]
+    everything = torch.arange(logits.shape[0])
+    extended = policy._add_candidates(trained, static, correct, torch.tensor(costs), budgets, everything)
+    assert policy.extra_candidates == (EENetPolicy.REGRET_CANDIDATE, *EENetPolicy.CONFIDENCE_CANDIDATES)
+    assert extended["weight"].shape[0] == 2 + len(policy.extra_candidates)
+    assert extended["thresholds"][:2].isnan().all()  # trained models: thresholds matched to their fractions
+    global_max_prob = 2 + policy.extra_candidates.index("max-prob (global)")
     baseline = ConfidenceThresholdPolicy(policy.num_exits).fit(logits, labels, costs, [0.5])
     exits = baseline.simulate(logits, 0)
     expected = torch.bincount(exits, minlength=policy.num_exits).float() / exits.numel()
-    torch.testing.assert_close(fractions, expected)
+    torch.testing.assert_close(extended["fractions"][global_max_prob], expected)
+    torch.testing.assert_close(extended["thresholds"][global_max_prob], baseline.thresholds[0])  # the same rule
     torch.testing.assert_close(extended["scores"][global_max_prob], logits.float().softmax(-1).amax(-1))
+    geometric = 2 + policy.extra_candidates.index("max-prob (geometric)")
+    assert extended["thresholds"][geometric].isnan().all()
+
+
+def test_regret_scores_send_on_the_samples_a_later_exit_fixes():
+    """
+    The regret score ranks by the chance that stopping loses to a later exit, not by confidence: samples that no
+    later exit gets right are as cheap to stop as the confident ones.
+    """
+    generator = torch.Generator().manual_seed(0)
+    num_samples = 4000
+    confidence = torch.rand(num_samples, generator=generator)
+    fixable = torch.rand(num_samples, generator=generator)  # a second feature: whether the next exit fixes it
+    static = torch.stack([confidence, fixable], -1)[:, None].expand(num_samples, 2, 2).clone()
+    correct = torch.zeros(num_samples, 2)
+    correct[:, 0] = (torch.rand(num_samples, generator=generator) < confidence).float()
+    correct[:, 1] = torch.maximum(correct[:, 0], (fixable > 0.5).float())
+    weight, bias = regret_scoring_functions(static, correct, l2=1e-3)
+    assert weight[1].abs().sum() == 0 and bias[1] == 0  # the last exit takes the rest
+    assert weight[0, 0] > 0 and weight[0, 1] < 0  # confident and unfixable samples stop
+    score = static[:, 0] @ weight[0] + bias[0]
+    regret = correct[:, 1] > correct[:, 0]
+    # the score separates the regret far better than confidence alone
+    assert _auc(-score, regret) > _auc(-confidence, regret) + 0.1
+    constant = regret_scoring_functions(static, correct.new_ones(num_samples, 2), max_prob_column=0)
+    assert constant[0][0].tolist() == [1.0, 0.0]  # nothing to learn: the max-prob feature
+
+
+def _auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    ranks = score.argsort().argsort().double() + 1
+    num_positive, num_negative = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - num_positive * (num_positive + 1) / 2) / (num_positive * num_negative))
+
+
+def test_cross_validated_selection_holds_out_every_sample_once(synthetic):
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    budgets = [0.35, 0.5, 0.7]
+    policy = EENetPolicy(logits.shape[1], **{**FAST, "max_epochs": 5, "selection_folds": 3})
+    calls = []
+    original = policy._fit_candidates
+
+    def recording(*args):
+        calls.append((args[5].clone(), args[6]))  # the fitting slice and the early-stopping slice
+        return original(*args)
+
+    policy._fit_candidates = recording
+    policy.fit(logits, labels, costs, budgets)
+    num_samples = logits.shape[0]
+    assert len(calls) == 4  # three folds and the final fit on everything
+    held_out = torch.cat(
+        [torch.tensor(sorted(set(range(num_samples)) - set(index.tolist()))) for index, _ in calls[:3]]
+    )
+    assert sorted(held_out.tolist()) == list(range(num_samples))  # every sample held out exactly once
+    assert calls[3][0].tolist() == list(range(num_samples)) and all(v is None for _, v in calls)
+    for index, row in enumerate(policy.fit_summary_):
+        assert row["calibration_cost"] <= budgets[index] + 1e-6
+        assert 0.0 <= row["heldout_accuracy"] <= 1.0
+        if row["scoring"] in ("max-prob (global)", "entropy (global)") and row["allocation"] == "learned":
+            score = "max_prob" if row["scoring"].startswith("max-prob") else "entropy"
+            baseline = ConfidenceThresholdPolicy(policy.num_exits, score=score).fit(logits, labels, costs, budgets)
+            assert torch.equal(policy.simulate(logits, index), baseline.simulate(logits, index))
+    with pytest.raises(ValueError, match="selection_folds"):
+        EENetPolicy(3, selection_folds=0)
+    with pytest.raises(ValueError, match="regret_l2"):
+        EENetPolicy(3, regret_l2=-1.0)
+
+
+def test_a_larger_budget_copies_a_smaller_ones_solution_only_on_held_out_evidence(synthetic, monkeypatch):
+    """With cross-validation the copy rule reads the held-out hits of the chosen solutions, not in-sample ones."""
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    policy = EENetPolicy(logits.shape[1], **{**FAST, "max_epochs": 5, "selection_folds": 2})
+    original = policy._fit_and_choose
+    held_out = {}
+
+    def with_held_out_hits(*args):
+        static, trained, chosen = original(*args)
+        chosen.heldout_hits = held_out["hits"](chosen.heldout_hits)
+        return static, trained, chosen
+
+    monkeypatch.setattr(policy, "_fit_and_choose", with_held_out_hits)
+
+    def smaller_budget_wins(hits):  # budget 0 right on 100 more held-out samples than budget 1
+        hits = torch.zeros_like(hits)
+        hits[0, :100] = 1.0
+        return hits
+
+    held_out["hits"] = smaller_budget_wins
+    policy.fit(logits, labels, costs, [0.5, 0.7])
+    assert [row["solution_of_budget"] for row in policy.fit_summary_] == [0.5, 0.5]
+    assert torch.equal(policy.thresholds[1], policy.thresholds[0])
+    held_out["hits"] = torch.ones_like  # a tie held out: each budget keeps its own solution
+    policy.fit(logits, labels, costs, [0.5, 0.7])
+    assert [row["solution_of_budget"] for row in policy.fit_summary_] == [0.5, 0.7]
 
 
 def test_the_best_confidence_rule_stays_unless_a_candidate_beats_it_significantly():
     """The guard replaces the tuned heuristic only on held-out evidence: a paired sign test at `z` deviations."""
     policy = EENetPolicy(3, num_labels=2, selection_significance=1.0)
     trained = len(policy._variant_masks()) * policy.restarts
-    num_candidates, num_allocations = trained + len(EENetPolicy.CONFIDENCE_CANDIDATES), 2
-    rule = (trained + 1) * num_allocations  # the second confidence candidate, with its own allocation
+    num_candidates, num_allocations = trained + len(policy.extra_candidates), 2
+    rule = (num_candidates - len(EENetPolicy.CONFIDENCE_CANDIDATES) + 1) * num_allocations  # the second rule, own
     challenger = 0  # the first trained variant, the best on held-out data
     totals = torch.zeros(1, num_candidates * num_allocations, dtype=torch.long)
     totals[0, rule] = 5  # the most accurate confidence rule on the whole calibration split

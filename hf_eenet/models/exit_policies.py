@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -50,6 +51,7 @@ __all__ = [
     "geometric_exit_fractions",
     "match_thresholds",
     "register_exit_policy",
+    "regret_scoring_functions",
     "thresholds_for_exit_fractions",
     "tilt_exit_fractions",
 ]
@@ -692,6 +694,22 @@ class StaticExitPolicy(_UnbudgetedPolicy):
 _LOSS_WEIGHTS = {"kl": 1e-3, "budget": 1e-2}
 
 
+@dataclass
+class _Choice:
+    """
+    What an EENet fit chose per budget: `model` `(M,)` indexes the fitted candidates, `fractions` `(M, K)` are the
+    exit fractions to quantile-match, `thresholds` `(M, K)` (optional) replace the matched ones of every budget whose
+    row holds no NaN, `heldout_hits` `(M, N)` (optional) are the chosen solutions' correctness on held-out samples,
+    and `details` holds per-budget lists for `fit_summary_`.
+    """
+
+    model: torch.Tensor
+    fractions: torch.Tensor
+    details: dict
+    thresholds: torch.Tensor | None = None
+    heldout_hits: torch.Tensor | None = None
+
+
 @register_exit_policy
 class EENetPaperPolicy(ExitPolicy):
     r"""
@@ -981,27 +999,68 @@ class EENetPaperPolicy(ExitPolicy):
         exit_features = [f.detach().float().to(device) for f in exit_features] if exit_features is not None else None
         costs = costs.to(device)
         generator = torch.Generator().manual_seed(self.seed)
-        fit_index, validation_index = self._split(exit_logits.shape[0], generator)
-        fit_index = fit_index.to(device)
-        validation_index = validation_index.to(device) if validation_index is not None else None
-
         self.budgets, self.num_labels = budgets, int(exit_logits.shape[-1])
+        correct = (exit_logits.argmax(-1) == labels[:, None]).float()  # (N, K)
+        budget_tensor = torch.tensor(budgets, device=device)
+        static, trained, chosen = self._fit_and_choose(
+            exit_logits, exit_features, correct, costs, budget_tensor, generator
+        )
+        with torch.no_grad():
+            self.score_weight.copy_(trained["weight"][chosen.model])
+            self.score_bias.copy_(trained["bias"][chosen.model])
+            scores = torch.stack([self._scores_from_static(static, m) for m in range(len(budgets))])  # (M, N, K)
+            thresholds, exits = match_thresholds(scores, chosen.fractions[:, None])
+            thresholds, exits = thresholds[:, 0], exits[:, 0]
+            if chosen.thresholds is not None:  # budgets whose choice brings its own thresholds (NaN: none)
+                fixed = ~chosen.thresholds.isnan().any(-1)
+                thresholds = torch.where(fixed[:, None], chosen.thresholds, thresholds)
+                exits = torch.where(fixed[:, None], first_exit_over_threshold(scores, chosen.thresholds), exits)
+            self.thresholds.copy_(thresholds)
+            hits = correct[torch.arange(correct.shape[0], device=device), exits]  # (M, N)
+            cost = costs[exits].mean(-1)
+            # a larger budget keeps a smaller one's solution only if clearly better (held out, where it was measured)
+            evidence = chosen.heldout_hits if chosen.heldout_hits is not None else hits.clone()
+            copied_from = list(range(len(budgets)))
+            for m in range(1, len(budgets)):
+                if _significantly_better(evidence[m - 1], evidence[m]):
+                    for buffer in (self.score_weight, self.score_bias, self.thresholds):
+                        buffer[m] = buffer[m - 1]
+                    hits[m], cost[m], copied_from[m] = hits[m - 1], cost[m - 1], copied_from[m - 1]
+                    evidence[m] = evidence[m - 1]
+            accuracy = hits.mean(-1)
+        self.fit_summary_ = [
+            {
+                "budget": budget,
+                "calibration_accuracy": float(accuracy[m]),
+                "calibration_cost": float(cost[m]),
+                "solution_of_budget": budgets[copied_from[m]],
+                "epochs": trained["epochs"],
+                **{key: value[copied_from[m]] for key, value in chosen.details.items()},
+            }
+            for m, budget in enumerate(budgets)
+        ]
+        return self
+
+    def _fit_candidates(
+        self, exit_logits, exit_features, correct, costs, budgets, fit_index, validation_index, generator
+    ):
+        """
+        Fit every candidate on the fitting slice `fit_index` (`validation_index`, if any, stops the training early):
+        the pooled-feature projection, the scoring functions of every variant and restart for every budget, and the
+        closed-form candidates. Returns `(static, trained)`: the exits' features `(N, K, Fs)` and the candidates.
+        """
         self._prepare_features(exit_features, fit_index)
         self._allocate_buffers()
         self._after_allocation()
-        self.to(device)
+        self.to(exit_logits.device)
         with torch.no_grad():
             static = self._all_static_features(exit_logits, exit_features)  # (N, K, Fs)
-        correct = (exit_logits.argmax(-1) == labels[:, None]).float()  # (N, K)
-        budget_tensor = torch.tensor(budgets, device=device)
-        masks = self._variant_masks().to(device)
-
         trained = _train_eenet(
             static,
             correct,
             costs,
-            budget_tensor,
-            masks,
+            budgets,
+            self._variant_masks().to(exit_logits.device),
             fit_index,
             validation_index,
             restarts=self.restarts,
@@ -1016,38 +1075,22 @@ class EENetPaperPolicy(ExitPolicy):
             max_prob_column=self.num_labels,
             generator=generator,
         )
-        trained = self._add_candidates(trained, static, costs, budget_tensor, fit_index)
-        choice, fractions, details = self._select(trained, correct, costs, budget_tensor, fit_index, validation_index)
-        with torch.no_grad():
-            self.score_weight.copy_(trained["weight"][choice])
-            self.score_bias.copy_(trained["bias"][choice])
-            scores = torch.stack([self._scores_from_static(static, m) for m in range(len(budgets))])  # (M, N, K)
-            thresholds, exits = match_thresholds(scores, fractions[:, None])
-            self.thresholds.copy_(thresholds[:, 0])
-            exits = exits[:, 0]
-            hits = correct[torch.arange(correct.shape[0], device=device), exits]  # (M, N)
-            cost = costs[exits].mean(-1)
-            copied_from = list(range(len(budgets)))
-            for m in range(1, len(budgets)):  # a larger budget keeps a smaller one's solution only if clearly better
-                if _significantly_better(hits[m - 1], hits[m]):
-                    for buffer in (self.score_weight, self.score_bias, self.thresholds):
-                        buffer[m] = buffer[m - 1]
-                    hits[m], cost[m], copied_from[m] = hits[m - 1], cost[m - 1], copied_from[m - 1]
-            accuracy = hits.mean(-1)
-        self.fit_summary_ = [
-            {
-                "budget": budget,
-                "calibration_accuracy": float(accuracy[m]),
-                "calibration_cost": float(cost[m]),
-                "solution_of_budget": budgets[copied_from[m]],
-                "epochs": trained["epochs"],
-                **{key: value[copied_from[m]] for key, value in details.items()},
-            }
-            for m, budget in enumerate(budgets)
-        ]
-        return self
+        return static, self._add_candidates(trained, static, correct, costs, budgets, fit_index)
 
-    def _add_candidates(self, trained, static, costs, budgets, fit_index) -> dict:
+    def _fit_and_choose(self, exit_logits, exit_features, correct, costs, budgets, generator):
+        """
+        Fit the candidates and choose one per budget. Returns `(static, trained, chosen)`: the exits' features and
+        the candidates fitted on the whole split (see [`~EENetPaperPolicy._fit_candidates`]) and the [`_Choice`].
+        """
+        fit_index, validation_index = self._split(exit_logits.shape[0], generator)
+        fit_index = fit_index.to(exit_logits.device)
+        validation_index = validation_index.to(exit_logits.device) if validation_index is not None else None
+        static, trained = self._fit_candidates(
+            exit_logits, exit_features, correct, costs, budgets, fit_index, validation_index, generator
+        )
+        return static, trained, self._select(trained, correct, costs, budgets, fit_index, validation_index)
+
+    def _add_candidates(self, trained, static, correct, costs, budgets, fit_index) -> dict:
         """Other solutions the selection may choose besides the trained models (none in the paper)."""
         return trained
 
@@ -1056,8 +1099,8 @@ class EENetPaperPolicy(ExitPolicy):
         Step 6: per budget, the restart with the best calibration accuracy, thresholds from its learned fractions.
 
         Returns:
-            `(choice, fractions, details)`: the index (into the trained models) chosen per budget `(M,)`, the exit
-            fractions to match per budget `(M, K)` and per-budget details for `fit_summary_`.
+            [`_Choice`]: the index (into the trained models) chosen per budget, the exit fractions to match and the
+            per-budget details for `fit_summary_`.
         """
         num_budgets = budgets.numel()
         fractions = tilt_exit_fractions(trained["fractions"], costs, trained["budget"])  # (P, K)
@@ -1066,7 +1109,7 @@ class EENetPaperPolicy(ExitPolicy):
         best = accuracy.argmax(-1)
         choice = torch.arange(num_budgets, device=best.device) * accuracy.shape[1] + best
         details = {"restart": [int(i) for i in best], "learned_fractions": fractions[choice].tolist()}
-        return choice, fractions[choice], details
+        return _Choice(choice, fractions[choice], details)
 
 
 def _accuracy(correct: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
@@ -1266,41 +1309,44 @@ class EENetPolicy(EENetPaperPolicy):
     Our default EENet: the framework of [`EENetPaperPolicy`] (same scoring functions, losses, alternating
     optimisation, restarts, batched budget grid) with the improvements of the design ("Beyond the paper"):
 
-    - **held-out guard**: a random `validation_fraction` of the calibration split is held out of the optimisation;
-      early stopping uses its total loss, and every choice below (restart, feature set, allocation) is made on its
-      accuracy (ties: accuracy on the fitting slice), so a small calibration split is not overfitted. The final
-      thresholds are then quantile-matched on the whole calibration split, so its cost still meets the budget;
-    - **richer features**, as a second feature variant trained beside the paper's (the guard picks per budget):
-      agreement of exit `k`'s prediction with the earlier exits (fraction of them predicting the same class),
-      whether the prediction changed since the previous exit, how much the probability of the predicted class moved,
-      the previous exit's max-prob, and, when `exit_features` are given to `fit`, a `feature_projection_dim`-
-      dimensional whitened PCA projection of the pooled representation the exit head received;
-    - **allocation optimised for calibration accuracy**: starting from the learned (tilted) exit fractions, a
+    - **cross-validated choice**: every choice below (feature variant, scoring function, allocation) is made on
+      held-out accuracy. The calibration split is cut into `selection_folds` folds; every candidate is fitted once
+      without each fold and scored on it, so every calibration sample is held out exactly once (ties: accuracy on the
+      whole split); the chosen candidate is then fitted on the whole split, whose thresholds therefore meet the
+      budget on it. With fewer than 50 samples per fold (or `selection_folds=1`), a random `validation_fraction` of
+      the split is held out instead (it also stops the training early) and the final thresholds are quantile-matched
+      on the whole split;
+    - **richer features**, as a second feature variant trained beside the paper's: agreement of exit `k`'s
+      prediction with the earlier exits (fraction of them predicting the same class), whether the prediction changed
+      since the previous exit, how much the probability of the predicted class moved, the previous exit's max-prob,
+      and, when `exit_features` are given to `fit`, a `feature_projection_dim`-dimensional whitened PCA projection of
+      the pooled representation the exit head received;
+    - **regret scoring functions** ([`regret_scoring_functions`], `regret_candidate`): a linear score fitted in
+      closed form to rank samples by how likely stopping at exit `k` loses to a later exit (exit `k` wrong, a later
+      one right), with global-threshold allocation. Predicting "exit `k` is right" (what max-prob and the paper's
+      scoring functions estimate) spends the budget on hard samples that no later exit fixes either; the regret
+      score sends on the ones a later exit is likely to fix;
+    - **allocation optimised for calibration accuracy**: starting from a candidate's own (tilted) exit fractions, a
       coordinate search moves mass to or from one exit at a time (steps of 1, 3 and 10 points, re-tilted so
-      `sum_k f_k c_k = b`) while accuracy on the fitting slice improves; the guard keeps it only where it does not
-      lose held-out accuracy against the learned fractions.
+      `sum_k f_k c_k = b`) while accuracy on the fitting data improves; it is kept only where it wins held out;
     - **the confidence baselines as candidates**: max-prob and entropy confidence with global-threshold and geometric
-      exit fractions are scoring functions of EENet's own family (weight 1 on that feature). Per budget the best
-      of them on the whole calibration split (the tuned heuristic) is the default, and the guard replaces it by the
-      best candidate on held-out data (a trained one, or a searched allocation) only when that one wins there by
-      `selection_significance` standard deviations of a paired sign test. Taking the held-out maximum over the 12
-      candidates (2 trained variants and 4 confidence rules, each with its own or a searched allocation) instead
-      chose noise: on the CIFAR-10 ResNet (1,000 held-out images) it lost up to 0.76 pt on test to max-prob at
-      budget 0.4; with the test at one deviation the worst loss there was 0.10 pt while the mean gain over the grid
-      stayed (+0.12 pt), and the small ViT kept its +0.8..+1.6 pt at budgets 0.35-0.5 with no loss anywhere
-      (simulated on the cached exits of the earlier reference fits; the refits are in
-      `benchmarks/results/cifar10_*.md`). On SST-2 dev (872 sentences) the learned functions tie max-prob within
-      noise.
+      exit fractions are scoring functions of EENet's own family (weight 1 on that feature; a global-threshold
+      candidate keeps its single threshold, so it makes exactly the baseline's decisions). Per budget the best of
+      them held out (the tuned heuristic) is the default, and the guard replaces it by the best candidate held out
+      only when that one wins by `selection_significance` standard deviations of a paired sign test. Taking the
+      held-out maximum over all candidates instead chose noise (on the CIFAR-10 ResNet with one held-out slice of
+      1,000 images it lost up to 0.76 pt on test to max-prob at budget 0.4).
 
-    What was measured (`benchmarks/results/policy_fitting.md`: 10,000 synthetic calibration samples, 6 exits,
-    20 budgets; mean simulated accuracy over the grid on an independent test draw): ours 79.94 %, without the pooled
-    features 79.42 %, without the confidence candidates 79.88 %, with the held-out maximum instead of the sign test
-    79.92 %, without the held-out slice 79.88 %, without the allocation search 79.94 % (no gain on this draw; on the
-    CIFAR-10 reference models most budgets where EENet leaves the confidence rule use a searched allocation); the
-    paper-faithful EENet 78.96 %, max-prob 78.85 % (global) / 79.19 % (geometric). The gains are small because
-    confidence already carries most of what these exits know (as the design found on SST-2). The candidates cost
-    fitting time (53 s instead of 27 s there, mostly the allocation search over them). Dropped: a third feature
-    variant and more restarts (fitting time grows linearly with them for no measurable gain on held-out data).
+    What was measured (simulated on the cached exits of the reference models, fitted on their calibration splits and
+    evaluated on test; `benchmarks/results/policy_selection_*.md`; margin to the best of the four confidence
+    baselines of each budget from 0.3 to 0.9, mean / worst): CIFAR-10 ResNet +1.09 / -0.02 pt (without the regret
+    candidate +0.70 / -0.15, with one held-out slice instead of cross-validation +0.76 / -0.16, with neither +0.67 /
+    -0.16); CIFAR-10 ViT +0.68 / -0.05 (+0.39 / -0.05, +0.44 / -0.17, +0.22 / -0.04); SST-2, where no candidate
+    beats max-prob on 872 dev sentences, -0.07 / -0.38 (-0.07 / -0.38, -0.03 / -0.33, -0.03 / -0.33); the
+    paper-faithful EENet -2.50 / -4.71, -0.05 / -0.44 and -0.00 / -0.22. Cross-validation makes fitting about
+    `selection_folds + 1` times slower (50-75 s for 5,000 samples and 15 budgets on 2 CPU cores). Dropped: a third
+    feature variant and more restarts (fitting time grows linearly with them for no measurable gain on held-out
+    data).
 
     A policy fitted with `exit_features` records their sizes (`feature_sizes`) and needs the pooled features at
     every `decide` (the early-exit engine passes them); without them it raises a `ValueError`.
@@ -1313,14 +1359,19 @@ class EENetPolicy(EENetPaperPolicy):
             (0: do not use them).
         feature_sizes (`list[int]`, *optional*): sizes of the pooled features of every exit the policy was fitted
             with (set by `fit`; `None` when fitted without features).
-        validation_fraction (`float`, *optional*, defaults to 0.2): held-out share of the calibration split (no
-            hold-out when it would hold fewer than 50 samples).
+        validation_fraction (`float`, *optional*, defaults to 0.2): held-out share of the calibration split without
+            cross-validation (no hold-out when it would hold fewer than 50 samples).
         search_allocation (`bool`, *optional*, defaults to `True`): run the allocation search.
         confidence_candidates (`bool`, *optional*, defaults to `True`): let the held-out guard also choose the
             confidence baselines (see above).
         selection_significance (`float`, *optional*, defaults to 1.0): with the confidence candidates, how many
-            standard deviations of a paired sign test on the held-out slice the best candidate must beat the best
+            standard deviations of a paired sign test on held-out samples the best candidate must beat the best
             confidence rule by to replace it (0: the most accurate held-out candidate is chosen).
+        regret_candidate (`bool`, *optional*, defaults to `True`): add the regret scoring functions to the candidates.
+        regret_l2 (`float`, *optional*, defaults to 1e-3): L2 penalty of the regret scoring functions' logistic
+            regression (on standardised features; the loss is a mean over samples).
+        selection_folds (`int`, *optional*, defaults to 5): folds of the cross-validated choice (1: one held-out
+            slice of `validation_fraction`).
     """
 
     policy_type = "eenet"
@@ -1346,14 +1397,15 @@ class EENetPolicy(EENetPaperPolicy):
         search_allocation: bool = True,
         confidence_candidates: bool = True,
         selection_significance: float = 1.0,
+        regret_candidate: bool = True,
+        regret_l2: float = 1e-3,
+        selection_folds: int = 5,
     ):
-        if not (
-            isinstance(selection_significance, (int, float))
-            and not isinstance(selection_significance, bool)
-            and math.isfinite(selection_significance)
-            and selection_significance >= 0
-        ):
-            raise ValueError(f"`selection_significance` must be a finite number >= 0, got {selection_significance!r}.")
+        if isinstance(selection_folds, bool) or not isinstance(selection_folds, int) or selection_folds < 1:
+            raise ValueError(f"`selection_folds` must be an integer >= 1, got {selection_folds!r}.")
+        for name, value in (("selection_significance", selection_significance), ("regret_l2", regret_l2)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if (
             isinstance(feature_projection_dim, bool)
             or not isinstance(feature_projection_dim, int)
@@ -1374,6 +1426,9 @@ class EENetPolicy(EENetPaperPolicy):
         self.search_allocation = bool(search_allocation)
         self.confidence_candidates = bool(confidence_candidates)
         self.selection_significance = float(selection_significance)
+        self.regret_candidate = bool(regret_candidate)
+        self.regret_l2 = float(regret_l2)
+        self.selection_folds = selection_folds
         super().__init__(
             num_exits,
             budgets,
@@ -1399,6 +1454,9 @@ class EENetPolicy(EENetPaperPolicy):
             "search_allocation": self.search_allocation,
             "confidence_candidates": self.confidence_candidates,
             "selection_significance": self.selection_significance,
+            "regret_candidate": self.regret_candidate,
+            "regret_l2": self.regret_l2,
+            "selection_folds": self.selection_folds,
         }
 
     @property
@@ -1514,26 +1572,46 @@ class EENetPolicy(EENetPaperPolicy):
         "entropy (global)",
         "entropy (geometric)",
     )
+    REGRET_CANDIDATE: ClassVar[str] = "regret (global)"
 
-    def _add_candidates(self, trained, static, costs, budgets, fit_index) -> dict:
+    @property
+    def extra_candidates(self) -> tuple[str, ...]:
+        """The closed-form candidates appended after the trained models of every budget, in order."""
+        regret = (self.REGRET_CANDIDATE,) if self.regret_candidate else ()
+        return regret + (self.CONFIDENCE_CANDIDATES if self.confidence_candidates else ())
+
+    def _add_candidates(self, trained, static, correct, costs, budgets, fit_index) -> dict:
         """
-        Add the confidence baselines as candidates of the selection (`s_k = max p_k`, or `1 - H(p_k)/log C`, with
-        global-threshold or geometric exit fractions on the fitting slice): every one is an EENet scoring function
-        (weight 1 on that feature), so the held-out guard keeps a learned scoring function only where it is at least
-        as accurate on held-out data as the best of them.
+        Add the closed-form candidates of the selection, each an EENet scoring function with its own exit fractions
+        on the fitting slice:
+
+        - the **regret** scoring functions ([`regret_scoring_functions`], fitted on the fitting slice) with
+          global-threshold fractions;
+        - the **confidence baselines** (`s_k = max p_k`, or `1 - H(p_k)/log C`: weight 1 on that feature) with
+          global-threshold or geometric fractions, so the held-out guard keeps any other candidate only where it is
+          at least as accurate on held-out data as the best of them.
         """
-        if not self.confidence_candidates:
-            return trained
+        names = self.extra_candidates
+        extended = {**trained, "thresholds": torch.full_like(trained["fractions"], math.nan)}  # NaN: matched
+        if not names:
+            return extended
         num_budgets, num_models = budgets.numel(), trained["weight"].shape[0]
         per_budget = num_models // num_budgets
-        columns = {"max-prob": self.num_labels, "entropy": self.num_labels + 1}
-        candidates = {key: [] for key in ("weight", "bias", "scores", "fractions")}
-        for name in self.CONFIDENCE_CANDIDATES:
-            score_name, allocation = name.split(" (")
-            column = columns[score_name]
-            scores = static[:, :, column]  # (N, K)
+        scoring = {}
+        for column, score_name in enumerate(("max-prob", "entropy"), start=self.num_labels):
             weight = torch.zeros_like(trained["weight"][0])
             weight[:, column] = 1.0
+            scoring[score_name] = (weight, torch.zeros_like(trained["bias"][0]))
+        if self.regret_candidate:
+            weight, bias = regret_scoring_functions(
+                static[fit_index], correct[fit_index], l2=self.regret_l2, max_prob_column=self.num_labels
+            )
+            scoring["regret"] = (F.pad(weight, (0, self.num_exits - 1)), bias)  # no weight on earlier scores
+        candidates = {key: [] for key in ("weight", "bias", "scores", "fractions", "thresholds")}
+        for name in names:
+            score_name, allocation = name.split(" (")
+            weight, bias = scoring[score_name]
+            scores = torch.einsum("nkf,kf->nk", static, weight[:, : static.shape[-1]]) + bias  # (N, K)
             for m in range(num_budgets):
                 budget = float(budgets[m])
                 if allocation.startswith("global"):
@@ -1541,68 +1619,128 @@ class EENetPolicy(EENetPaperPolicy):
                     exits = first_exit_over_threshold(scores[fit_index], thresholds)
                     fractions = torch.bincount(exits, minlength=self.num_exits).float() / exits.numel()
                 else:
+                    thresholds = torch.full((self.num_exits,), math.nan, device=scores.device)
                     fractions = geometric_exit_fractions(costs.tolist(), budget).to(scores.device)
+                candidates["thresholds"].append(thresholds)
                 candidates["weight"].append(weight)
-                candidates["bias"].append(torch.zeros_like(trained["bias"][0]))
+                candidates["bias"].append(bias)
                 candidates["scores"].append(scores)
                 candidates["fractions"].append(fractions)
-        num_candidates = len(self.CONFIDENCE_CANDIDATES)
-        extended = dict(trained)
         for key, values in candidates.items():
             # candidate-major -> budget-major, appended after each budget's trained models
-            added = torch.stack(values).view(num_candidates, num_budgets, *values[0].shape).transpose(0, 1)
-            own = trained[key].view(num_budgets, per_budget, *trained[key].shape[1:])
+            added = torch.stack(values).view(len(names), num_budgets, *values[0].shape).transpose(0, 1)
+            own = extended[key].view(num_budgets, per_budget, *extended[key].shape[1:])
             extended[key] = torch.cat([own, added.to(own.dtype)], dim=1).flatten(0, 1)
-        extended["budget"] = budgets.repeat_interleave(per_budget + num_candidates)
+        extended["budget"] = budgets.repeat_interleave(per_budget + len(names))
         return extended
 
     def _candidate_name(self, index: int) -> str:
-        """The name of candidate `index` of a budget: a trained variant and restart, or a confidence baseline."""
+        """The name of candidate `index` of a budget: a trained variant and restart, or a closed-form candidate."""
         trained = len(self._variant_masks()) * self.restarts
         if index >= trained:
-            return self.CONFIDENCE_CANDIDATES[index - trained]
+            return self.extra_candidates[index - trained]
         return f"{'basic' if index // self.restarts == 0 else 'rich'} (restart {index % self.restarts})"
 
-    def _select(self, trained, correct, costs, budgets, fit_index, validation_index):
+    def _fit_and_choose(self, exit_logits, exit_features, correct, costs, budgets, generator):
+        """
+        With `selection_folds >= 2` (and at least 50 samples per fold): every candidate is fitted `selection_folds`
+        times, each time without one fold, and scored on the fold it did not see, so every calibration sample is
+        held out once; the choice per budget is made on those held-out hits, and the chosen candidate is then fitted
+        on the whole split. Otherwise one held-out slice (`validation_fraction`) decides, as in [`EENetPaperPolicy`].
+        """
+        num_samples, device = exit_logits.shape[0], exit_logits.device
+        if self.selection_folds < 2 or num_samples // self.selection_folds < 50:
+            return super()._fit_and_choose(exit_logits, exit_features, correct, costs, budgets, generator)
+        permutation = torch.randperm(num_samples, generator=generator).to(device)
+        held_out = []
+        for fold in permutation.chunk(self.selection_folds):
+            fit_mask = torch.ones(num_samples, dtype=torch.bool, device=device)
+            fit_mask[fold] = False
+            fit_index = fit_mask.nonzero().flatten()
+            _, trained = self._fit_candidates(
+                exit_logits, exit_features, correct, costs, budgets, fit_index, None, generator
+            )
+            held_out.append(self._evaluate_allocations(trained, correct, costs, budgets, fit_index, fold)[2])
+        hits = torch.cat(held_out, dim=-1)  # (M, candidates * allocations, N): every sample held out once
+        everything = torch.arange(num_samples, device=device)
+        static, trained = self._fit_candidates(
+            exit_logits, exit_features, correct, costs, budgets, everything, None, generator
+        )
+        allocations, fit_hits, _ = self._evaluate_allocations(trained, correct, costs, budgets, everything, None)
+        totals = hits.sum(-1)
+        best = (totals * (num_samples + 1) + fit_hits).argmax(-1)  # held-out hits first, then the whole split's
+        if self.confidence_candidates:
+            best = self._guard_against_confidence(best, totals, hits, len(allocations))
+        chosen = self._chosen(best, allocations, hits)
+        own = best % len(allocations) == 0  # a global-threshold candidate keeps its thresholds on the whole split
+        chosen.thresholds = torch.where(own[:, None], trained["thresholds"][chosen.model], math.nan)
+        chosen.heldout_hits = hits[torch.arange(best.numel(), device=best.device), best]  # (M, N)
+        return static, trained, chosen
+
+    def _evaluate_allocations(self, trained, correct, costs, budgets, fit_index, evaluation_index):
+        """
+        Every candidate with every allocation (its own fractions tilted to the budget and, with `search_allocation`,
+        the searched ones), thresholds quantile-matched on the fitting slice.
+
+        Returns:
+            `(allocations, fit_hits, evaluation_hits)`: the `(P, K)` fractions of every allocation, the correct counts
+            on the fitting slice `(M, candidates * allocations)` and the per-sample correctness on `evaluation_index`
+            `(M, candidates * allocations, Ne)` (`None` without `evaluation_index`), allocation fastest.
+        """
         num_budgets = budgets.numel()
         scores = trained["scores"]  # (P, N, K)
         learned = tilt_exit_fractions(trained["fractions"], costs, trained["budget"])  # (P, K)
         fit_scores, fit_correct = scores[:, fit_index], correct[fit_index]
-        if validation_index is None:
-            validation_scores, validation_correct = fit_scores, fit_correct
-        else:
-            validation_scores, validation_correct = scores[:, validation_index], correct[validation_index]
         allocations = [learned]
         if self.search_allocation:
             allocations.append(_search_fractions(fit_scores, fit_correct, learned, costs, trained["budget"]))
-        keys, totals, validation_hits = [], [], []
-        for fractions in allocations:
+        fit_hits, evaluation_hits = [], []
+        for index, fractions in enumerate(allocations):
             thresholds, exits = match_thresholds(fit_scores, fractions[:, None])
-            validation_exits = first_exit_over_threshold(validation_scores[:, None], thresholds)
-            fit_hits = fit_correct[torch.arange(fit_correct.shape[0]), exits[:, 0]].sum(-1)
-            hits = validation_correct[torch.arange(validation_correct.shape[0]), validation_exits[:, 0]]  # (P, Nv)
-            keys.append(hits.sum(-1) * (fit_correct.shape[0] + 1) + fit_hits)  # lexicographic, exact
-            totals.append(hits.sum(-1) + fit_hits if validation_index is not None else fit_hits)
-            validation_hits.append(hits)
-        num_allocations = len(allocations)
-        # (M, candidates * allocations), allocation fastest
-        keys, totals = (torch.stack(values, -1).view(num_budgets, -1) for values in (keys, totals))
-        validation_hits = torch.stack(validation_hits, 1).view(num_budgets, keys.shape[1], -1)
+            if index == 0:  # candidates with their own thresholds (global ones) keep them
+                own = trained["thresholds"][:, None]  # (P, 1, K)
+                fixed = ~own.isnan().any(-1)
+                thresholds = torch.where(fixed[..., None], own, thresholds)
+                exits = torch.where(fixed[..., None], first_exit_over_threshold(fit_scores[:, None], own), exits)
+            fit_hits.append(fit_correct[torch.arange(fit_correct.shape[0]), exits[:, 0]].sum(-1))
+            if evaluation_index is not None:
+                exits = first_exit_over_threshold(scores[:, evaluation_index][:, None], thresholds)[:, 0]
+                evaluation_hits.append(correct[evaluation_index][torch.arange(evaluation_index.numel()), exits])
+        fit_hits = torch.stack(fit_hits, -1).view(num_budgets, -1)
+        if evaluation_index is not None:
+            evaluation_hits = torch.stack(evaluation_hits, 1).view(num_budgets, fit_hits.shape[1], -1)
+        return allocations, fit_hits, evaluation_hits if evaluation_index is not None else None
+
+    def _select(self, trained, correct, costs, budgets, fit_index, validation_index):
+        evaluation_index = validation_index if validation_index is not None else fit_index
+        allocations, fit_hits, hits = self._evaluate_allocations(
+            trained, correct, costs, budgets, fit_index, evaluation_index
+        )
+        if validation_index is None:
+            keys = totals = fit_hits
+        else:  # held-out hits first, then the fitting slice's (lexicographic, exact)
+            keys = hits.sum(-1) * (fit_index.numel() + 1) + fit_hits
+            totals = hits.sum(-1) + fit_hits
         best = keys.argmax(-1)
         if self.confidence_candidates:
-            best = self._guard_against_confidence(best, totals, validation_hits, num_allocations)
-        model = torch.arange(num_budgets, device=best.device) * (keys.shape[1] // num_allocations)
+            best = self._guard_against_confidence(best, totals, hits, len(allocations))
+        return self._chosen(best, allocations, hits)
+
+    def _chosen(self, best, allocations, hits) -> _Choice:
+        """The model index, fractions and `fit_summary_` details of the chosen candidate and allocation per budget."""
+        num_budgets, num_allocations = best.numel(), len(allocations)
+        model = torch.arange(num_budgets, device=best.device) * (hits.shape[1] // num_allocations)
         model = model + best // num_allocations
         allocation = best % num_allocations
         fractions = torch.stack(allocations)[allocation, model]
         details = {
             "scoring": [self._candidate_name(int(i)) for i in best // num_allocations],
             "allocation": ["learned" if int(a) == 0 else "searched" for a in allocation],
-            "learned_fractions": learned[model].tolist(),
+            "learned_fractions": allocations[0][model].tolist(),
             "fractions": fractions.tolist(),
-            "heldout_accuracy": [float(validation_hits[m, int(i)].float().mean()) for m, i in enumerate(best)],
+            "heldout_accuracy": [float(hits[m, int(i)].float().mean()) for m, i in enumerate(best)],
         }
-        return model, fractions, details
+        return _Choice(model, fractions, details)
 
     def _guard_against_confidence(self, best, totals, validation_hits, num_allocations) -> torch.Tensor:
         """
@@ -1610,9 +1748,9 @@ class EENetPolicy(EENetPaperPolicy):
         the whole calibration split: the tuned heuristic) stays chosen unless the best candidate on held-out data
         beats it there by `selection_significance` standard deviations of a paired sign test.
         """
-        trained = len(self._variant_masks()) * self.restarts
         num_candidates = totals.shape[1] // num_allocations
-        rules = torch.arange(trained, num_candidates, device=totals.device) * num_allocations  # own allocation
+        first_rule = num_candidates - len(self.CONFIDENCE_CANDIDATES)
+        rules = torch.arange(first_rule, num_candidates, device=totals.device) * num_allocations  # own allocation
         chosen = []
         for m, challenger in enumerate(best.tolist()):
             rule = int(rules[totals[m, rules].argmax()])
@@ -1622,6 +1760,67 @@ class EENetPolicy(EENetPaperPolicy):
             )
             chosen.append(challenger if keep else rule)
         return torch.tensor(chosen, device=best.device)
+
+
+def regret_scoring_functions(
+    static: torch.Tensor, correct: torch.Tensor, l2: float = 1e-3, max_prob_column: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Linear scoring functions that rank samples by how little stopping at exit `k` loses: `s_k` is minus the
+    log-odds, fitted by L2-regularised logistic regression on the exit's features, that exit `k` is wrong while a
+    later exit is right (the sample's *regret* of stopping at `k`).
+
+    A confidence rule ranks by the chance that exit `k` is right, so it spends the budget on every uncertain sample,
+    including the hard ones that no later exit gets right either; the regret score sends on the samples a later exit
+    is likely to fix. Measured on the cached exits of the CIFAR-10 references (global thresholds fitted on the
+    calibration split, simulated on test): +0.5 pt (ResNet) and +1.1 pt (ViT) over max-prob with global thresholds
+    on average over budgets 0.3-0.9; on SST-2 (872 dev sentences) +0.1 pt, within noise.
+
+    Args:
+        static (`torch.Tensor` of shape `(N, K, F)`): the exits' features (without earlier scores).
+        correct (`torch.Tensor` of shape `(N, K)`): whether each exit's prediction is correct.
+        l2 (`float`, *optional*, defaults to 1e-3): L2 penalty on the standardised weights (the loss is a mean).
+        max_prob_column (`int`, *optional*): the max-prob feature's column, the score of an exit whose regret is
+            constant on these samples (no later exit ever fixes it, or always does); `None`: a zero score.
+
+    Returns:
+        `(weight, bias)` of shapes `(K, F)` and `(K,)` on the features' scale (the last exit's are zero: it takes
+        every sample that is left).
+    """
+    num_exits, num_features = static.shape[1], static.shape[2]
+    weight = static.new_zeros(num_exits, num_features)
+    bias = static.new_zeros(num_exits)
+    for k in range(num_exits - 1):
+        regret = (correct[:, k + 1 :].amax(-1) > correct[:, k]).double()
+        inputs = static[:, k].double()
+        mean, std = inputs.mean(0), inputs.std(0)
+        used = std > 1e-6
+        if not used.any() or regret.min() == regret.max():
+            if max_prob_column is not None:
+                weight[k, max_prob_column] = 1.0
+            continue
+        parameters = _logistic_regression((inputs[:, used] - mean[used]) / std[used], regret, l2)
+        scaled = parameters[:-1] / std[used]
+        weight[k, used] = (-scaled).to(weight.dtype)
+        bias[k] = float((scaled * mean[used]).sum() - parameters[-1])
+    return weight, bias
+
+
+def _logistic_regression(inputs: torch.Tensor, targets: torch.Tensor, l2: float) -> torch.Tensor:
+    """L2-regularised logistic regression (L-BFGS): the weights of `inputs` `(N, F)` followed by the bias."""
+    parameters = torch.zeros(inputs.shape[1] + 1, dtype=inputs.dtype, device=inputs.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([parameters], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = inputs @ parameters[:-1] + parameters[-1]
+        loss = F.binary_cross_entropy_with_logits(logits, targets) + l2 * parameters[:-1].square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return parameters.detach()
 
 
 def _significantly_better(hits: torch.Tensor, other_hits: torch.Tensor, z: float = 2.0) -> bool:

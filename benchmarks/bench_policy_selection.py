@@ -1,0 +1,172 @@
+"""Benchmark: what EENet's parts add on a real model, against the best budget-matched baseline of every budget.
+
+Caches every exit of a trained EENet model on its calibration split and on a test split (one pass each), fits the
+four confidence baselines (max-prob and entropy, global and geometric allocation) and several EENet variants on the
+calibration split for the budget grid of the model's stored policy (or `--budgets`), and reports, per budget, each
+variant's simulated test accuracy minus the best baseline's on test (the baseline chosen in hindsight, on test).
+Variants: the default EENet, without the regret candidate, with one held-out slice instead of the cross-validated
+choice, with neither, and the paper-faithful EENet. Exit costs are the model's own (`config.exit_costs`), the seed
+`--seed` (or `--policy_seed`), as in `fit_scheduler.py`.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_policy_selection.py \
+        --model_name_or_path outputs/resnet-cifar10-block-eenet --dataset_name ../shared/data/cifar10 \
+        --calibration_split "train[90%:]" --test_split test --shuffle_seed 0 --per_device_eval_batch_size 256 \
+        --report_to none --seed 42 --output_dir /tmp/selection --report benchmarks/results/policy_selection_resnet.md
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from fit_scheduler import load_trained_model, model_label_names, prepare_for  # noqa: E402
+from train_exits import parse_script_arguments  # noqa: E402
+
+from hf_eenet.data import DatasetArguments, load_processed_splits  # noqa: E402
+from hf_eenet.evaluation import simulated_budget_table  # noqa: E402
+from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy, EENetPaperPolicy, EENetPolicy  # noqa: E402
+from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer  # noqa: E402
+
+
+@dataclass
+class SelectionBenchmarkArguments:
+    model_name_or_path: str = field(metadata={"help": "A trained EENet model (its exit costs are used)."})
+    report: str = field(metadata={"help": "Write the results as markdown here."})
+
+
+def variants(num_exits: int, seed: int = 0) -> dict:
+    return {
+        "eenet": EENetPolicy(num_exits, seed=seed),
+        "eenet, no regret candidate": EENetPolicy(num_exits, regret_candidate=False, seed=seed),
+        "eenet, one held-out slice": EENetPolicy(num_exits, selection_folds=1, seed=seed),
+        "eenet, one held-out slice, no regret candidate": EENetPolicy(
+            num_exits, selection_folds=1, regret_candidate=False, seed=seed
+        ),
+        "eenet-paper": EENetPaperPolicy(num_exits, seed=seed),
+    }
+
+
+def baselines(num_exits: int) -> dict:
+    return {
+        f"{name} ({allocation})": ConfidenceThresholdPolicy(num_exits, score=score, allocation=allocation)
+        for score, name in (("max_prob", "max-prob"), ("entropy", "entropy"))
+        for allocation in ("global", "geometric")
+    }
+
+
+def accuracies(policies: dict, outputs: dict, costs) -> dict[str, list[float]]:
+    rows = simulated_budget_table(
+        policies, outputs["exit_logits"], outputs["labels"], costs, outputs["exit_features"], include_oracle=False
+    )
+    table: dict[str, list[float]] = {}
+    for row in rows:
+        table.setdefault(row["policy"], []).append(row["accuracy"])
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    bench_args, data_args, args = parse_script_arguments(
+        (SelectionBenchmarkArguments, DatasetArguments, ExitSchedulerArguments), argv
+    )
+    model, processor = load_trained_model(bench_args.model_name_or_path)
+    prepare_for(args, processor)
+    _, splits, collator = load_processed_splits(
+        data_args, processor, roles=("calibration", "test"), label_names=model_label_names(model)
+    )
+    trainer = ExitSchedulerTrainer(
+        model=model,
+        args=args,
+        policies=variants(model.config.num_exits),  # the trainer only caches the exits here
+        data_collator=collator,
+        processing_class=processor,
+    )
+    calibration = trainer.cache_exit_outputs(splits["calibration"])
+    test = trainer.cache_exit_outputs(splits["test"], description="Caching test exit outputs")
+    costs = list(model.config.exit_costs)
+    stored = model.exit_policy
+    if args.budgets:
+        budgets = list(args.budgets)
+    elif stored is not None and stored.requires_budget and stored.is_fitted:
+        budgets = list(stored.budgets)  # the grid the reference was fitted for
+    else:
+        budgets = [round(0.3 + 0.05 * i, 2) for i in range(13)]
+
+    fitted, timings = {}, {}
+    seed = args.seed if args.policy_seed is None else args.policy_seed  # as `fit_scheduler.py` seeds them
+    for name, policy in {**baselines(model.config.num_exits), **variants(model.config.num_exits, seed)}.items():
+        start = time.perf_counter()
+        policy.fit(calibration["exit_logits"], calibration["labels"], costs, budgets, calibration["exit_features"])
+        timings[name], fitted[name] = time.perf_counter() - start, policy
+        print(f"fit {name:48s} {timings[name]:6.1f} s", flush=True)
+    table = accuracies(fitted, test, costs)
+    best = [max(table[name][m] for name in baselines(1)) for m in range(len(budgets))]
+    best_name = [max(baselines(1), key=lambda name: table[name][m]) for m in range(len(budgets))]
+    margins = {name: [100 * (table[name][m] - best[m]) for m in range(len(budgets))] for name in variants(1)}
+
+    target = [m for m, budget in enumerate(budgets) if 0.3 - 1e-9 <= budget <= 0.9 + 1e-9] or list(range(len(budgets)))
+    summary = []
+    for name, values in margins.items():
+        values = [values[m] for m in target]
+        summary.append(
+            f"| {name} | {timings[name]:.1f} | {sum(values) / len(values):+.2f} | {min(values):+.2f} | "
+            f"{sum(v < -1e-9 for v in values)} of {len(values)} |"
+        )
+    per_budget = [
+        f"| {budget:.2f} | {100 * best[m]:.2f} % ({best_name[m]}) | "
+        + " | ".join(f"{margins[name][m]:+.2f}" for name in margins)
+        + " |"
+        for m, budget in enumerate(budgets)
+    ]
+    num_test, num_calibration = test["exit_logits"].shape[0], calibration["exit_logits"].shape[0]
+    exit_accuracy = (test["exit_logits"].argmax(-1) == test["labels"][:, None]).float().mean(0)
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_policy_selection.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    text = [
+        f"# EENet's parts on {Path(bench_args.model_name_or_path).name}: margins to the best baseline (simulated)",
+        "",
+        f"Command: `{command.strip()}`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads (fit times on a shared machine).",
+        "",
+        f"Every policy is fitted on the {num_calibration} samples of `{data_args.calibration_split}` and simulated on "
+        f"the {num_test} of `{data_args.test_split}` from cached exit outputs (one sample of test: "
+        f"{100 / num_test:.3f} pt). Exit costs ({model.config.exit_cost_source}): {[round(c, 3) for c in costs]}; "
+        f"test accuracy per exit: {[round(100 * float(a), 2) for a in exit_accuracy]} %. The best baseline of a budget "
+        "is the most accurate of max-prob and entropy with global and geometric allocation on test (chosen in "
+        "hindsight).",
+        "",
+        f"Every policy is fitted for the budgets {budgets}; the summary covers those from 0.3 to 0.9.",
+        "",
+        "| policy | fit time (s) | mean margin (pt) | worst margin (pt) | budgets below the best baseline |",
+        "|---|---|---|---|---|",
+        *summary,
+        "",
+        "## Margin to the best baseline per budget (pt, simulated on test)",
+        "",
+        "| budget | best baseline | " + " | ".join(margins) + " |",
+        "|---|---|" + "---|" * len(margins),
+        *per_budget,
+        "",
+    ]
+    report = Path(bench_args.report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(text))
+    print("\n".join(summary))
+    print(f"wrote {report}")
+    return margins
+
+
+if __name__ == "__main__":
+    main()
