@@ -228,8 +228,10 @@ def test_latency_costs_are_refitted_on_the_early_exit_path(tmp_path, monkeypatch
     assert [row["budget"] for row in second["rows"]] == [1.0, *default_budget_grid(first["costs"])]  # refitted grid
     costs = model.config.exit_costs
     assert first["previous_costs"] == UNIFORM_COSTS and second["previous_costs"] == first["costs"]
-    assert first["costs"] == exit_costs_from_measured_rows(first["rows"], UNIFORM_COSTS)
-    assert costs == second["costs"] == exit_costs_from_measured_rows(second["rows"], first["costs"])
+    # (the same fit recomputed: equal up to the last bit, which vectorised BLAS sums may flip with memory alignment)
+    assert first["costs"] == pytest.approx(exit_costs_from_measured_rows(first["rows"], UNIFORM_COSTS), rel=1e-12)
+    assert costs == second["costs"]
+    assert second["costs"] == pytest.approx(exit_costs_from_measured_rows(second["rows"], first["costs"]), rel=1e-12)
     assert model.config.exit_cost_source == "latency" and costs[0] > UNIFORM_COSTS[0]
     # refitted for the new costs: the grid starts above the new cheapest exit, and the dropped budgets are named
     assert model.exit_policy.budgets == default_budget_grid(costs) != default_budget_grid(UNIFORM_COSTS)
