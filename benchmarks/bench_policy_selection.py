@@ -33,7 +33,7 @@ from fit_scheduler import load_trained_model, model_label_names, prepare_for  # 
 from train_exits import parse_script_arguments  # noqa: E402
 
 from hf_eenet.data import DatasetArguments, load_processed_splits  # noqa: E402
-from hf_eenet.evaluation import simulated_budget_table  # noqa: E402
+from hf_eenet.evaluation import simulated_budget_table, standard_policies  # noqa: E402
 from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy, EENetPaperPolicy, EENetPolicy  # noqa: E402
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer  # noqa: E402
 
@@ -57,11 +57,9 @@ def variants(num_exits: int, seed: int = 0) -> dict:
 
 
 def baselines(num_exits: int) -> dict:
-    return {
-        f"{name} ({allocation})": ConfidenceThresholdPolicy(num_exits, score=score, allocation=allocation)
-        for score, name in (("max_prob", "max-prob"), ("entropy", "entropy"))
-        for allocation in ("global", "geometric")
-    }
+    """The four budget-matched confidence baselines of every budget table."""
+    policies = standard_policies(num_exits, eenet=False)
+    return {name: policy for name, policy in policies.items() if isinstance(policy, ConfidenceThresholdPolicy)}
 
 
 def accuracies(policies: dict, outputs: dict, costs) -> dict[str, list[float]]:
