@@ -72,32 +72,53 @@ def accuracies(policies: dict, outputs: dict, costs) -> dict[str, list[float]]:
     return table
 
 
-def main(argv: list[str] | None = None) -> dict:
+def cached_exits(arguments_class: type, argv: list[str] | None):
+    """
+    Parse a benchmark's arguments (`arguments_class`, the dataset's and the scheduler trainer's), load its model and
+    cache every exit on the calibration and test splits. Returns the three argument objects, the model and the two
+    caches.
+    """
     bench_args, data_args, args = parse_script_arguments(
-        (SelectionBenchmarkArguments, DatasetArguments, ExitSchedulerArguments), argv
+        (arguments_class, DatasetArguments, ExitSchedulerArguments), argv
     )
     model, processor = load_trained_model(bench_args.model_name_or_path)
     prepare_for(args, processor)
     _, splits, collator = load_processed_splits(
         data_args, processor, roles=("calibration", "test"), label_names=model_label_names(model)
     )
-    trainer = ExitSchedulerTrainer(
-        model=model,
-        args=args,
-        policies=variants(model.config.num_exits),  # the trainer only caches the exits here
-        data_collator=collator,
-        processing_class=processor,
-    )
+    trainer = ExitSchedulerTrainer(model=model, args=args, data_collator=collator, processing_class=processor)
     calibration = trainer.cache_exit_outputs(splits["calibration"])
     test = trainer.cache_exit_outputs(splits["test"], description="Caching test exit outputs")
-    costs = list(model.config.exit_costs)
+    return bench_args, data_args, args, model, calibration, test
+
+
+def budget_grid(args: ExitSchedulerArguments, model) -> list[float]:
+    """`--budgets`, else the grid the model's stored policy was fitted for, else 0.3 to 0.9 in steps of 0.05."""
     stored = model.exit_policy
     if args.budgets:
-        budgets = list(args.budgets)
-    elif stored is not None and stored.requires_budget and stored.is_fitted:
-        budgets = list(stored.budgets)  # the grid the reference was fitted for
-    else:
-        budgets = [round(0.3 + 0.05 * i, 2) for i in range(13)]
+        return list(args.budgets)
+    if stored is not None and stored.requires_budget and stored.is_fitted:
+        return list(stored.budgets)
+    return [round(0.3 + 0.05 * i, 2) for i in range(13)]
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that ran `script` (a file under `benchmarks/`) with `argv`, as a report quotes it."""
+    arguments = shlex.join(argv if argv is not None else sys.argv[1:])
+    return f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/{script} {arguments}".strip()
+
+
+def write_report(path: str, lines: list[str]) -> None:
+    report = Path(path)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines))
+    print(f"wrote {report}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    bench_args, data_args, args, model, calibration, test = cached_exits(SelectionBenchmarkArguments, argv)
+    costs = list(model.config.exit_costs)
+    budgets = budget_grid(args, model)
 
     fitted, timings = {}, {}
     seed = args.seed if args.policy_seed is None else args.policy_seed  # as `fit_scheduler.py` seeds them
@@ -127,13 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     num_test, num_calibration = test["exit_logits"].shape[0], calibration["exit_logits"].shape[0]
     exit_accuracy = (test["exit_logits"].argmax(-1) == test["labels"][:, None]).float().mean(0)
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_policy_selection.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
     text = [
         f"# EENet's parts on {Path(bench_args.model_name_or_path).name}: margins to the best baseline (simulated)",
         "",
-        f"Command: `{command.strip()}`",
+        f"Command: `{command_line('bench_policy_selection.py', argv)}`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads (fit times on a shared machine).",
@@ -158,11 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
         *per_budget,
         "",
     ]
-    report = Path(bench_args.report)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(text))
+    write_report(bench_args.report, text)
     print("\n".join(summary))
-    print(f"wrote {report}")
     return margins
 
 

@@ -12,8 +12,11 @@ import pytest
 from conftest import SHARED_DATA, tiny_bert_config
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 
+import bench_calibration_size  # noqa: E402
+import bench_policy_selection  # noqa: E402
 import demo  # noqa: E402
 import evaluate_budgets  # noqa: E402
 import fit_scheduler  # noqa: E402
@@ -143,6 +146,21 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     card = (fitted / "README.md").read_text()
     for title in ("Simulated on dev", "Simulated on test", "Measured on test", "budget_plot.png"):
         assert title in card
+
+
+def test_policy_benchmarks_end_to_end(trained_checkpoint, tiny_sst2, tmp_path):
+    arguments = [*common_args(trained_checkpoint, tiny_sst2, tmp_path / "out", train=False), "--budgets", "0.5", "0.8"]
+    margins = bench_policy_selection.main([*arguments, "--report", str(tmp_path / "selection.md")])
+    assert set(margins) == set(bench_policy_selection.variants(1))
+    assert all(len(values) == 2 for values in margins.values())
+    report = (tmp_path / "selection.md").read_text()
+    assert "bench_policy_selection.py --model_name_or_path" in report and "| 0.80 |" in report
+
+    margins = bench_calibration_size.main([*arguments, "--report", str(tmp_path / "size.md")])
+    assert set(margins) == {"calibration split", "calibration split + half of test"}
+    assert all(len(values) == 2 and all(abs(v) <= 100 for v in values) for values in margins.values())
+    report = (tmp_path / "size.md").read_text()
+    assert "| calibration split + half of test | 48 / 48 |" in report  # 32 dev sentences plus 16 of test
 
 
 def test_evaluate_budgets_needs_a_fitted_model(trained_checkpoint, tiny_sst2, tmp_path):
