@@ -99,6 +99,9 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
         # shape checks and mask-building branches read traced sizes as constants; they are the same for every input
         # (the example is right-padded so the masking path is the one traced)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # the text backbones' attention masks index with position ranges (`arange`), never negative indices, which is
+        # all this warning is about (the export tests check the graphs' outputs against torch)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
         _export_graph(module, args, path, input_names, output_names, dynamic_axes, opset)
 
 
@@ -174,7 +177,8 @@ def export_onnx(
         inputs = {name: torch.as_tensor(value).cpu() for name, value in inputs.items() if value is not None}
         if not inputs:
             raise ValueError("`example_inputs` holds no tensors.")
-        manifest = _export_graphs(model, directory, inputs, opset)
+        with torch.no_grad():
+            manifest = _export_graphs(model, directory, inputs, opset)
     finally:
         model.to(device, dtype).train(was_training)
     model.config.save_pretrained(directory)
@@ -193,7 +197,7 @@ def _export_graphs(model, directory: Path, inputs: dict[str, torch.Tensor], opse
     for k in range(config.num_exits):
         names_in = input_names if k == 0 else state_names
         file = f"segment_{k}.onnx"
-        segment = _SegmentGraph(model, k, input_names)
+        segment = _SegmentGraph(model, k, input_names).eval()  # a new module trains: export restores its mode
         outputs = segment(*state)
         axes = _batch_axes(names_in, state, text_inputs if k == 0 else sequence_names)
         out_names = [f"{name}_out" for name in state_names]  # apart from the inputs (a mask may pass through)
@@ -202,7 +206,7 @@ def _export_graphs(model, directory: Path, inputs: dict[str, torch.Tensor], opse
         segments.append({"file": file, "inputs": list(names_in), "outputs": out_names})
         state = outputs
         file = f"exit_{k}.onnx"
-        exit_graph = _ExitGraph(model, k)
+        exit_graph = _ExitGraph(model, k).eval()
         logits, features = exit_graph(*state)
         axes = _batch_axes(state_names, state, sequence_names)
         axes.update({"logits": {0: "batch"}, "features": {0: "batch"}})
@@ -248,7 +252,7 @@ def _export_graphs(model, directory: Path, inputs: dict[str, torch.Tensor], opse
 def _export_policy(policy: ExitPolicy, k: int, logits, features, directory: Path, opset: int) -> dict:
     state = policy.initial_state(logits.shape[0], torch.device("cpu"))
     state_names = list(state)
-    graph = _PolicyGraph(policy, k, state_names)
+    graph = _PolicyGraph(policy, k, state_names).eval()
     budget_index = torch.tensor(0, dtype=torch.long)
     args = (logits, features, budget_index, *state.values())
     names_in = ["logits", "features", "budget_index", *state_names]

@@ -24,6 +24,11 @@ class BudgetedPipelineMixin:
         # duck-typed: as Hub remote code, the model and this pipeline may come from separately loaded module copies
         return isinstance(self.model, EarlyExitMixin) or callable(getattr(self.model, "early_exit_forward", None))
 
+    def check_model_type(self, supported_models):
+        """Every early-exit model serves its task (the onnxruntime one too, which no auto mapping lists)."""
+        if not self.is_early_exit_model:
+            super().check_model_type(supported_models)
+
     def _budget_forward_params(self, budget) -> dict[str, Any]:
         if budget is None:
             return {}
