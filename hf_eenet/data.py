@@ -423,8 +423,18 @@ def _load_local(path: Path, args: DatasetArguments) -> DatasetDict:
         if no_rows and no_rows.group(1) in data_files:
             split = no_rows.group(1)
             raise ValueError(f"The {split!r} split of {path} has no rows ({data_files[split]}).") from error
+        hint, chain, cause = "", [], error
+        while cause is not None and len(chain) < 10:  # datasets wraps the cast error in a generation error
+            chain.append(str(cause))
+            cause = cause.__cause__ or cause.__context__
+        mismatched = ("must have the same columns", "column names don't match")
+        if builder == "csv" and args.has_header and any(marker in " ".join(chain) for marker in mismatched):
+            hint = (
+                " The files' first rows differ, so they are read as different headers: if the files have no header "
+                "row, pass `--no_has_header` (`has_header=False`) and name columns by index."
+            )
         raise ValueError(
-            f"Could not read the {builder} files {data_files} ({type(error).__name__}: {error})."
+            f"Could not read the {builder} files {data_files} ({type(error).__name__}: {error}).{hint}"
         ) from error
 
 

@@ -202,6 +202,22 @@ def compute_exit_accuracies(eval_prediction) -> dict[str, float]:
     return metrics
 
 
+def _check_distributed_launch(args: TrainingArguments) -> None:
+    """
+    A clear error when several processes were launched (`torchrun`, `accelerate launch`) but the arguments do not run
+    distributed: Trainer would then let each process shard the data without gathering it, so every process would
+    train or fit on a part of the split and write its own result.
+    """
+    import torch.distributed as dist
+
+    launched = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if launched > 1 and args.world_size == 1:
+        raise ValueError(
+            f"{launched} processes were launched, but these arguments run a single process ({args.parallel_mode}). "
+            "On a machine without an accelerator, pass `--use_cpu` (`use_cpu=True`) with `--ddp_backend gloo`."
+        )
+
+
 class EENetModelCardMixin:
     """`Trainer.create_model_card` writing hf_eenet's card (stock Trainer would write its own generic one)."""
 
@@ -286,6 +302,7 @@ class EarlyExitTrainer(EENetModelCardMixin, Trainer):
         if getattr(args, "retrofit", False) and kwargs.get("model_init") is not None:
             raise ValueError("Retrofit mode needs a `model` (it freezes it once); it does not support `model_init`.")
         super().__init__(model=model, args=args, **kwargs)
+        _check_distributed_launch(self.args)
         if self.args.ddp_find_unused_parameters is None:
             # every exit runs in training, so no parameter is unused: spare DDP its search (and its warning)
             self.args.ddp_find_unused_parameters = False
@@ -728,6 +745,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 "held-out labelled split that looks like deployment data, not the training split)."
             )
         super().__init__(model=model, args=args, **kwargs)
+        _check_distributed_launch(self.args)
         unwrapped = self.accelerator.unwrap_model(self.model)
         config = getattr(unwrapped, "config", None)
         if getattr(config, "num_exits", None) is None or not hasattr(unwrapped, "set_exit_policy"):
@@ -837,7 +855,10 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         model = self.accelerator.unwrap_model(self.model)
         cached = self.cache_exit_outputs(calibration_dataset, description="Caching calibration exit outputs")
         if cached["labels"] is None:
-            raise ValueError("Fitting the exit scheduler needs labels in the calibration split.")
+            raise ValueError(
+                "Fitting the exit scheduler needs labels in the calibration split: a `label` (or `labels`) column of "
+                "class ids (the scripts rename and encode the `--label_column` for you)."
+            )
         labels, num_labels = cached["labels"], cached["exit_logits"].shape[-1]
         if labels.min() < 0 or labels.max() >= num_labels:
             raise ValueError(

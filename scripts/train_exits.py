@@ -127,13 +127,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pooling = model_args.exit_pooling or ("mean" if is_text and is_sentence_transformers_checkpoint(path) else None)
     if pooling is not None:
         overrides["exit_pooling"] = pooling
-    if model_args.exit_layer_unit is not None:
+    if model_args.exit_pooling is not None or model_args.exit_layer_unit is not None:
         model_type = AutoConfig.from_pretrained(path).model_type
-        if model_type not in ("resnet", "eenet-resnet"):
+        is_resnet = model_type in ("resnet", "eenet-resnet")
+        if model_args.exit_pooling is not None and is_resnet:
+            raise ValueError(
+                "`exit_pooling` applies to BERT and ViT models (token pooling); a ResNet's exit heads pool their "
+                "feature maps by global average."
+            )
+        if model_args.exit_layer_unit is not None and not is_resnet:
             raise ValueError(
                 f"`exit_layer_unit` applies to ResNet models only (exits after stages or blocks); this model is "
                 f"{model_type!r}, whose `exit_layers` count its layers."
             )
+    if model_args.exit_layer_unit is not None:
         overrides["exit_layer_unit"] = model_args.exit_layer_unit
     model = build_model(model_args, path, overrides)
     if not is_text:

@@ -1,6 +1,7 @@
 """Fit the scheduler of a tiny EENet BERT with `ExitSchedulerTrainer`, under DDP (torchrun, gloo) or alone.
 
-Usage: `torchrun --standalone --nproc_per_node 2 tests/ddp_fit_scheduler_script.py OUTPUT_DIR` (or plain `python`).
+Usage: `torchrun --standalone --nproc_per_node 2 tests/ddp_fit_scheduler_script.py OUTPUT_DIR [no-use-cpu]` (or plain
+`python`); with `no-use-cpu` the arguments leave out `use_cpu` and `ddp_backend` (a misconfigured CPU launch).
 Every rank writes `OUTPUT_DIR/rank{r}.json`: world size, calibration samples seen, the stored policy's tensors and the
 rows of the confidence-threshold baselines.
 """
@@ -18,7 +19,7 @@ from hf_eenet import EENetBertConfig, EENetBertForSequenceClassification  # noqa
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer  # noqa: E402
 
 
-def main(output_dir: str) -> None:
+def main(output_dir: str, use_cpu: bool = True) -> None:
     torch.manual_seed(0)
     config = EENetBertConfig(
         vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, num_labels=2
@@ -30,8 +31,8 @@ def main(output_dir: str) -> None:
     dataset = Dataset.from_dict({"input_ids": input_ids.tolist(), "label": labels.tolist()})
     args = ExitSchedulerArguments(
         output_dir=output_dir,
-        use_cpu=True,
-        ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if "WORLD_SIZE" in os.environ and use_cpu else None,
         per_device_eval_batch_size=8,
         budgets=[0.5, 0.8],
         policy_kwargs={"max_epochs": 30, "patience": 5},
@@ -53,4 +54,4 @@ def main(output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], use_cpu=sys.argv[2:] != ["no-use-cpu"])

@@ -64,6 +64,15 @@ def test_headerless_tsv_columns_by_index(tmp_path):
     assert data.splits["train"]["label"] == [1, 0, 1]
 
 
+def test_headerless_files_read_as_headers_suggest_no_has_header(tmp_path):
+    folder = tmp_path / "reviews"
+    write(folder / "train.csv", "1,a good film\n0,bad\n")
+    write(folder / "validation.csv", "0,not good\n1,very good\n")
+    args = make_args(folder, tmp_path, text_column="1", label_column="0")
+    with pytest.raises(ValueError, match="no header row, pass `--no_has_header`"):
+        load_text_classification_data(args, roles=["train", "calibration"])
+
+
 def test_headerless_csv_with_string_labels_and_label_names(tmp_path):
     file = write(tmp_path / "reviews.csv", 'neg,"bad, very bad"\npos,good\nneg,not good\n')
     args = make_args(file, tmp_path, has_header=False, text_column="1", label_column="0")

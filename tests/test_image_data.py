@@ -104,6 +104,14 @@ def test_image_column_errors(image_folder, tmp_path):
         load_processed_splits(args, object(), roles=("train",))
 
 
+def test_token_pooling_on_a_resnet_is_an_error(image_folder, processor_dir, tmp_path):
+    arguments = ["--dataset_name", str(image_folder), "--calibration_split", "validation", "--report_to", "none",
+                 "--config_name", processor_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                 "--exit_pooling", "cls"]  # fmt: skip
+    with pytest.raises(ValueError, match="`exit_pooling` applies to BERT and ViT models"):
+        train_exits.main(arguments)
+
+
 def test_vision_workflow_end_to_end(image_folder, processor_dir, tmp_path):
     data = ["--dataset_name", str(image_folder), "--calibration_split", "validation", "--report_to", "none",
             "--per_device_eval_batch_size", "16"]  # fmt: skip

@@ -322,6 +322,9 @@ def test_budget_below_smallest_fitted_budget_is_an_error():
     model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (10,))))
     with pytest.raises(ValueError, match="below the smallest fitted budget 0.4"):
         model(**batch, budget=0.35)
+    # below the cheapest exit too: the error names the smallest budget the model serves, the grid's first
+    with pytest.raises(ValueError, match=r"can meet is 0\.4 \(the smallest fitted budget"):
+        model(**batch, budget=0.1)
 
 
 def test_empty_batch_is_an_error():
@@ -356,6 +359,8 @@ def test_forced_policy_must_match_batch_and_model():
         model(**random_text_batch(2), exit_policy=ForcedExitPolicy(torch.tensor([0, 4])))
     with pytest.raises(ValueError, match="persistable policy can be stored"):
         model.set_exit_policy(ForcedExitPolicy(torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="takes no budget, got budget=0.5"):
+        model(**random_text_batch(2), budget=0.5, exit_policy=ForcedExitPolicy(torch.tensor([0, 1])))
 
 
 def test_mismatched_attention_mask_is_an_error():

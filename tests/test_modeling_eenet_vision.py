@@ -391,7 +391,7 @@ def test_from_pretrained_overrides_recompute_derived_fields(tmp_path):
     fewer = EENetResNetConfig.from_pretrained(tmp_path, exit_layers=[2, 3])
     assert fewer.exit_layers == [2, 3] and fewer.exit_head_strides == [1] and len(fewer.exit_costs) == 2
     assert fewer.exit_loss_weights == [1.0, 2.0]
-    with pytest.raises(ValueError, match="must end with the number of backbone blocks"):
+    with pytest.raises(ValueError, match="must end with the number of backbone stages"):
         EENetResNetConfig.from_pretrained(tmp_path, exit_layers=[1, 2])
     vit = EENetViTForImageClassification.from_pretrained(
         _saved(ViTForImageClassification(VIT.stock_config()), tmp_path / "vit"), exit_layers=[2, 3]
@@ -526,7 +526,7 @@ def test_resnet_block_costs_count_each_block():
         (VIT, {"exit_layers": [0, 3]}, "strictly increasing"),
         (VIT, {"exit_pooling": "max"}, "exit_pooling"),
         (VIT, {"exit_loss_weights": [1.0]}, "exit_loss_weights"),
-        (RESNET, {"exit_layers": [1, 2, 3, 4]}, "must end with the number of backbone blocks \\(3\\)"),
+        (RESNET, {"exit_layers": [1, 2, 3, 4]}, "must end with the number of backbone stages \\(3\\)"),
         (RESNET, {"exit_layers": [2, 2, 3]}, "strictly increasing"),
         (RESNET, {"exit_head_strides": [2]}, "exit_head_strides"),
         (RESNET, {"exit_head_strides": [3, 1]}, "exit_head_strides"),
@@ -534,7 +534,11 @@ def test_resnet_block_costs_count_each_block():
         (RESNET, {"hidden_sizes": [8, 16]}, "one entry per stage"),
         (RESNET, {"default_budget": -1}, "default_budget"),
         (RESNET, {"exit_layer_unit": "layer"}, "exit_layer_unit"),
-        (RESNET, {**BLOCK_RESNET, "exit_layers": [1, 3]}, "must end with the number of backbone blocks \\(5\\)"),
+        (
+            RESNET,
+            {**BLOCK_RESNET, "exit_layers": [1, 3]},
+            "must end with the number of backbone residual blocks \\(5\\)",
+        ),
     ],
 )
 def test_bad_config_values_are_rejected(backbone, overrides, match):

@@ -286,6 +286,9 @@ def test_unlabelled_or_misfit_calibration_data_fails_clearly(tmp_path):
         trainer.fit_scheduler()
     with pytest.raises(ValueError, match="empty"):
         trainer.fit_scheduler(Dataset.from_dict({"input_ids": [], "label": []}))
+    sentiment = token_dataset(16).rename_column("label", "sentiment")
+    with pytest.raises(ValueError, match=r"a `label` \(or `labels`\) column of class ids"):
+        trainer.fit_scheduler(sentiment)
 
 
 def test_stock_model_is_refused(tmp_path):
@@ -314,3 +317,16 @@ def test_two_process_ddp_fit_matches_one_process(tmp_path):
     assert reports[0]["policy"] == reports[1]["policy"]  # both processes store the same fitted policy
     assert reports[0]["baseline_rows"] == single["baseline_rows"]  # order-free baselines: as with one process
     assert reports[0]["policy_type"] == single["policy_type"] == "eenet"
+
+
+def test_two_processes_with_single_process_arguments_fail_clearly(tmp_path):
+    """Without `use_cpu` on a CPU machine, Trainer would let each process fit on its shard alone: refused."""
+    script = str(REPO_ROOT / "tests" / "ddp_fit_scheduler_script.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    result = subprocess.run(
+        [*ddp, str(tmp_path), "no-use-cpu"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode != 0
+    assert "2 processes were launched, but these arguments run a single process" in result.stderr
+    assert not list(tmp_path.glob("rank*.json"))

@@ -83,8 +83,8 @@ class EENetConfigMixin:
         exit_layers = list(range(1, num_blocks + 1)) if exit_layers is None else [int(x) for x in exit_layers]
         if not exit_layers or exit_layers[-1] != num_blocks:
             raise ValueError(
-                f"`exit_layers` must end with the number of backbone blocks ({num_blocks}) so that the last exit is "
-                f"the backbone's own classifier, got {exit_layers}."
+                f"`exit_layers` must end with the number of backbone {self.exit_layer_units_name} ({num_blocks}) so "
+                f"that the last exit is the backbone's own classifier, got {exit_layers}."
             )
         if any(b <= a for a, b in zip(exit_layers, exit_layers[1:])) or exit_layers[0] < 1:
             raise ValueError(
@@ -121,6 +121,11 @@ class EENetConfigMixin:
         if exit_policy is not None and not (isinstance(exit_policy, dict) and "policy_type" in exit_policy):
             raise ValueError(f"`exit_policy` must be a dict with a 'policy_type' key or None, got {exit_policy!r}.")
         self.exit_policy = exit_policy
+
+    @property
+    def exit_layer_units_name(self) -> str:
+        """What `exit_layers` counts, in words (e.g. "layers")."""
+        return "blocks"
 
     @property
     def num_exits(self) -> int:
@@ -482,6 +487,10 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
             eenet_format_version=eenet_format_version,
         )
         self._resolve_exit_head_strides()
+
+    @property
+    def exit_layer_units_name(self) -> str:
+        return "stages" if self.exit_layer_unit == "stage" else "residual blocks"
 
     def _resolve_exit_head_strides(self) -> list[int]:
         """Fill in the default strides (once `exit_layers` is validated) and check them."""

@@ -215,6 +215,7 @@ class EarlyExitMixin:
 
     def _resolve_policy(self, budget, exit_policy: ExitPolicy | None) -> tuple[ExitPolicy | None, int | None]:
         """Validate the budget and pick the policy and its fitted budget; `(None, None)` means the full model."""
+        explicit = budget is not None
         if budget is None:
             budget = self.config.default_budget
         if budget is not None:
@@ -228,6 +229,11 @@ class EarlyExitMixin:
             if exit_policy.device not in (None, self.device):
                 exit_policy.to(self.device)  # as `set_exit_policy` does: the policy decides where the model runs
             if not exit_policy.requires_budget:
+                if explicit:
+                    raise ValueError(
+                        f"The {exit_policy.policy_type} exit policy decides every sample's exit itself and takes no "
+                        f"budget, got budget={budget}: pass either `exit_policy` or `budget`."
+                    )
                 return exit_policy, None
             if budget is None:
                 raise ValueError(f"The {exit_policy.policy_type} exit policy needs a `budget`.")
@@ -236,12 +242,16 @@ class EarlyExitMixin:
             return stored, None  # a stored policy that decides its own cost (e.g. patience) runs without a budget
         if budget is None or budget >= 1.0:
             return None, None
+        policy = exit_policy if exit_policy is not None else self.exit_policy
         if budget < costs[0] - 1e-9:
+            smallest = f"{costs[0]:.4f}"
+            if policy is not None and policy.requires_budget and policy.is_fitted:
+                meetable = [fitted for fitted in policy.budgets if fitted >= costs[0] - 1e-9]
+                smallest = f"{meetable[0]:g} (the smallest fitted budget at or above it)" if meetable else "none"
             raise ValueError(
                 f"budget {budget} is below the cost of the cheapest exit ({costs[0]:.4f} of the full model); the "
-                f"smallest budget this model can meet is {costs[0]:.4f}."
+                f"smallest budget this model can meet is {smallest}."
             )
-        policy = exit_policy if exit_policy is not None else self.exit_policy
         if policy is None:
             raise ValueError(
                 f"budget {budget} needs a fitted exit policy, but this model has none. Fit one with "

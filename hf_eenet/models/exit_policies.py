@@ -605,8 +605,8 @@ class _UnbudgetedPolicy(ExitPolicy):
     def budget_index(self, budget: float) -> int:
         raise ValueError(
             f"The {self.policy_type} exit policy ({self.extra_repr()}) is not budget-matched, so it cannot honour "
-            f"budget {budget}: call the model without `budget` and with `exit_policy=` this policy, or store a "
-            "budget-matched policy (e.g. 'eenet' or 'confidence-threshold')."
+            f"budget {budget}: call the model without `budget` (stored in the model, it runs as it is; otherwise "
+            "pass it as `exit_policy=`), or use a budget-matched policy (e.g. 'eenet' or 'confidence-threshold')."
         )
 
     def fit(self, exit_logits, labels, exit_costs, budgets=(), exit_features=None):
