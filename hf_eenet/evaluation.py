@@ -63,6 +63,11 @@ ORACLE_NAME = "oracle"
 
 
 # --- data ------------------------------------------------------------------------------------------------------------
+def _check_fitted(name: str, policy: ExitPolicy) -> None:
+    if not policy.is_fitted:
+        raise ValueError(f"Policy {name!r} has not been fitted: fit it first (see `fit_policies`).")
+
+
 def _move(batch: Mapping, device: torch.device) -> dict:
     return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
 
@@ -309,8 +314,7 @@ def simulated_budget_table(
                 f"Policy {name!r} has {policy.num_exits} exits but the cached outputs have {exit_logits.shape[1]}."
             )
         if policy.requires_budget:
-            if not policy.is_fitted:
-                raise ValueError(f"Policy {name!r} has not been fitted: fit it first (see `fit_policies`).")
+            _check_fitted(name, policy)
             for index, budget in enumerate(policy.budgets):
                 exits = policy.simulate(exit_logits, index, exit_features)
                 rows.append(_row(name, "simulated", budget, exits, exit_logits, labels, costs))
@@ -376,6 +380,7 @@ def measured_budget_table(
         runs.append(("full model", None, 1.0))
     for name, policy in policies.items():
         if policy.requires_budget:
+            _check_fitted(name, policy)
             for budget in budgets if budgets is not None else policy.budgets:
                 runs.append((name, policy, float(budget)))
         else:

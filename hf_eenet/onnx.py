@@ -170,6 +170,7 @@ def export_onnx(
         raise TypeError(f"export_onnx needs an EENet model, got {type(model).__name__}.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    model.sync_exit_policy_config()
     was_training, device, dtype = model.training, model.device, model.dtype
     model.eval().to("cpu", torch.float32)
     try:

@@ -163,6 +163,9 @@ def test_measured_table_errors():
         measured_budget_table(model, [random_text_batch(2)])
     with pytest.raises(ValueError, match="`num_warmup_batches` must be >= 0, got -1"):
         measured_budget_table(model, [random_text_batch(2)], num_warmup_batches=-1)
+    unfitted = {"max-prob": ConfidenceThresholdPolicy(model.config.num_exits)}
+    with pytest.raises(ValueError, match="Policy 'max-prob' has not been fitted"):
+        measured_budget_table(model, [random_text_batch(2)], policies=unfitted)
     with pytest.raises(ValueError, match="`batches` is empty"):
         cache_exit_outputs(model, [])
 

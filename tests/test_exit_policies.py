@@ -19,6 +19,7 @@ from hf_eenet.models.exit_policies import (
     EENetPolicy,
     PatiencePolicy,
     StaticExitPolicy,
+    default_budget_grid,
     exit_policy_from_config,
     first_exit_over_threshold,
     geometric_exit_fractions,
@@ -584,3 +585,28 @@ def test_policy_stays_float32_in_a_half_precision_model(tmp_path, dtype):
                 assert all_exits.all_exit_logits.dtype == dtype
                 simulated = half.exit_policy.simulate(all_exits.all_exit_logits, 1, all_exits.all_exit_features)
                 assert torch.equal(half(**batch, budget=policy.budgets[1]).exit_index, simulated)
+
+
+def test_budget_grids_costs_and_simulate_inputs_are_checked():
+    data = synthetic_exit_outputs(num_samples=60, num_exits=3, num_labels=3, seed=0)
+    logits, labels, costs = data["exit_logits"], data["labels"], data["exit_costs"]
+    policy = ConfidenceThresholdPolicy(3)
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        policy.fit(logits, labels, costs, [0.5, 1.5])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        policy.fit(logits, labels, [costs[1], costs[0], costs[2]], [0.9])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        policy.fit(logits, labels, [costs[0], math.nan, costs[2]], [0.9])
+    with pytest.raises(ValueError, match="step > 0"):
+        default_budget_grid(costs, step=0)
+    with pytest.raises(ValueError, match="not been fitted"):
+        policy.simulate(logits, 0)
+    # float32 budgets (0.4 is 0.4000000059604645) are kept as the budgets they stand for
+    policy.fit(logits, labels, costs, torch.tensor([0.6, 0.8]))
+    assert policy.budgets == [0.6, 0.8] and policy.budget_index(0.6) == 0
+    with pytest.raises(ValueError, match=r"shape \(num_samples, 3, num_labels\)"):
+        policy.simulate(logits[:, :2], 0)
+    with pytest.raises(ValueError, match=r"index of the fitted budgets, 0..1, got 2"):
+        policy.simulate(logits, 2)
+    with pytest.raises(ValueError, match=r"index of the fitted budgets, 0..1, got None"):
+        policy.simulate(logits, None)

@@ -17,6 +17,8 @@ from hf_eenet import (
     EENetBertForSequenceClassification,
     ForcedExitPolicy,
 )
+from hf_eenet.evaluation import synthetic_exit_outputs
+from hf_eenet.models.exit_policies import EENetPaperPolicy
 
 
 def tiny_model(**overrides) -> EENetBertForSequenceClassification:
@@ -172,6 +174,42 @@ def fitted_policy(model, batch, labels) -> ConfidenceThresholdPolicy:
         logits = model(**batch, output_all_exits=True).all_exit_logits
     policy = ConfidenceThresholdPolicy(model.config.num_exits)
     return policy.fit(logits, labels, model.config.exit_costs, budgets=[0.4, 0.6, 0.8])
+
+
+def test_a_stored_policy_refitted_in_place_is_saved_as_it_is(tmp_path):
+    model = tiny_model(exit_pooling="mean", exit_layers=[1, 3])
+    batch, labels = random_text_batch(16, seed=2), torch.randint(0, 3, (16,))
+    policy = fitted_policy(model, batch, labels)
+    model.set_exit_policy(policy)
+    with torch.no_grad():
+        logits = model(**batch, output_all_exits=True).all_exit_logits
+    policy.fit(logits, labels, model.config.exit_costs, budgets=[0.45, 0.7])  # new grid, after storing
+    model.save_pretrained(tmp_path)
+    loaded = EENetBertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.exit_policy["budgets"] == [0.45, 0.7] == loaded.exit_policy.budgets
+    with torch.no_grad():
+        for budget in (0.5, 0.75):
+            assert torch.equal(model(**batch, budget=budget).exit_index, loaded(**batch, budget=budget).exit_index)
+
+
+def test_config_with_a_policy_for_other_exits_is_refused():
+    model = tiny_model(exit_pooling="mean", exit_layers=[1, 3])
+    other = ConfidenceThresholdPolicy(3).fit(
+        torch.randn(8, 3, 3), torch.randint(0, 3, (8,)), [0.3, 0.6, 1.0], budgets=[0.5]
+    )
+    config = model.config
+    config.exit_policy = other.get_config()
+    with pytest.raises(ValueError, match="describes a policy for 3 exits but the model has 2"):
+        EENetBertForSequenceClassification(config)
+
+
+def test_a_policy_fitted_for_other_classes_is_refused():
+    model = tiny_model()
+    data = synthetic_exit_outputs(num_samples=64, num_exits=model.config.num_exits, num_labels=5, seed=0)
+    policy = EENetPaperPolicy(model.config.num_exits, max_epochs=5, patience=2)
+    policy.fit(data["exit_logits"], data["labels"], model.config.exit_costs, budgets=[0.6, 0.9])
+    with pytest.raises(ValueError, match="fitted on exits with 5 classes but the model has 3"):
+        model.set_exit_policy(policy)
 
 
 def test_save_load_round_trip_keeps_weights_config_and_decisions(tmp_path):

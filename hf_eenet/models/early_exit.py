@@ -120,6 +120,19 @@ class EarlyExitMixin:
     def _init_exit_policy(self) -> None:
         """Build the policy described by `config.exit_policy` (its tensors are then filled from the weights)."""
         self.exit_policy = exit_policy_from_config(self.config.exit_policy) if self.config.exit_policy else None
+        if self.exit_policy is not None and self.exit_policy.num_exits != self.config.num_exits:
+            raise ValueError(
+                f"`config.exit_policy` describes a policy for {self.exit_policy.num_exits} exits but the model has "
+                f"{self.config.num_exits} (`exit_layers` {self.config.exit_layers})."
+            )
+
+    def sync_exit_policy_config(self) -> None:
+        """
+        Describe the stored policy in `config.exit_policy` as it is now (a policy refitted after `set_exit_policy`
+        has new budgets); `save_pretrained` and the ONNX export call it.
+        """
+        if self.exit_policy is not None:
+            self.config.exit_policy = self.exit_policy.get_config()
 
     def set_exit_policy(self, policy: ExitPolicy | None) -> None:
         """
@@ -136,6 +149,11 @@ class EarlyExitMixin:
             raise ValueError(f"Only a fitted, persistable policy can be stored in a model; got {policy!r}.")
         if policy.num_exits != self.config.num_exits:
             raise ValueError(f"The policy has {policy.num_exits} exits but the model has {self.config.num_exits}.")
+        num_labels = policy.hyperparameters().get("num_labels")
+        if num_labels is not None and num_labels != self.config.num_labels:
+            raise ValueError(
+                f"The policy was fitted on exits with {num_labels} classes but the model has {self.config.num_labels}."
+            )
         self.exit_policy = policy.to(self.device)
         self.config.exit_policy = policy.get_config()
 
@@ -156,6 +174,7 @@ class EarlyExitMixin:
         """
         if remote_code and self.hub_integration is None:
             raise ValueError("`remote_code=True` needs the hf_eenet package (it copies its model code).")
+        self.sync_exit_policy_config()
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if self.hub_integration is not None and kwargs.get("is_main_process", True):
             if write_model_card:

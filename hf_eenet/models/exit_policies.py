@@ -78,6 +78,8 @@ def exit_policy_from_config(config: dict) -> ExitPolicy:
 
 def default_budget_grid(exit_costs: Sequence[float], start: float = 0.2, stop: float = 0.95, step: float = 0.05):
     """Budgets `start, start + step, ..., stop` (rounded), clipped to those the model can meet (>= the cheapest exit)."""
+    if not (math.isfinite(step) and step > 0) or not (0 < start <= stop <= 1):
+        raise ValueError(f"Need 0 < start <= stop <= 1 and step > 0, got start={start}, stop={stop}, step={step}.")
     count = int(round((stop - start) / step)) + 1
     grid = [round(start + i * step, 6) for i in range(count)]
     feasible = [b for b in grid if b >= exit_costs[0] - 1e-9]
@@ -157,8 +159,8 @@ def tilt_exit_fractions(fractions: torch.Tensor, exit_costs, budgets) -> torch.T
 
 def global_thresholds(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
     """
-    The lowest single threshold, shared by every exit but the last, whose cost on the samples of `scores` `(N, K)`
-    stays within `budget` (exact search over the scores); the last exit takes the rest.
+    The highest single threshold (the most samples sent on), shared by every exit but the last, whose cost on the
+    samples of `scores` `(N, K)` stays within `budget` (exact search over the scores); the last exit takes the rest.
     """
     candidates = torch.unique(scores[:, :-1])  # sorted ascending; cost is non-decreasing in the threshold
     num_exits = scores.shape[1]
@@ -250,8 +252,10 @@ def thresholds_for_exit_fractions(scores: torch.Tensor, fractions: torch.Tensor)
 
 
 def _check_is_budget_grid(budgets) -> None:
-    if any(not math.isfinite(b) or b <= 0 for b in budgets):
-        raise ValueError(f"`budgets` must be finite and > 0, got {list(budgets)}.")
+    if any(not (0 < b <= 1) for b in budgets):
+        raise ValueError(
+            f"`budgets` must lie in (0, 1] (fractions of the full model's cost; 1.0 runs it whole), got {list(budgets)}."
+        )
 
 
 class ExitPolicy(nn.Module):
@@ -398,7 +402,13 @@ class ExitPolicy(nn.Module):
             )
         if len(exit_costs) != self.num_exits:
             raise ValueError(f"`exit_costs` must hold {self.num_exits} costs, got {list(exit_costs)}.")
-        budgets = sorted(float(b) for b in budgets)
+        exit_costs = [float(c) for c in exit_costs]
+        if any(not (math.isfinite(c) and c > 0) for c in exit_costs) or any(
+            b <= a for a, b in zip(exit_costs, exit_costs[1:])
+        ):
+            raise ValueError(f"`exit_costs` must be finite, positive and strictly increasing, got {exit_costs}.")
+        # to 6 decimals: a float32 tensor's 0.4 is 0.4000000059604645, and `budget_index(0.4)` would refuse it
+        budgets = sorted(round(float(b), 6) for b in budgets)
         if not budgets:
             raise ValueError("`budgets` must hold at least one budget.")
         _check_is_budget_grid(budgets)
@@ -464,6 +474,26 @@ class ExitPolicy(nn.Module):
         run where the policy's tensors are (e.g. a policy stored in a model on the GPU, with exit outputs cached on the
         CPU); the exits come back on `exit_logits`' device.
         """
+        if not torch.is_tensor(exit_logits) or exit_logits.ndim != 3 or exit_logits.shape[1] != self.num_exits:
+            shape = tuple(exit_logits.shape) if torch.is_tensor(exit_logits) else type(exit_logits).__name__
+            raise ValueError(
+                f"`exit_logits` must have shape (num_samples, {self.num_exits}, num_labels), got {shape}."
+            )
+        if self.requires_budget:
+            if not self.is_fitted:
+                raise ValueError(f"The {self.policy_type} exit policy has not been fitted: it has no budgets.")
+            if budget_index is None or not 0 <= budget_index < len(self.budgets):
+                raise ValueError(
+                    f"`budget_index` must be an index of the fitted budgets, 0..{len(self.budgets) - 1}, got "
+                    f"{budget_index} (`budget_index(budget)` gives the one of a budget)."
+                )
+        if exit_features is not None and (
+            len(exit_features) != self.num_exits or any(f.shape[0] != exit_logits.shape[0] for f in exit_features)
+        ):
+            raise ValueError(
+                f"`exit_features` must hold one tensor per exit ({self.num_exits}), each with {exit_logits.shape[0]} "
+                "rows like `exit_logits`."
+            )
         device = self.device
         if device is not None and {exit_logits.device, *(f.device for f in exit_features or ())} != {device}:
             features = None if exit_features is None else [f.to(device) for f in exit_features]
@@ -509,7 +539,7 @@ class ConfidenceThresholdPolicy(ExitPolicy):
             Confidence score: `"max_prob"` (largest softmax probability) or `"entropy"` (`1 - H(p) / log C`).
         allocation (`str`, *optional*, defaults to `"global"`):
             How thresholds are matched to a budget on the calibration split: `"global"` (one threshold shared by all
-            exits, the lowest whose calibration cost stays within the budget: DeeBERT / FastBERT / BranchyNet) or
+            exits, the highest whose calibration cost stays within the budget: DeeBERT / FastBERT / BranchyNet) or
             `"geometric"` (MSDNet: exit fractions proportional to `q**k` with expected cost equal to the budget,
             thresholds by quantile matching, counts rounded so the calibration cost never exceeds the budget).
 
