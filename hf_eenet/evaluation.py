@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models.configuration_eenet import strictly_increasing
+from .models.configuration_eenet import strictly_increasing, validate_exit_costs
 from .models.exit_policies import (
     ConfidenceThresholdPolicy,
     EENetPaperPolicy,
@@ -261,11 +261,18 @@ def _check_cached(exit_logits: torch.Tensor, labels: torch.Tensor | None) -> Non
         raise ValueError(f"`exit_logits` must have shape (num_samples, num_exits, num_labels), got {shape}.")
     if exit_logits.shape[0] == 0:
         raise ValueError("`exit_logits` holds zero samples.")
+    if not torch.isfinite(exit_logits).all():
+        raise ValueError("`exit_logits` contains NaN or infinite values.")
     if labels is None:
         raise ValueError("Accuracy needs `labels`.")
-    if labels.shape != exit_logits.shape[:1]:
+    if not torch.is_tensor(labels) or labels.shape != exit_logits.shape[:1]:
+        shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise ValueError(f"`labels` must have shape ({exit_logits.shape[0]},) to match `exit_logits`, got {shape}.")
+    num_labels = exit_logits.shape[-1]
+    if labels.is_floating_point() or labels.dtype == torch.bool or int(labels.min()) < 0 or labels.max() >= num_labels:
         raise ValueError(
-            f"`labels` must have shape ({exit_logits.shape[0]},) to match `exit_logits`, got {tuple(labels.shape)}."
+            f"`labels` must be integer class indices in [0, {num_labels - 1}], got dtype {labels.dtype} with values "
+            f"in [{labels.min().item()}, {labels.max().item()}]."
         )
 
 
@@ -304,7 +311,7 @@ def simulated_budget_table(
     """
     _check_cached(exit_logits, labels)
     exit_logits, labels = exit_logits.float(), labels.to(exit_logits.device)
-    costs = torch.as_tensor(exit_costs, dtype=torch.float32, device=exit_logits.device)
+    costs = torch.as_tensor(validate_exit_costs(exit_costs), dtype=torch.float32, device=exit_logits.device)
     if costs.numel() != exit_logits.shape[1]:
         raise ValueError(f"`exit_costs` must hold {exit_logits.shape[1]} costs, got {list(exit_costs)}.")
     rows = []

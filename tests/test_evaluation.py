@@ -113,6 +113,13 @@ def test_simulated_table_errors(data):
         simulated_budget_table({}, data["exit_logits"][:0], data["labels"][:0], data["exit_costs"])
     with pytest.raises(ValueError, match="`exit_costs` must hold 3 costs"):
         simulated_budget_table({}, data["exit_logits"], data["labels"], [0.5, 1.0])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        simulated_budget_table({}, data["exit_logits"], data["labels"], [0.5, 0.4, 1.0])
+    num_labels = data["exit_logits"].shape[-1]
+    with pytest.raises(ValueError, match=rf"class indices in \[0, {num_labels - 1}\]"):
+        simulated_budget_table({}, data["exit_logits"], data["labels"] + num_labels, data["exit_costs"])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        simulated_budget_table({}, data["exit_logits"] * math.nan, data["labels"], data["exit_costs"])
     with pytest.raises(ValueError, match="needs calibration `labels`"):
         fit_policies({}, data["exit_logits"], None, data["exit_costs"], [0.5])
 

@@ -135,9 +135,7 @@ class EENetConfigMixin:
         costs = [float(c) for c in exit_costs]
         if len(costs) != len(self.exit_layers):
             raise ValueError(f"`exit_costs` must hold one cost per exit ({len(self.exit_layers)}), got {costs}.")
-        if any(not (c > 0 and math.isfinite(c)) for c in costs) or any(b <= a for a, b in zip(costs, costs[1:])):
-            raise ValueError(f"`exit_costs` must be finite, positive and strictly increasing, got {costs}.")
-        return costs
+        return validate_exit_costs(costs)
 
     # --- analytic costs: a backbone config only says how many FLOPs its blocks and heads take ---------------------
     def block_flops(self) -> list[float]:
@@ -198,6 +196,14 @@ class EENetConfigMixin:
                     config_dict.pop(key, None)
         elif "exit_costs" not in overrides and config_dict.get("exit_cost_source", "flops") == "flops":
             config_dict.pop("exit_costs", None)
+
+
+def validate_exit_costs(exit_costs: Sequence[float]) -> list[float]:
+    """`exit_costs` as floats; a clear error unless they are finite, positive and strictly increasing."""
+    costs = [float(c) for c in exit_costs]
+    if any(not (c > 0 and math.isfinite(c)) for c in costs) or any(b <= a for a, b in zip(costs, costs[1:])):
+        raise ValueError(f"`exit_costs` must be finite, positive and strictly increasing, got {costs}.")
+    return costs
 
 
 def strictly_increasing(costs: Sequence[float]) -> list[float]:

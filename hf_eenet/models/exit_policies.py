@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configuration_eenet import validate_exit_costs
+
 __all__ = [
     "EXIT_POLICY_CLASSES",
     "ConfidenceThresholdPolicy",
@@ -402,11 +404,7 @@ class ExitPolicy(nn.Module):
             )
         if len(exit_costs) != self.num_exits:
             raise ValueError(f"`exit_costs` must hold {self.num_exits} costs, got {list(exit_costs)}.")
-        exit_costs = [float(c) for c in exit_costs]
-        if any(not (math.isfinite(c) and c > 0) for c in exit_costs) or any(
-            b <= a for a, b in zip(exit_costs, exit_costs[1:])
-        ):
-            raise ValueError(f"`exit_costs` must be finite, positive and strictly increasing, got {exit_costs}.")
+        exit_costs = validate_exit_costs(exit_costs)
         # to 6 decimals: a float32 tensor's 0.4 is 0.4000000059604645, and `budget_index(0.4)` would refuse it
         budgets = sorted(round(float(b), 6) for b in budgets)
         if not budgets:
