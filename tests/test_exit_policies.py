@@ -610,3 +610,14 @@ def test_budget_grids_costs_and_simulate_inputs_are_checked():
         policy.simulate(logits, 2)
     with pytest.raises(ValueError, match=r"index of the fitted budgets, 0..1, got None"):
         policy.simulate(logits, None)
+
+
+def test_unbudgeted_fit_and_feature_values_are_checked():
+    data = synthetic_exit_outputs(num_samples=60, num_exits=3, num_labels=3, seed=0)
+    logits, labels, costs = data["exit_logits"], data["labels"], data["exit_costs"]
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(60,\)"):
+        StaticExitPolicy(3).fit(logits, labels[:3], costs)
+    features = [torch.randn(60, 4) for _ in range(3)]
+    features[1][5, 0] = math.nan
+    with pytest.raises(ValueError, match=r"`exit_features\[1\]` contains NaN"):
+        EENetPolicy(3, max_epochs=2).fit(logits, labels, costs, [0.9], features)

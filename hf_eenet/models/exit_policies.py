@@ -428,6 +428,8 @@ class ExitPolicy(nn.Module):
                     raise ValueError(
                         f"`exit_features[{k}]` must have shape ({exit_logits.shape[0]}, feature_size), got {shape}."
                     )
+                if not torch.isfinite(features).all():
+                    raise ValueError(f"`exit_features[{k}]` contains NaN or infinite values.")
         costs = torch.as_tensor(exit_costs, dtype=torch.float32)
         return costs, budgets
 
@@ -639,11 +641,7 @@ class _UnbudgetedPolicy(ExitPolicy):
 
     def fit(self, exit_logits, labels, exit_costs, budgets=(), exit_features=None):
         """Nothing to fit (checks the inputs only, so it can run in the same harness as the other policies)."""
-        if exit_logits.ndim != 3 or exit_logits.shape[1] != self.num_exits:
-            raise ValueError(
-                f"`exit_logits` must have shape (num_samples, {self.num_exits}, num_labels), got "
-                f"{tuple(exit_logits.shape)}."
-            )
+        self._check_fit_inputs(exit_logits, labels, exit_costs, [1.0], exit_features)
         return self
 
 
