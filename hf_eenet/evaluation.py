@@ -40,6 +40,7 @@ from .models.exit_policies import (
     ExitPolicy,
     PatiencePolicy,
     StaticExitPolicy,
+    check_class_labels,
     exit_policy_from_config,
 )
 
@@ -265,15 +266,7 @@ def _check_cached(exit_logits: torch.Tensor, labels: torch.Tensor | None) -> Non
         raise ValueError("`exit_logits` contains NaN or infinite values.")
     if labels is None:
         raise ValueError("Accuracy needs `labels`.")
-    if not torch.is_tensor(labels) or labels.shape != exit_logits.shape[:1]:
-        shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
-        raise ValueError(f"`labels` must have shape ({exit_logits.shape[0]},) to match `exit_logits`, got {shape}.")
-    num_labels = exit_logits.shape[-1]
-    if labels.is_floating_point() or labels.dtype == torch.bool or int(labels.min()) < 0 or labels.max() >= num_labels:
-        raise ValueError(
-            f"`labels` must be integer class indices in [0, {num_labels - 1}], got dtype {labels.dtype} with values "
-            f"in [{labels.min().item()}, {labels.max().item()}]."
-        )
+    check_class_labels(labels, exit_logits.shape[0], exit_logits.shape[-1])
 
 
 def _row(name, mode, budget, exits, exit_logits, labels, costs, **extra) -> dict:

@@ -116,7 +116,7 @@ def test_simulated_table_errors(data):
     with pytest.raises(ValueError, match="strictly increasing"):
         simulated_budget_table({}, data["exit_logits"], data["labels"], [0.5, 0.4, 1.0])
     num_labels = data["exit_logits"].shape[-1]
-    with pytest.raises(ValueError, match=rf"class indices in \[0, {num_labels - 1}\]"):
+    with pytest.raises(ValueError, match=rf"`labels` must lie in \[0, {num_labels - 1}\]"):
         simulated_budget_table({}, data["exit_logits"], data["labels"] + num_labels, data["exit_costs"])
     with pytest.raises(ValueError, match="NaN or infinite"):
         simulated_budget_table({}, data["exit_logits"] * math.nan, data["labels"], data["exit_costs"])

@@ -46,6 +46,7 @@ __all__ = [
     "ForcedExitPolicy",
     "PatiencePolicy",
     "StaticExitPolicy",
+    "check_class_labels",
     "default_budget_grid",
     "exit_policy_from_config",
     "expected_cost",
@@ -253,6 +254,20 @@ def thresholds_for_exit_fractions(scores: torch.Tensor, fractions: torch.Tensor)
     return match_thresholds(scores[None], fractions[None, None])[0][0, 0]
 
 
+def check_class_labels(labels, num_samples: int, num_labels: int) -> None:
+    """A clear error unless `labels` is a tensor of `num_samples` integer class indices in `[0, num_labels - 1]`."""
+    if not torch.is_tensor(labels) or labels.shape != (num_samples,):
+        shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise ValueError(f"`labels` must have shape ({num_samples},) to match `exit_logits`, got {shape}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"`labels` must be integer class indices, got dtype {labels.dtype}.")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
+        raise ValueError(
+            f"`labels` must lie in [0, {num_labels - 1}] for {num_labels} classes, got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]."
+        )
+
+
 def _check_is_budget_grid(budgets) -> None:
     if any(not (0 < b <= 1) for b in budgets):
         raise ValueError(
@@ -375,36 +390,47 @@ class ExitPolicy(nn.Module):
         """
         raise NotImplementedError
 
-    def _check_fit_inputs(
-        self, exit_logits, labels, exit_costs, budgets, exit_features=None
-    ) -> tuple[torch.Tensor, list[float]]:
+    def _check_exit_outputs(self, exit_logits, exit_features=None) -> None:
+        """The shapes `fit` and `simulate` share: logits `(N, num_exits, C)`, one `(N, F_k)` feature tensor per exit."""
+        if not torch.is_tensor(exit_logits) or exit_logits.ndim != 3 or exit_logits.shape[1] != self.num_exits:
+            shape = tuple(exit_logits.shape) if torch.is_tensor(exit_logits) else type(exit_logits).__name__
+            raise ValueError(
+                f"`exit_logits` must have shape (num_samples, {self.num_exits}, num_labels), got {shape}."
+            )
+        if exit_features is None:
+            return
+        if len(exit_features) != self.num_exits:
+            raise ValueError(
+                f"`exit_features` must hold one tensor per exit ({self.num_exits}), got {len(exit_features)}."
+            )
+        for k, features in enumerate(exit_features):
+            if not torch.is_tensor(features) or features.ndim != 2 or features.shape[0] != exit_logits.shape[0]:
+                shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+                raise ValueError(
+                    f"`exit_features[{k}]` must have shape ({exit_logits.shape[0]}, feature_size), got {shape}."
+                )
+
+    def _check_calibration_data(self, exit_logits, labels, exit_costs, exit_features=None) -> list[float]:
+        """Every check of `fit`'s inputs but the budgets'; returns the exit costs as floats."""
         if not torch.is_tensor(exit_logits) or not exit_logits.is_floating_point():
             raise TypeError(f"`exit_logits` must be a floating-point tensor, got {type(exit_logits).__name__}.")
-        if exit_logits.ndim != 3 or exit_logits.shape[1] != self.num_exits:
-            raise ValueError(
-                f"`exit_logits` must have shape (num_samples, {self.num_exits}, num_labels), got "
-                f"{tuple(exit_logits.shape)}."
-            )
+        self._check_exit_outputs(exit_logits, exit_features)
         if exit_logits.shape[0] == 0:
             raise ValueError("Cannot fit an exit policy on zero samples.")
         if not torch.isfinite(exit_logits).all():
             raise ValueError("`exit_logits` contains NaN or infinite values.")
-        if not torch.is_tensor(labels) or labels.shape != exit_logits.shape[:1]:
-            shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
-            raise ValueError(
-                f"`labels` must have shape ({exit_logits.shape[0]},) to match `exit_logits`, got {shape}."
-            )
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"`labels` must be integer class indices, got dtype {labels.dtype}.")
-        num_labels = exit_logits.shape[-1]
-        if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
-            raise ValueError(
-                f"`labels` must lie in [0, {num_labels - 1}] for {num_labels} classes, got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]."
-            )
+        check_class_labels(labels, exit_logits.shape[0], exit_logits.shape[-1])
         if len(exit_costs) != self.num_exits:
             raise ValueError(f"`exit_costs` must hold {self.num_exits} costs, got {list(exit_costs)}.")
-        exit_costs = validate_exit_costs(exit_costs)
+        for k, features in enumerate(exit_features or ()):
+            if not torch.isfinite(features).all():
+                raise ValueError(f"`exit_features[{k}]` contains NaN or infinite values.")
+        return validate_exit_costs(exit_costs)
+
+    def _check_fit_inputs(
+        self, exit_logits, labels, exit_costs, budgets, exit_features=None
+    ) -> tuple[torch.Tensor, list[float]]:
+        exit_costs = self._check_calibration_data(exit_logits, labels, exit_costs, exit_features)
         # to 6 decimals: a float32 tensor's 0.4 is 0.4000000059604645, and `budget_index(0.4)` would refuse it
         budgets = sorted(round(float(b), 6) for b in budgets)
         if not budgets:
@@ -417,21 +443,7 @@ class ExitPolicy(nn.Module):
                 f"budget {budgets[0]} is below the cheapest exit's cost {exit_costs[0]:.4f}: no policy can meet it; "
                 f"the smallest budget allowed is {exit_costs[0]:.4f}."
             )
-        if exit_features is not None:
-            if len(exit_features) != self.num_exits:
-                raise ValueError(
-                    f"`exit_features` must hold one tensor per exit ({self.num_exits}), got {len(exit_features)}."
-                )
-            for k, features in enumerate(exit_features):
-                if not torch.is_tensor(features) or features.ndim != 2 or features.shape[0] != exit_logits.shape[0]:
-                    shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
-                    raise ValueError(
-                        f"`exit_features[{k}]` must have shape ({exit_logits.shape[0]}, feature_size), got {shape}."
-                    )
-                if not torch.isfinite(features).all():
-                    raise ValueError(f"`exit_features[{k}]` contains NaN or infinite values.")
-        costs = torch.as_tensor(exit_costs, dtype=torch.float32)
-        return costs, budgets
+        return torch.as_tensor(exit_costs, dtype=torch.float32), budgets
 
     # --- inference --------------------------------------------------------------------------------------------------
     def initial_state(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -474,11 +486,7 @@ class ExitPolicy(nn.Module):
         run where the policy's tensors are (e.g. a policy stored in a model on the GPU, with exit outputs cached on the
         CPU); the exits come back on `exit_logits`' device.
         """
-        if not torch.is_tensor(exit_logits) or exit_logits.ndim != 3 or exit_logits.shape[1] != self.num_exits:
-            shape = tuple(exit_logits.shape) if torch.is_tensor(exit_logits) else type(exit_logits).__name__
-            raise ValueError(
-                f"`exit_logits` must have shape (num_samples, {self.num_exits}, num_labels), got {shape}."
-            )
+        self._check_exit_outputs(exit_logits, exit_features)
         if self.requires_budget:
             if not self.is_fitted:
                 raise ValueError(f"The {self.policy_type} exit policy has not been fitted: it has no budgets.")
@@ -487,13 +495,6 @@ class ExitPolicy(nn.Module):
                     f"`budget_index` must be an index of the fitted budgets, 0..{len(self.budgets) - 1}, got "
                     f"{budget_index} (`budget_index(budget)` gives the one of a budget)."
                 )
-        if exit_features is not None and (
-            len(exit_features) != self.num_exits or any(f.shape[0] != exit_logits.shape[0] for f in exit_features)
-        ):
-            raise ValueError(
-                f"`exit_features` must hold one tensor per exit ({self.num_exits}), each with {exit_logits.shape[0]} "
-                "rows like `exit_logits`."
-            )
         device = self.device
         if device is not None and {exit_logits.device, *(f.device for f in exit_features or ())} != {device}:
             features = None if exit_features is None else [f.to(device) for f in exit_features]
@@ -641,7 +642,7 @@ class _UnbudgetedPolicy(ExitPolicy):
 
     def fit(self, exit_logits, labels, exit_costs, budgets=(), exit_features=None):
         """Nothing to fit (checks the inputs only, so it can run in the same harness as the other policies)."""
-        self._check_fit_inputs(exit_logits, labels, exit_costs, [1.0], exit_features)
+        self._check_calibration_data(exit_logits, labels, exit_costs, exit_features)
         return self
 
 
