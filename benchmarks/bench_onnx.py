@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="outputs/minilm-sst2-eenet", help="EENet BERT with a fitted scheduler.")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="SST-2 tsv with a 'sentence' column.")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="Budgets timed (1.0: full).")
     parser.add_argument("--num-samples", type=int, default=192)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -73,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
         for batch_size in args.batch_sizes:
-            batches = tokenize_batches(tokenizer, sentences, batch_size, args.max_length)
+            batches = tokenize_batches(tokenizer, sentences, batch_size, args.max_length, "cpu")
             runs = {"stock transformers": run_all(stock, batches)}
             agreement = []
-            for budget in BUDGETS:
+            for budget in args.budgets:
                 runs[f"torch early exit, budget {budget}"] = run_all(ours, batches, budget=budget)
                 runs[f"onnxruntime early exit, budget {budget}"] = run_all(onnx_model, batches, budget=budget)
                 with torch.inference_mode():
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 diff = max(float((a.logits - o.logits).abs().max()) for a, o in pairs)
                 cost = float(torch.cat([o.exit_cost for _, o in pairs]).mean())
                 agreement.append((budget, same, diff, cost))
-            times = time_runs(runs, args.repeats)
+            times = time_runs(runs, args.repeats, "cpu")
             stock_time = times["stock transformers"]
             lines += [
                 f"## batch size {batch_size}",

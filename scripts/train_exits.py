@@ -54,6 +54,13 @@ class ModelArguments:
             "sentence-transformers checkpoints such as the MiniLM."
         },
     )
+    exit_head_pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "BERT only: how the early exits' heads pool the tokens when not as --exit_pooling: 'cls', 'mean' "
+            "or 'attention' (a learned attention over the tokens per head). The last exit pools as --exit_pooling."
+        },
+    )
     exit_layer_unit: str | None = field(
         default=None,
         metadata={
@@ -127,9 +134,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pooling = model_args.exit_pooling or ("mean" if is_text and is_sentence_transformers_checkpoint(path) else None)
     if pooling is not None:
         overrides["exit_pooling"] = pooling
-    if model_args.exit_pooling is not None or model_args.exit_layer_unit is not None:
+    if model_args.exit_head_pooling is not None:
+        overrides["exit_head_pooling"] = model_args.exit_head_pooling
+    if model_args.exit_pooling is not None or model_args.exit_layer_unit is not None or model_args.exit_head_pooling:
         model_type = AutoConfig.from_pretrained(path).model_type
         is_resnet = model_type in ("resnet", "eenet-resnet")
+        if model_args.exit_head_pooling is not None and model_type not in ("bert", "eenet-bert"):
+            raise ValueError(
+                f"`exit_head_pooling` applies to BERT models only (token pooling of the early exits); this model is "
+                f"{model_type!r}."
+            )
         if model_args.exit_pooling is not None and is_resnet:
             raise ValueError(
                 "`exit_pooling` applies to BERT and ViT models (token pooling); a ResNet's exit heads pool their "

@@ -106,10 +106,11 @@ def test_image_column_errors(image_folder, tmp_path):
 
 def test_token_pooling_on_a_resnet_is_an_error(image_folder, processor_dir, tmp_path):
     arguments = ["--dataset_name", str(image_folder), "--calibration_split", "validation", "--report_to", "none",
-                 "--config_name", processor_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
-                 "--exit_pooling", "cls"]  # fmt: skip
+                 "--config_name", processor_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]  # fmt: skip
     with pytest.raises(ValueError, match="`exit_pooling` applies to BERT and ViT models"):
-        train_exits.main(arguments)
+        train_exits.main([*arguments, "--exit_pooling", "cls"])
+    with pytest.raises(ValueError, match="`exit_head_pooling` applies to BERT models only .* 'eenet-resnet'"):
+        train_exits.main([*arguments, "--exit_head_pooling", "attention"])
 
 
 def test_vision_workflow_end_to_end(image_folder, processor_dir, tmp_path):

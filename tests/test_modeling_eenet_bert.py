@@ -18,6 +18,7 @@ from hf_eenet import (
     ForcedExitPolicy,
 )
 from hf_eenet.evaluation import synthetic_exit_outputs
+from hf_eenet.models import EENET_CONFIG_FORMAT
 from hf_eenet.models.exit_policies import EENetPaperPolicy
 
 
@@ -37,10 +38,13 @@ def exit_patterns(batch_size: int, num_exits: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean or an additive mask, carried through compaction
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize(
+    "pooling",
+    [{"exit_pooling": "cls"}, {"exit_pooling": "mean"}, {"exit_pooling": "mean", "exit_head_pooling": "attention"}],
+)
 @pytest.mark.parametrize("batch_size", [1, 7, 32])
 def test_early_exit_logits_equal_all_exits_logits(batch_size, pooling, attention):
-    model = tiny_model(exit_pooling=pooling, num_hidden_layers=4, exit_layers=[1, 2, 4])
+    model = tiny_model(**pooling, num_hidden_layers=4, exit_layers=[1, 2, 4])
     model.set_attn_implementation(attention)
     batch = random_text_batch(batch_size, seed=batch_size)
     with torch.no_grad():
@@ -68,9 +72,10 @@ def test_early_exit_without_padding_keeps_the_mask_free_path():
     torch.testing.assert_close(out.logits, reference[torch.arange(8), targets], atol=1e-5, rtol=1e-5)
 
 
-def test_early_exit_logits_do_not_depend_on_batch_composition():
+@pytest.mark.parametrize("head_pooling", [None, "attention"])
+def test_early_exit_logits_do_not_depend_on_batch_composition(head_pooling):
     """A sample's logits are the same alone, in a batch of easy samples, or in a batch of hard ones."""
-    model = tiny_model(exit_pooling="mean")
+    model = tiny_model(exit_pooling="mean", exit_head_pooling=head_pooling)
     batch = random_text_batch(9, seed=3)
     targets = torch.tensor([0, 2, 1, 0, 2, 2, 1, 0, 1])
     with torch.no_grad():
@@ -213,12 +218,13 @@ def test_a_policy_fitted_for_other_classes_is_refused():
 
 
 def test_save_load_round_trip_keeps_weights_config_and_decisions(tmp_path):
-    model = tiny_model(exit_pooling="mean", exit_layers=[1, 3], default_budget=0.8)
+    model = tiny_model(exit_pooling="mean", exit_head_pooling="attention", exit_layers=[1, 3], default_budget=0.8)
     batch = random_text_batch(16, seed=2)
     model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (16,))))
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "eenet-bert"
+    assert saved["exit_head_pooling"] == "attention" and saved["eenet_format_version"] == EENET_CONFIG_FORMAT
     assert saved["exit_policy"]["policy_type"] == "confidence-threshold"
     assert saved["hf_eenet_version"] == model.config.hf_eenet_version
     assert (tmp_path / "model.safetensors").exists()
@@ -274,6 +280,25 @@ def test_loads_stock_sequence_classifier_with_only_exits_new(tmp_path):
     assert model.exit_policy is None and model.config.exit_policy is None
 
 
+def test_attention_pooling_heads_added_to_a_trained_model_are_the_only_new_weights(tmp_path):
+    trained = tiny_model(exit_pooling="mean")
+    trained.save_pretrained(tmp_path)
+    model, info = EENetBertForSequenceClassification.from_pretrained(
+        tmp_path, exit_head_pooling="attention", output_loading_info=True
+    )
+    heads = len(model.exit_heads)
+    assert sorted(info["missing_keys"]) == sorted(
+        f"exit_heads.{k}.attention_scorer.{name}" for k in range(heads) for name in ("weight", "bias")
+    )
+    assert model.config.exit_head_pooling == "attention" and model.config.exit_pooling == "mean"
+    batch = random_text_batch(6, seed=4)
+    with torch.no_grad():  # the last exit (mean pooling, stock classifier) is unchanged
+        before = trained.eval()(**batch, output_all_exits=True).all_exit_logits
+        after = model.eval()(**batch, output_all_exits=True).all_exit_logits
+    torch.testing.assert_close(after[:, -1], before[:, -1])
+    assert not torch.allclose(after[:, 0], before[:, 0])
+
+
 def test_loads_stock_base_model_with_exits_and_classifier_new(tmp_path):
     base = BertModel(tiny_bert_config())
     base.save_pretrained(tmp_path)
@@ -305,6 +330,9 @@ def test_flops_costs():
     assert costs[0] < costs[1] < costs[2]
     assert costs[2] > 1.0 and costs[2] < 1.05  # the full model plus two small exit heads
     assert costs[0] == pytest.approx(1 / 3, abs=0.03) and costs[1] == pytest.approx(2 / 3, abs=0.03)
+    attention = tiny_bert_config(num_hidden_layers=6, exit_layers=[2, 4, 6], exit_head_pooling="attention")
+    heads, attention_heads = config.exit_head_flops(), attention.exit_head_flops()
+    assert attention_heads[0] > heads[0] and attention_heads[-1] == heads[-1]  # the scorer: early exits only
 
 
 def test_calibrate_exit_costs_measures_latency():
@@ -417,6 +445,7 @@ def test_mismatched_attention_mask_is_an_error():
         ({"exit_costs": [0.5, 0.4, 1.0]}, "strictly increasing"),
         ({"exit_cost_source": "magic"}, "exit_cost_source"),
         ({"exit_pooling": "max"}, "exit_pooling"),
+        ({"exit_head_pooling": "max"}, "`exit_head_pooling` must be 'cls', 'mean', 'attention' or None"),
         ({"default_budget": -1}, "default_budget"),
     ],
 )

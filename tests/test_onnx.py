@@ -51,7 +51,8 @@ def text_batches(count=4, batch_size=24):
 @pytest.fixture(scope="module")
 def bert_export(tmp_path_factory):
     torch.manual_seed(0)
-    model = EENetBertForSequenceClassification(tiny_bert_config(exit_pooling="mean"))
+    # early exits with attention pooling, the last exit with mean pooling: both pooling graphs are exported
+    model = EENetBertForSequenceClassification(tiny_bert_config(exit_pooling="mean", exit_head_pooling="attention"))
     policy = EENetPolicy(model.config.num_exits, max_epochs=30, patience=5)
     fitted(model, text_batches(), policy)
     directory = export_onnx(model, tmp_path_factory.mktemp("bert-onnx"))

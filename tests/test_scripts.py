@@ -12,11 +12,16 @@ import pytest
 from conftest import SHARED_DATA, tiny_bert_config
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+from hf_eenet.evaluation import simulated_budget_table, synthetic_exit_outputs
+from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 
 import bench_calibration_size  # noqa: E402
+import bench_onnx  # noqa: E402
 import bench_policy_selection  # noqa: E402
+import bench_speed  # noqa: E402
 import demo  # noqa: E402
 import evaluate_budgets  # noqa: E402
 import fit_scheduler  # noqa: E402
@@ -70,11 +75,15 @@ def common_args(checkpoint, data, output_dir, train: bool = True) -> list[str]:
 def test_train_exits_end_to_end(tiny_checkpoint, tiny_sst2, tmp_path):
     out = tmp_path / "trained"
     metrics = train_exits.main(
-        [*common_args(tiny_checkpoint, tiny_sst2, out), "--max_steps", "3", "--exit_layers", "1", "3"]
+        [
+            *common_args(tiny_checkpoint, tiny_sst2, out),
+            *("--max_steps", "3", "--exit_layers", "1", "3", "--exit_head_pooling", "attention"),
+        ]
     )
     assert set(metrics) >= {"eval_loss", "eval_exit_0_accuracy", "eval_exit_1_accuracy", "eval_accuracy"}
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "eenet-bert" and config["exit_layers"] == [1, 3]
+    assert config["exit_head_pooling"] == "attention"
     assert config["id2label"] == {"0": "negative", "1": "positive"}
     assert {"model.safetensors", "README.md", "tokenizer.json", "exit_accuracies.json"} <= {
         p.name for p in out.iterdir()
@@ -147,20 +156,51 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     for title in ("Simulated on dev", "Simulated on test", "Measured on test", "budget_plot.png"):
         assert title in card
 
+    report = tmp_path / "onnx.md"  # the ONNX benchmark on the fitted model: runs, and torch and onnxruntime agree
+    bench_onnx.main(
+        ["--model", str(fitted), "--data", str(Path(tiny_sst2) / "test.tsv"), "--batch-sizes", "4",
+         "--num-samples", "8", "--repeats", "1", "--budgets", "1.0", "0.5", "--output", str(report)]
+    )  # fmt: skip
+    text = report.read_text()
+    assert "| onnxruntime early exit, budget 0.5 |" in text and "| 0.5 | 8 / 8 |" in text
+
+
+def test_speed_benchmark_runs_on_a_tiny_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path):
+    report = tmp_path / "speed.md"
+    bench_speed.main(
+        ["--model", tiny_checkpoint, "--data", str(Path(tiny_sst2) / "test.tsv"), "--batch-sizes", "4",
+         "--num-samples", "8", "--repeats", "1", "--max-length", "32", "--output", str(report)]
+    )  # fmt: skip
+    assert "stock transformers" in report.read_text()
+
 
 def test_policy_benchmarks_end_to_end(trained_checkpoint, tiny_sst2, tmp_path):
     arguments = [*common_args(trained_checkpoint, tiny_sst2, tmp_path / "out", train=False), "--budgets", "0.5", "0.8"]
     margins = bench_policy_selection.main([*arguments, "--report", str(tmp_path / "selection.md")])
-    assert set(margins) == set(bench_policy_selection.variants(1))
+    assert set(margins) == {*bench_policy_selection.variants(1), bench_policy_selection.HINDSIGHT}
     assert all(len(values) == 2 for values in margins.values())
     report = (tmp_path / "selection.md").read_text()
     assert "bench_policy_selection.py --model_name_or_path" in report and "| 0.80 |" in report
+    assert f"| {bench_policy_selection.HINDSIGHT} | - |" in report
 
     margins = bench_calibration_size.main([*arguments, "--report", str(tmp_path / "size.md")])
     assert set(margins) == {"calibration split", "calibration split + half of test"}
     assert all(len(values) == 2 and all(abs(v) <= 100 for v in values) for values in margins.values())
     report = (tmp_path / "size.md").read_text()
     assert "| calibration split + half of test | 48 / 48 |" in report  # 32 dev sentences plus 16 of test
+
+
+def test_hindsight_max_prob_bounds_the_max_prob_rules_fitted_on_the_same_samples():
+    outputs = synthetic_exit_outputs(num_samples=2_000, num_exits=4, seed=3)
+    costs, budgets = outputs["exit_costs"], [0.4, 0.6, 0.8]
+    hindsight = bench_policy_selection.hindsight_max_prob(outputs, costs, budgets)
+    for allocation in ("global", "geometric"):
+        policy = ConfidenceThresholdPolicy(4, allocation=allocation)
+        policy.fit(outputs["exit_logits"], outputs["labels"], costs, budgets)  # fitted on the evaluated samples
+        rows = simulated_budget_table({"max-prob": policy}, outputs["exit_logits"], outputs["labels"], costs)
+        accuracy = [row["accuracy"] for row in rows if row["policy"] == "max-prob"]
+        assert all(h >= a - 1e-6 for h, a in zip(hindsight, accuracy)), (allocation, hindsight, accuracy)
+    assert hindsight[0] > accuracy[0]  # the search moves exit mass where it pays on these samples
 
 
 def test_evaluate_budgets_needs_a_fitted_model(trained_checkpoint, tiny_sst2, tmp_path):

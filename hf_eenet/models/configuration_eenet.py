@@ -26,7 +26,7 @@ __all__ = [
 # `models/` folder stays importable on its own as Hub remote code.
 EENET_VERSION = "0.1.0"
 # Version of the early-exit fields' layout. A config written with a newer layout cannot be read safely.
-EENET_CONFIG_FORMAT = 1
+EENET_CONFIG_FORMAT = 2  # 2: `exit_head_pooling` (BERT), which format 1 readers would ignore
 
 EXIT_COST_SOURCES = ("flops", "latency")
 
@@ -243,6 +243,11 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
             How every exit, the last one included, pools the token states before its pooler: `"cls"` (the first
             token, as stock BERT classifiers do) or `"mean"` (the masked mean over tokens, for sentence-transformers
             checkpoints such as all-MiniLM-L6-v2).
+        exit_head_pooling (`str`, *optional*):
+            How the early exits' heads pool the token states, when not as `exit_pooling`: `"cls"`, `"mean"` or
+            `"attention"` (a softmax attention over the non-padding tokens with a learned scorer per head, so a
+            shallow exit can weigh the words that carry the label instead of averaging them). The last exit always
+            pools as `exit_pooling`, so a stock classifier stays as it was trained.
         exit_cost_reference_length (`int`, *optional*, defaults to 128):
             Sequence length at which the FLOPs-based exit costs are computed.
         kwargs:
@@ -265,6 +270,7 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
         exit_layers: Sequence[int] | None = None,
         exit_loss_weights: Sequence[float] | None = None,
         exit_pooling: str = "cls",
+        exit_head_pooling: str | None = None,
         exit_costs: Sequence[float] | None = None,
         exit_cost_source: str = "flops",
         exit_cost_reference_length: int = 128,
@@ -278,6 +284,12 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
         if exit_pooling not in ("cls", "mean"):
             raise ValueError(f"`exit_pooling` must be 'cls' or 'mean', got {exit_pooling!r}.")
         self.exit_pooling = exit_pooling
+        if exit_head_pooling not in (None, "cls", "mean", "attention"):
+            raise ValueError(
+                f"`exit_head_pooling` must be 'cls', 'mean', 'attention' or None (as `exit_pooling`), got "
+                f"{exit_head_pooling!r}."
+            )
+        self.exit_head_pooling = exit_head_pooling
         if int(exit_cost_reference_length) < 1:
             raise ValueError(f"`exit_cost_reference_length` must be >= 1, got {exit_cost_reference_length}.")
         self.exit_cost_reference_length = int(exit_cost_reference_length)
@@ -299,9 +311,15 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
         feed_forward = 2 * length * hidden * inter
         return [2.0 * (projections + attention + feed_forward)] * self.num_hidden_layers
 
+    @property
+    def head_pooling(self) -> str:
+        """How the early exits' heads pool the token states: `exit_head_pooling`, else `exit_pooling`."""
+        return self.exit_head_pooling or self.exit_pooling
+
     def exit_head_flops(self) -> list[float]:
         head = 2.0 * (self.hidden_size * self.hidden_size + self.hidden_size * self.num_labels)
-        return [head] * len(self.exit_layers)
+        scorer = 2.0 * self.exit_cost_reference_length * self.hidden_size if self.head_pooling == "attention" else 0.0
+        return [head + scorer] * (len(self.exit_layers) - 1) + [head]
 
 
 def _pair(size) -> tuple[int, int]:

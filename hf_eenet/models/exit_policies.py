@@ -55,6 +55,7 @@ __all__ = [
     "match_thresholds",
     "register_exit_policy",
     "regret_scoring_functions",
+    "search_exit_fractions",
     "thresholds_for_exit_fractions",
     "tilt_exit_fractions",
 ]
@@ -1734,7 +1735,7 @@ class EENetPolicy(EENetPaperPolicy):
         fit_scores, fit_correct = scores[:, fit_index], correct[fit_index]
         allocations = [learned]
         if self.search_allocation:
-            allocations.append(_search_fractions(fit_scores, fit_correct, learned, costs, trained["budget"]))
+            allocations.append(search_exit_fractions(fit_scores, fit_correct, learned, costs, trained["budget"]))
         fit_hits, evaluation_hits = [], []
         for index, fractions in enumerate(allocations):
             thresholds, exits = match_thresholds(fit_scores, fractions[:, None])
@@ -1873,7 +1874,7 @@ def _significantly_better(hits: torch.Tensor, other_hits: torch.Tensor, z: float
     return won - lost > z * math.sqrt(won + lost)
 
 
-def _search_fractions(
+def search_exit_fractions(
     scores: torch.Tensor,
     correct: torch.Tensor,
     fractions: torch.Tensor,
@@ -1885,11 +1886,16 @@ def _search_fractions(
     """
     Coordinate search over exit fractions for accuracy at a fixed budget: each sweep tries, for every exit and step
     `±delta`, moving mass to or from that exit (then re-tilting to the budget) and keeps the best move of each model
-    if it raises accuracy on these samples.
+    if it raises accuracy on these samples (thresholds quantile-matched on them, see [`match_thresholds`]).
 
     Args:
-        scores (`torch.Tensor` of shape `(S, N, K)`), correct (`(N, K)`), fractions (`(S, K)`, on budget),
-        costs (`(K,)`), budgets (`(S,)`).
+        scores (`torch.Tensor` of shape `(S, N, K)`): `S` score sets (e.g. one per budget) of `N` samples.
+        correct (`torch.Tensor` of shape `(N, K)`): whether each exit's prediction is correct.
+        fractions (`torch.Tensor` of shape `(S, K)`): starting exit fractions, on budget.
+        costs (`torch.Tensor` of shape `(K,)`): cumulative exit costs.
+        budgets (`torch.Tensor` of shape `(S,)`): the budget of each score set.
+        steps (`Sequence[float]`, *optional*, defaults to `(0.01, 0.03, 0.1)`): the moves of exit mass tried.
+        max_sweeps (`int`, *optional*, defaults to 4): sweeps over every exit and step at most.
 
     Returns:
         `torch.Tensor` of shape `(S, K)`: the improved fractions.

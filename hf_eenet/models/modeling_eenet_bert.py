@@ -16,10 +16,16 @@ __all__ = ["EENetBertExitHead", "EENetBertForSequenceClassification"]
 
 
 class EENetBertExitHead(nn.Module):
-    """An early exit's head, shaped like BERT's own: pooler (dense + tanh), dropout, linear classifier."""
+    """
+    An early exit's head, shaped like BERT's own: pooler (dense + tanh), dropout, linear classifier. With
+    `config.exit_head_pooling="attention"` it also holds the scorer of its attention pooling (`attention_scorer`: one
+    logit per token).
+    """
 
     def __init__(self, config: EENetBertConfig):
         super().__init__()
+        if config.head_pooling == "attention":
+            self.attention_scorer = nn.Linear(config.hidden_size, 1)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
@@ -107,9 +113,16 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
 
     def exit_features(self, state, exit_index):
         hidden_states = state["hidden_states"]
-        if self.config.exit_pooling == "cls":
+        is_head = exit_index < len(self.exit_heads)
+        pooling = self.config.head_pooling if is_head else self.config.exit_pooling
+        if pooling == "cls":
             return hidden_states[:, 0]
-        mask = state["attention_mask"].unsqueeze(-1).to(hidden_states.dtype)
+        mask = state["attention_mask"].unsqueeze(-1)
+        if pooling == "attention":  # softmax over the non-padding tokens: independent of how the batch is padded
+            scores = self.exit_heads[exit_index].attention_scorer(hidden_states).float()
+            weights = scores.masked_fill(mask == 0, torch.finfo(scores.dtype).min).softmax(1).to(hidden_states.dtype)
+            return (weights * hidden_states).sum(1)
+        mask = mask.to(hidden_states.dtype)
         return (hidden_states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def exit_logits(self, exit_index, features):
