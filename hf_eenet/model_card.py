@@ -170,8 +170,15 @@ def render_model_card(model) -> ModelCard:
     exit_accuracies = data.exit_accuracies
     if exit_accuracies is not None and len(exit_accuracies) != config.num_exits:
         raise ValueError(f"`exit_accuracies` holds {len(exit_accuracies)} values for {config.num_exits} exits.")
+    pooling = _exit_pooling(config)
     exits = [
-        {"index": k, "layer": layer, "cost": cost, "accuracy": exit_accuracies[k] if exit_accuracies else None}
+        {
+            "index": k,
+            "layer": layer,
+            "cost": cost,
+            "pooling": pooling[k] if pooling else None,
+            "accuracy": exit_accuracies[k] if exit_accuracies else None,
+        }
         for k, (layer, cost) in enumerate(zip(config.exit_layers, config.exit_costs))
     ]
     tables = [
@@ -211,6 +218,7 @@ def render_model_card(model) -> ModelCard:
         min_budget=f"{budgets[0]:g}" if budgets else "1.0 (no exit policy is fitted)",
         cost_source=config.exit_cost_source,
         exits=exits,
+        exit_pooling=pooling,
         exit_accuracies=exit_accuracies,
         exit_accuracy_label=f"{data.exit_accuracy_split or 'evaluation split'}, simulated",
         budget_tables=tables,
@@ -219,6 +227,14 @@ def render_model_card(model) -> ModelCard:
         fitting_hyperparameters=fitting,
         framework_versions=_framework_versions(),
     )
+
+
+def _exit_pooling(config) -> list[str] | None:
+    """How each exit pools the token states (BERT, ViT), or `None` for models that pool feature maps (ResNet)."""
+    last = getattr(config, "exit_pooling", None)
+    if last is None:
+        return None
+    return [getattr(config, "head_pooling", last)] * (config.num_exits - 1) + [last]
 
 
 def write_model_card(model, directory: str | Path, overwrite: bool = False) -> Path | None:
