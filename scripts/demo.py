@@ -1,6 +1,7 @@
 """The whole EENet workflow in one command, on a slice of SST-2 (`make demo`).
 
-1. train the exits of all-MiniLM-L6-v2 (an exit after every layer) on a slice of SST-2 train (`train_exits.py`);
+1. train the exits of all-MiniLM-L6-v2 (an exit after every layer, the early ones pooling the tokens with a learned
+   attention) on a slice of SST-2 train (`train_exits.py`);
 2. fit the exit scheduler (EENet and every baseline) on the calibration split (`fit_scheduler.py`);
 3. report the budget table on the test split, simulated and measured, and write the plot (`evaluate_budgets.py`).
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "5e-5",
             "--exit_head_learning_rate",
             "1e-3",
+            "--exit_head_pooling",
+            "attention",
             "--warmup_steps",
             "20",
             "--train_sampling_strategy",
