@@ -50,8 +50,9 @@ class ModelArguments:
     exit_pooling: str | None = field(
         default=None,
         metadata={
-            "help": "'cls' or 'mean' pooling for the exits. Default: the checkpoint's, or 'mean' for "
-            "sentence-transformers checkpoints such as the MiniLM."
+            "help": "'cls' or 'mean' token pooling for the last exit, and for the early exits unless "
+            "--exit_head_pooling says otherwise. Default: the checkpoint's, or 'mean' for sentence-transformers "
+            "checkpoints such as the MiniLM."
         },
     )
     exit_head_pooling: str | None = field(

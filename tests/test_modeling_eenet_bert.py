@@ -299,6 +299,27 @@ def test_attention_pooling_heads_added_to_a_trained_model_are_the_only_new_weigh
     assert not torch.allclose(after[:, 0], before[:, 0])
 
 
+def test_changing_the_exits_pooling_at_load_drops_the_stale_policy(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    model = tiny_model(exit_pooling="mean", exit_layers=[1, 3])
+    batch = random_text_batch(16, seed=2)
+    model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (16,))))
+    model.save_pretrained(tmp_path)
+    assert EENetBertForSequenceClassification.from_pretrained(tmp_path, exit_pooling="mean").exit_policy is not None
+    logger = transformers_logging.get_logger("hf_eenet.models.configuration_eenet")
+    with CaptureLogger(logger) as captured:
+        reloaded = EENetBertForSequenceClassification.from_pretrained(tmp_path, exit_head_pooling="attention")
+    assert reloaded.exit_policy is None and reloaded.config.exit_policy is None
+    assert "`exit_head_pooling` changed: the stored exit policy" in captured.out
+
+
+def test_config_is_stamped_with_the_oldest_format_that_describes_it():
+    assert tiny_bert_config().eenet_format_version == 1  # readable by every hf_eenet that reads format 1
+    assert tiny_bert_config(exit_head_pooling="attention").eenet_format_version == 2 == EENET_CONFIG_FORMAT
+
+
 def test_loads_stock_base_model_with_exits_and_classifier_new(tmp_path):
     base = BertModel(tiny_bert_config())
     base.save_pretrained(tmp_path)

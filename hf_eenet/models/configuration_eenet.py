@@ -12,6 +12,9 @@ import math
 from collections.abc import Sequence
 
 from transformers import BertConfig, ResNetConfig, ViTConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "EENET_CONFIG_FORMAT",
@@ -25,8 +28,10 @@ __all__ = [
 # Version of the package, stamped into every saved config. Kept here (not in `hf_eenet/__init__.py`) so the
 # `models/` folder stays importable on its own as Hub remote code.
 EENET_VERSION = "0.1.0"
-# Version of the early-exit fields' layout. A config written with a newer layout cannot be read safely.
-EENET_CONFIG_FORMAT = 2  # 2: `exit_head_pooling` (BERT), which format 1 readers would ignore
+# Newest layout of the early-exit fields this version reads. A config is stamped with the oldest layout that describes
+# it (format 1 unless it uses a field added later), so older readers refuse only configs they would misread.
+# 2: `exit_head_pooling` (BERT), which a format-1 reader would ignore.
+EENET_CONFIG_FORMAT = 2
 
 EXIT_COST_SOURCES = ("flops", "latency")
 
@@ -57,7 +62,8 @@ class EENetConfigMixin:
         hf_eenet_version (`str`, *optional*):
             Version of `hf_eenet` that wrote the config (informational; always re-stamped with the running version).
         eenet_format_version (`int`, *optional*):
-            Layout version of the early-exit fields. Configs written by a newer, incompatible layout are refused.
+            Layout version of the early-exit fields (re-stamped with the oldest layout that describes the config).
+            Configs written in a newer layout than this version reads are refused.
     """
 
     def _init_early_exit_fields(
@@ -77,7 +83,7 @@ class EENetConfigMixin:
                 f"This config was written with early-exit config format {eenet_format_version}, but hf_eenet "
                 f"{EENET_VERSION} reads formats up to {EENET_CONFIG_FORMAT}. Upgrade hf_eenet to load it."
             )
-        self.eenet_format_version = EENET_CONFIG_FORMAT
+        self.eenet_format_version = self._config_format()
         self.hf_eenet_version = EENET_VERSION
 
         exit_layers = list(range(1, num_blocks + 1)) if exit_layers is None else [int(x) for x in exit_layers]
@@ -121,6 +127,17 @@ class EENetConfigMixin:
         if exit_policy is not None and not (isinstance(exit_policy, dict) and "policy_type" in exit_policy):
             raise ValueError(f"`exit_policy` must be a dict with a 'policy_type' key or None, got {exit_policy!r}.")
         self.exit_policy = exit_policy
+
+    def _config_format(self) -> int:
+        """The oldest early-exit config format that describes this config (see `EENET_CONFIG_FORMAT`)."""
+        return 1
+
+    @staticmethod
+    def _refuse_fields(kwargs: dict, names: Sequence[str], reason: str) -> None:
+        """A clear error for early-exit fields of other EENet models (they would be stored and silently ignored)."""
+        for name in names:
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`{name}` does not apply to this model: {reason}")
 
     @property
     def exit_layer_units_name(self) -> str:
@@ -196,6 +213,15 @@ class EENetConfigMixin:
                     config_dict.pop(key, None)
         elif "exit_costs" not in overrides and config_dict.get("exit_cost_source", "flops") == "flops":
             config_dict.pop("exit_costs", None)
+        changed = [
+            k for k in ("exit_pooling", "exit_head_pooling") if k in overrides and overrides[k] != config_dict.get(k)
+        ]
+        if changed and config_dict.get("exit_policy") is not None and "exit_policy" not in overrides:
+            logger.warning(
+                f"{', '.join(f'`{k}`' for k in changed)} changed: the stored exit policy was fitted for the exit "
+                "heads as they pooled before and is dropped. Train the exits and fit the scheduler again."
+            )
+            config_dict.pop("exit_policy")
 
 
 def validate_exit_costs(exit_costs: Sequence[float]) -> list[float]:
@@ -240,9 +266,9 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
 
     Args:
         exit_pooling (`str`, *optional*, defaults to `"cls"`):
-            How every exit, the last one included, pools the token states before its pooler: `"cls"` (the first
-            token, as stock BERT classifiers do) or `"mean"` (the masked mean over tokens, for sentence-transformers
-            checkpoints such as all-MiniLM-L6-v2).
+            How the last exit, and the early exits unless `exit_head_pooling` says otherwise, pool the token states
+            before their pooler: `"cls"` (the first token, as stock BERT classifiers do) or `"mean"` (the masked mean
+            over tokens, for sentence-transformers checkpoints such as all-MiniLM-L6-v2).
         exit_head_pooling (`str`, *optional*):
             How the early exits' heads pool the token states, when not as `exit_pooling`: `"cls"`, `"mean"` or
             `"attention"` (a softmax attention over the non-padding tokens with a learned scorer per head, so a
@@ -311,6 +337,9 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
         feed_forward = 2 * length * hidden * inter
         return [2.0 * (projections + attention + feed_forward)] * self.num_hidden_layers
 
+    def _config_format(self) -> int:
+        return 2 if self.exit_head_pooling is not None else 1
+
     @property
     def head_pooling(self) -> str:
         """How the early exits' heads pool the token states: `exit_head_pooling`, else `exit_pooling`."""
@@ -373,6 +402,7 @@ class EENetViTConfig(EENetConfigMixin, ViTConfig):
         eenet_format_version: int | None = None,
         **kwargs,
     ):
+        self._refuse_fields(kwargs, ["exit_head_pooling"], "every exit of a ViT pools as `exit_pooling`.")
         super().__init__(**kwargs)
         if exit_pooling not in ("cls", "mean"):
             raise ValueError(f"`exit_pooling` must be 'cls' or 'mean', got {exit_pooling!r}.")
@@ -481,6 +511,11 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         eenet_format_version: int | None = None,
         **kwargs,
     ):
+        self._refuse_fields(
+            kwargs,
+            ["exit_pooling", "exit_head_pooling"],
+            "a ResNet's exit heads pool their feature maps by global average (there are no tokens to pool).",
+        )
         super().__init__(**kwargs)
         for name, value in (("stem_kernel_size", stem_kernel_size), ("stem_stride", stem_stride)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

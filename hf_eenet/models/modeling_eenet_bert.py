@@ -120,7 +120,8 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
         mask = state["attention_mask"].unsqueeze(-1)
         if pooling == "attention":  # softmax over the non-padding tokens: independent of how the batch is padded
             scores = self.exit_heads[exit_index].attention_scorer(hidden_states).float()
-            weights = scores.masked_fill(mask == 0, torch.finfo(scores.dtype).min).softmax(1).to(hidden_states.dtype)
+            weights = scores.masked_fill(mask == 0, torch.finfo(scores.dtype).min).softmax(1)
+            weights = weights.masked_fill(mask == 0, 0.0).to(hidden_states.dtype)  # an all-padding row pools to 0
             return (weights * hidden_states).sum(1)
         mask = mask.to(hidden_states.dtype)
         return (hidden_states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
