@@ -40,6 +40,7 @@ from hf_eenet.models.exit_policies import (  # noqa: E402
     ConfidenceThresholdPolicy,
     EENetPaperPolicy,
     EENetPolicy,
+    exit_fractions,
     first_exit_over_threshold,
     geometric_exit_fractions,
     global_thresholds,
@@ -132,13 +133,10 @@ def hindsight_max_prob(outputs: dict, costs, budgets) -> list[float]:
     starts = {
         "global": torch.stack(
             [
-                torch.bincount(
-                    first_exit_over_threshold(scores, global_thresholds(scores, costs, b)), minlength=num_exits
-                )
-                / num_samples
+                exit_fractions(first_exit_over_threshold(scores, global_thresholds(scores, costs, b)), num_exits)
                 for b in budgets
             ]
-        ).float(),
+        ),
         "geometric": torch.stack([geometric_exit_fractions(costs.tolist(), b) for b in budgets]),
     }
     best = torch.zeros(len(budgets))

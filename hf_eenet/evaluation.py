@@ -41,6 +41,7 @@ from .models.exit_policies import (
     PatiencePolicy,
     StaticExitPolicy,
     check_class_labels,
+    exit_fractions,
     exit_policy_from_config,
 )
 
@@ -272,7 +273,7 @@ def _check_cached(exit_logits: torch.Tensor, labels: torch.Tensor | None) -> Non
 def _row(name, mode, budget, exits, exit_logits, labels, costs, **extra) -> dict:
     num_exits = exit_logits.shape[1]
     predictions = exit_logits[torch.arange(exits.numel()), exits].argmax(-1)
-    histogram = torch.bincount(exits, minlength=num_exits).float() / exits.numel()
+    histogram = exit_fractions(exits, num_exits)
     return {
         "policy": name,
         "mode": mode,
@@ -423,9 +424,7 @@ def measured_budget_table(
                     "budget": budget,
                     "accuracy": result["hits"] / result["labelled"] if result["labelled"] else None,
                     "cost": float(costs.mean()),
-                    "exit_histogram": [
-                        round(float(h), 6) for h in torch.bincount(exits, minlength=num_exits).float() / num_samples
-                    ],
+                    "exit_histogram": [round(float(h), 6) for h in exit_fractions(exits, num_exits)],
                     "num_samples": num_samples,
                     "seconds_per_sample": elapsed / num_samples,
                     "samples_per_second": num_samples / elapsed if elapsed > 0 else math.inf,

@@ -137,7 +137,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         overrides["exit_pooling"] = pooling
     if model_args.exit_head_pooling is not None:
         overrides["exit_head_pooling"] = model_args.exit_head_pooling
-    if model_args.exit_pooling is not None or model_args.exit_layer_unit is not None or model_args.exit_head_pooling:
+    if any(
+        value is not None
+        for value in (model_args.exit_pooling, model_args.exit_head_pooling, model_args.exit_layer_unit)
+    ):
         model_type = AutoConfig.from_pretrained(path).model_type
         is_resnet = model_type in ("resnet", "eenet-resnet")
         if model_args.exit_head_pooling is not None and model_type not in ("bert", "eenet-bert"):

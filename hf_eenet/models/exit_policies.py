@@ -49,6 +49,7 @@ __all__ = [
     "check_class_labels",
     "default_budget_grid",
     "exit_policy_from_config",
+    "exit_fractions",
     "expected_cost",
     "first_exit_over_threshold",
     "geometric_exit_fractions",
@@ -95,6 +96,11 @@ def default_budget_grid(exit_costs: Sequence[float], start: float = 0.2, stop: f
 def expected_cost(exit_index: torch.Tensor, exit_costs: torch.Tensor) -> torch.Tensor:
     """Average cost of the given per-sample exits (`exit_index` of shape `(..., num_samples)`)."""
     return exit_costs[exit_index].mean(-1)
+
+
+def exit_fractions(exit_index: torch.Tensor, num_exits: int) -> torch.Tensor:
+    """Share of the samples that leave at each exit, from their exits `exit_index` of shape `(num_samples,)`."""
+    return torch.bincount(exit_index, minlength=num_exits).float() / exit_index.numel()
 
 
 def first_exit_over_threshold(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -1658,8 +1664,9 @@ class EENetPolicy(EENetPaperPolicy):
                 budget = float(budgets[m])
                 if allocation.startswith("global"):
                     thresholds = global_thresholds(scores[fit_index], costs, budget)
-                    exits = first_exit_over_threshold(scores[fit_index], thresholds)
-                    fractions = torch.bincount(exits, minlength=self.num_exits).float() / exits.numel()
+                    fractions = exit_fractions(
+                        first_exit_over_threshold(scores[fit_index], thresholds), self.num_exits
+                    )
                 else:
                     thresholds = torch.full((self.num_exits,), math.nan, device=scores.device)
                     fractions = geometric_exit_fractions(costs.tolist(), budget).to(scores.device)
