@@ -82,14 +82,21 @@ def exit_policy_from_config(config: dict) -> ExitPolicy:
 
 
 def default_budget_grid(exit_costs: Sequence[float], start: float = 0.2, stop: float = 0.95, step: float = 0.05):
-    """Budgets `start, start + step, ..., stop` (rounded), clipped to those the model can meet (>= the cheapest exit)."""
+    """
+    Budgets `start, start + step, ..., stop` (rounded), clipped to those that tell the exits apart: from the cheapest
+    exit's cost to the last exit's (measured costs can put the last exit below 1.0, and a budget above it is met by
+    sending every sample there).
+    """
     if not (math.isfinite(step) and step > 0) or not (0 < start <= stop <= 1):
         raise ValueError(f"Need 0 < start <= stop <= 1 and step > 0, got start={start}, stop={stop}, step={step}.")
     count = int(round((stop - start) / step)) + 1
     grid = [round(start + i * step, 6) for i in range(count)]
-    feasible = [b for b in grid if b >= exit_costs[0] - 1e-9]
+    feasible = [b for b in grid if exit_costs[0] - 1e-9 <= b <= exit_costs[-1] + 1e-9]
     if not feasible:
-        raise ValueError(f"No budget in {grid} reaches the cheapest exit (cost {exit_costs[0]:.3f}).")
+        raise ValueError(
+            f"No budget in {grid} lies between the cheapest exit's cost ({exit_costs[0]:.3f}) and the last exit's "
+            f"({exit_costs[-1]:.3f})."
+        )
     return feasible
 
 
