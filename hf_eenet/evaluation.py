@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .models.budget_tracking import BudgetTracker
 from .models.configuration_eenet import strictly_increasing, validate_exit_costs
 from .models.exit_policies import (
     ConfidenceThresholdPolicy,
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 ORACLE_NAME = "oracle"
+TRACKED_SUFFIX = "(budget tracked)"
 
 
 # --- data ------------------------------------------------------------------------------------------------------------
@@ -343,6 +345,7 @@ def measured_budget_table(
     label_key: str = "labels",
     num_warmup_batches: int = 1,
     include_full_model: bool = True,
+    tracked_policies: Sequence[str] = (),
 ) -> list[dict]:
     """
     Measured budget table: run the real early-exit forward (`model(**batch, budget=b, exit_policy=policy)`, eval
@@ -362,6 +365,9 @@ def measured_budget_table(
         num_warmup_batches (`int`, *optional*, defaults to 1): leading batches run through every configuration,
             untimed, before the timed pass over all batches.
         include_full_model (`bool`, *optional*, defaults to `True`): add the plain full model (`budget=1.0`).
+        tracked_policies (`Sequence[str]`, *optional*): names of budget-matched `policies` whose budgets are also
+            served with a [`BudgetTracker`] over the batches in order (`budget=BudgetTracker(b)`), as rows named
+            `"<name> (budget tracked)"`.
 
     Each row: `policy`, `mode` (`"measured"`), `budget`, `accuracy`, `cost` (realized average `exit_cost`),
     `exit_histogram`, `num_samples`, `seconds_per_sample`, `samples_per_second`, `device`, and with the full model
@@ -376,16 +382,23 @@ def measured_budget_table(
         if getattr(model, "exit_policy", None) is None:
             raise ValueError("The model has no stored exit policy; pass `policies`.")
         policies = {"stored": model.exit_policy}
-    runs: list[tuple[str, ExitPolicy | None, float | None]] = []
+    unknown = sorted(set(tracked_policies) - set(policies))
+    if unknown:
+        raise ValueError(f"`tracked_policies` {unknown} are not among the measured policies {sorted(policies)}.")
+    runs: list[tuple[str, ExitPolicy | None, float | None, BudgetTracker | None]] = []
     if include_full_model:
-        runs.append(("full model", None, 1.0))
+        runs.append(("full model", None, 1.0, None))
     for name, policy in policies.items():
         if policy.requires_budget:
             _check_fitted(name, policy)
-            for budget in budgets if budgets is not None else policy.budgets:
-                runs.append((name, policy, float(budget)))
+            grid = [float(budget) for budget in (budgets if budgets is not None else policy.budgets)]
+            runs += [(name, policy, budget, None) for budget in grid]
+            if name in tracked_policies:
+                runs += [(f"{name} {TRACKED_SUFFIX}", policy, budget, BudgetTracker(budget)) for budget in grid]
+        elif name in tracked_policies:
+            raise ValueError(f"`tracked_policies`: the {name!r} policy is not budget-matched, so no budget to track.")
         else:
-            runs.append((name, policy, None))
+            runs.append((name, policy, None, None))
     was_training = model.training
     model.eval()
     device = model.device
@@ -399,13 +412,16 @@ def measured_budget_table(
     try:
         # batch by batch, every configuration in turn: drift of the machine's speed hits every row alike
         for inputs, _ in prepared[:num_warmup_batches]:
-            for _, policy, budget in runs:
-                model(**inputs, budget=budget, exit_policy=policy)
+            for _, policy, budget, tracker in runs:
+                model(**inputs, budget=budget if tracker is None else tracker, exit_policy=policy)
+        for *_, tracker in runs:
+            if tracker is not None:
+                tracker.reset()  # the timed pass is the stream
         for inputs, labels in prepared:
-            for (_, policy, budget), result in zip(runs, results):
+            for (_, policy, budget, tracker), result in zip(runs, results):
                 _synchronize(device)
                 start = time.perf_counter()
-                out = model(**inputs, budget=budget, exit_policy=policy)
+                out = model(**inputs, budget=budget if tracker is None else tracker, exit_policy=policy)
                 _synchronize(device)
                 result["elapsed"] += time.perf_counter() - start
                 result["exits"].append(out.exit_index.cpu())
@@ -414,9 +430,15 @@ def measured_budget_table(
                     result["hits"] += int((out.logits.argmax(-1).cpu() == labels).sum())
                     result["labelled"] += labels.numel()
         rows = []
-        for (name, _, budget), result in zip(runs, results):
+        for (name, _, budget, tracker), result in zip(runs, results):
             exits, costs, elapsed = torch.cat(result["exits"]), torch.cat(result["costs"]), result["elapsed"]
             num_samples = exits.numel()
+            served = {}
+            if tracker is not None:  # which fitted budgets the tracker served, as shares of the samples
+                served["served_budgets"] = [
+                    [fitted, round(count / num_samples, 6)]
+                    for fitted, count in sorted(tracker.samples_per_budget.items())
+                ]
             rows.append(
                 {
                     "policy": name,
@@ -429,6 +451,7 @@ def measured_budget_table(
                     "seconds_per_sample": elapsed / num_samples,
                     "samples_per_second": num_samples / elapsed if elapsed > 0 else math.inf,
                     "device": str(device),
+                    **served,
                 }
             )
     finally:
@@ -539,6 +562,8 @@ def _format_value(key: str, value) -> str:
         return f"{value:.1f}"
     if key == "speedup":
         return f"{value:.2f}x"
+    if key == "served_budgets":
+        return " ".join(f"{budget:g}:{100 * share:.0f}" for budget, share in value)
     return str(value)
 
 
@@ -553,6 +578,7 @@ _HEADERS = {
     "seconds_per_sample": "ms / sample",
     "samples_per_second": "samples / s",
     "speedup": "speed-up vs full",
+    "served_budgets": "budgets served (budget:% of samples)",
 }
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
+from .models.budget_tracking import BudgetTracker
 from .models.configuration_eenet import EENET_VERSION
 from .models.early_exit import EarlyExitMixin
 from .models.exit_policies import ExitPolicy
@@ -430,7 +431,7 @@ class EENetONNXModel(EarlyExitMixin):
 
     def forward(
         self,
-        budget: float | None = None,
+        budget: float | BudgetTracker | None = None,
         exit_policy: ExitPolicy | None = None,
         output_all_exits: bool | None = None,
         return_dict: bool | None = None,
@@ -438,9 +439,9 @@ class EENetONNXModel(EarlyExitMixin):
         **inputs,
     ) -> EarlyExitClassifierOutput | tuple:
         """
-        The torch model's call: model inputs by name (torch tensors, numpy arrays or lists), `budget`,
-        `exit_policy` (a torch policy of the same model, e.g. a baseline), `output_all_exits`, `return_dict` and
-        `labels` (then every exit runs and the multi-exit loss is returned).
+        The torch model's call: model inputs by name (torch tensors, numpy arrays or lists), `budget` (a float or a
+        [`BudgetTracker`]), `exit_policy` (a torch policy of the same model, e.g. a baseline), `output_all_exits`,
+        `return_dict` and `labels` (then every exit runs and the multi-exit loss is returned).
         """
         if isinstance(exit_policy, ExitPolicy) and not isinstance(exit_policy, ONNXExitPolicy):
             exit_policy = exit_policy.to("cpu")

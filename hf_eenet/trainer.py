@@ -937,6 +937,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         measured_policies: Sequence[str] | None = None,
         measured_budgets: Sequence[float] | None = None,
         num_warmup_batches: int = 1,
+        tracked_policies: Sequence[str] = (),
     ) -> list[dict]:
         """
         The budget table of a labelled split: simulated rows for every fitted policy and the oracle, and (with
@@ -952,6 +953,8 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             measured_budgets (`Sequence[float]`, *optional*): budgets to measure (default: the fitted grid).
             num_warmup_batches (`int`, *optional*, defaults to 1): leading batches run through every measured
                 configuration, untimed, before the timed pass (see `hf_eenet.evaluation.measured_budget_table`).
+            tracked_policies (`Sequence[str]`, *optional*): measured policies whose budgets are also served with a
+                [`BudgetTracker`] over the split in order (rows `"<name> (budget tracked)"`).
 
         Returns:
             `list[dict]`: simulated rows, then measured rows.
@@ -971,12 +974,20 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             unknown = [n for n in names if n not in self.policies]
             if unknown:
                 raise ValueError(f"Unknown policies to measure {unknown}; fitted policies: {list(self.policies)}.")
+            untimed = [n for n in tracked_policies if n not in names]
+            if untimed:
+                raise ValueError(f"Policies to track {untimed} are not among the policies to measure {names}.")
             _warn_if_sorted_by_label(cached["labels"], split)
             device = model.device
             policies = {n: self.policies[n].to(device) for n in names}
             batches = list(self._plain_dataloader(dataset))
             measured_rows = measured_budget_table(
-                model, batches, policies, budgets=measured_budgets, num_warmup_batches=num_warmup_batches
+                model,
+                batches,
+                policies,
+                budgets=measured_budgets,
+                num_warmup_batches=num_warmup_batches,
+                tracked_policies=tracked_policies,
             )
             rows = rows + measured_rows
         self._record_card_table(model, "simulated", split, simulated)

@@ -2,9 +2,10 @@
 
 Simulated rows cover every policy `fit_scheduler.py` fitted (read from `exit_policies.*` next to the model) and the
 oracle; measured rows run the real early-exit forward beside the full model, timed in one run (`--measured_policies`
-chooses which policies, `all` for every one; `--measured_budgets` which budgets). Tables (`budget_table_<split>.json`
-and `.md`) and the plot go to `output_dir`; with `--update_model_card` (default) the model card in `output_dir` gains
-the test tables and the plot. Example (offline):
+chooses which policies, `all` for every one; `--measured_budgets` which budgets; `--tracked_policies` which of them
+are also served with a `BudgetTracker`, which keeps the running average cost at the budget). Tables
+(`budget_table_<split>.json` and `.md`) and the plot go to `output_dir`; with `--update_model_card` (default) the
+model card in `output_dir` gains the test tables and the plot. Example (offline):
 
     python scripts/evaluate_budgets.py --model_name_or_path outputs/minilm-sst2-eenet \
         --dataset_name ../shared/data/sst2 --output_dir outputs/minilm-sst2-eenet
@@ -47,6 +48,14 @@ class BudgetEvaluationArguments:
     )
     measured_budgets: list[float] | None = field(
         default=None, metadata={"help": "Budgets to measure (default: the fitted grid)."}
+    )
+    tracked_policies: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Measured policies whose budgets are also served with a BudgetTracker over the split in order "
+            "(rows '<name> (budget tracked)': the running average cost kept at the budget); 'all' for every measured "
+            "budget-matched policy."
+        },
     )
     measured_warmup_batches: int = field(
         default=1,
@@ -106,6 +115,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     measured_policies = eval_args.measured_policies
     if measured_policies == [ALL_POLICIES]:
         measured_policies = list(policies)
+    tracked_policies = eval_args.tracked_policies or []
+    if tracked_policies == [ALL_POLICIES]:
+        tracked_policies = [name for name in measured_policies or [stored] if policies[name].requires_budget]
     split = data_args.test_split
     rows = trainer.evaluate_budgets(
         splits["test"],
@@ -114,6 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         measured_policies=measured_policies,
         measured_budgets=eval_args.measured_budgets,
         num_warmup_batches=eval_args.measured_warmup_batches,
+        tracked_policies=tracked_policies,
     )
     if not trainer.is_world_process_zero():
         return rows

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from conftest import random_text_batch, tiny_bert_config  # noqa: E402
 from test_modeling_eenet_vision import RESNET, VIT  # noqa: E402
 
-from hf_eenet import EENetBertForSequenceClassification  # noqa: E402
+from hf_eenet import BudgetTracker, EENetBertForSequenceClassification  # noqa: E402
 from hf_eenet.evaluation import cache_exit_outputs  # noqa: E402
 from hf_eenet.models.exit_policies import (  # noqa: E402
     ConfidenceThresholdPolicy,
@@ -82,6 +82,18 @@ def test_bert_several_exits_are_taken_and_inputs_may_be_numpy(bert_export):
     assert out.exit_index.unique().numel() >= 2  # the comparison above covers real early exits
     with torch.no_grad():
         assert_same_outputs(model(**inputs, budget=0.6), out)
+
+
+def test_bert_budget_tracker_makes_the_torch_models_choices(bert_export):
+    model, _, onnx_model = bert_export
+    ours, theirs = BudgetTracker(0.5), BudgetTracker(0.5)  # between the fitted 0.4 and 0.6
+    with torch.no_grad():
+        for seed in range(6):
+            inputs = random_text_batch(8, seed=200 + seed)
+            numpy_inputs = {name: value.numpy() for name, value in inputs.items()}  # the batch size of numpy inputs
+            assert_same_outputs(model(**inputs, budget=theirs), onnx_model(**numpy_inputs, budget=ours))
+    assert ours.samples_per_budget == theirs.samples_per_budget and len(ours.samples_per_budget) > 1
+    assert ours.total_cost == pytest.approx(theirs.total_cost)
 
 
 def test_bert_all_exits_and_optional_inputs(bert_export):

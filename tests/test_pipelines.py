@@ -8,7 +8,12 @@ import torch
 from conftest import tiny_bert_config
 from transformers import BertForSequenceClassification, BertTokenizerFast, TextClassificationPipeline, pipeline
 
-from hf_eenet import ConfidenceThresholdPolicy, EENetBertForSequenceClassification, EENetTextClassificationPipeline
+from hf_eenet import (
+    BudgetTracker,
+    ConfidenceThresholdPolicy,
+    EENetBertForSequenceClassification,
+    EENetTextClassificationPipeline,
+)
 
 TEXTS = [
     "a gorgeous, witty, seductive movie.",
@@ -108,6 +113,23 @@ def test_single_text_top_k_function_to_apply_and_pairs(eenet_model, tokenizer):
     assert raw[0]["label"] == single[0]["label"]
     pair = clf({"text": "the film", "text_pair": "is great"})
     assert set(pair) == {"label", "score", "exit_index", "exit_cost"}
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_budget_tracker_serves_every_call_of_the_pipeline(eenet_model, tokenizer, batch_size):
+    tracker, twin = BudgetTracker(0.55), BudgetTracker(0.55)
+    clf = pipeline("text-classification", model=eenet_model, tokenizer=tokenizer, budget=tracker)
+    results = clf(TEXTS * 4, batch_size=batch_size) + clf(TEXTS, budget=tracker, batch_size=batch_size)
+    assert tracker.num_samples == len(TEXTS) * 5
+    assert tracker.total_cost == pytest.approx(sum(r["exit_cost"] for r in results))
+    if batch_size == 1:  # one text per call: the model itself with a tracker of its own decides alike
+        expected = direct_results(eenet_model, tokenizer, TEXTS * 5, twin)
+        assert [(r["label"], r["exit_index"]) for r in results] == [(label, exit) for label, _, exit in expected]
+    with pytest.raises(ValueError, match="below the smallest fitted budget 0.4"):
+        pipeline("text-classification", model=eenet_model, tokenizer=tokenizer, budget=BudgetTracker(0.35))
+    stock = BertForSequenceClassification(labelled_config(tokenizer)).eval()
+    with pytest.raises(ValueError, match="only accepted by early-exit"):
+        pipeline("text-classification", model=stock, tokenizer=tokenizer)(TEXTS, budget=tracker)
 
 
 def test_pipeline_from_a_saved_directory(eenet_model, tokenizer, tmp_path):

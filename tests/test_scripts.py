@@ -25,6 +25,7 @@ import bench_speed  # noqa: E402
 import demo  # noqa: E402
 import evaluate_budgets  # noqa: E402
 import fit_scheduler  # noqa: E402
+import report_budget_tables  # noqa: E402
 import train_exits  # noqa: E402
 
 
@@ -144,12 +145,30 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
             "0.5",
             "--measured_warmup_batches",
             "2",
+            "--tracked_policies",
+            "eenet",
         ]
     )
     measured = [row for row in rows if row["mode"] == "measured"]
     saved = [entry["name"] for entry in json.loads((fitted / "exit_policies.json").read_text())]
     assert "patience (p=2)" in saved and "static (exit 2)" in saved
-    assert {row["policy"] for row in measured} == {"full model", *saved}
+    assert {row["policy"] for row in measured} == {"full model", *saved, "eenet (budget tracked)"}
+    tracked = next(row for row in measured if row["policy"] == "eenet (budget tracked)")
+    assert tracked["budget"] == 0.5 and sum(share for _, share in tracked["served_budgets"]) == pytest.approx(1.0)
+    commands = tmp_path / "commands.sh"
+    commands.write_text("python scripts/evaluate_budgets.py ...\n")
+    report = tmp_path / "report.md"
+    report_budget_tables.main(
+        ["--model_dir", str(fitted), "--title", "tiny", "--commands", str(commands), "--output", str(report)]
+    )
+    text = report.read_text()
+    assert "| 0.50, tracked |" in text and "within 2 % of the budget (BudgetTracker) |" in text
+    assert (tmp_path / "report.png").is_file()
+    with pytest.raises(ValueError, match=r"Policies to track \['max-prob \(global\)'\] are not among the policies"):
+        evaluate_budgets.main(
+            [*common_args(str(fitted), tiny_sst2, tmp_path / "other", train=False), "--measured_budgets", "0.5",
+             "--tracked_policies", "max-prob (global)"]
+        )  # fmt: skip
     assert all(row["num_samples"] == 32 for row in rows)
     assert (fitted / "budget_plot_test.png").is_file() and (fitted / "budget_plot.png").is_file()
     card = (fitted / "README.md").read_text()

@@ -1,5 +1,6 @@
 """Model code of hf_eenet: only torch/transformers imports, so this folder can also ship as Hub remote code."""
 
+from .budget_tracking import BudgetTracker
 from .configuration_eenet import (
     EENET_CONFIG_FORMAT,
     EENET_VERSION,
@@ -28,6 +29,7 @@ from .modeling_eenet_vit import EENetViTForImageClassification
 from .modeling_outputs import EarlyExitClassifierOutput
 
 __all__ = [
+    "BudgetTracker",
     "EENET_CONFIG_FORMAT",
     "EENET_VERSION",
     "EXIT_POLICY_CLASSES",

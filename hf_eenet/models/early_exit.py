@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from .budget_tracking import BudgetTracker, is_budget_tracker
 from .configuration_eenet import strictly_increasing, validate_budget
 from .exit_policies import ExitPolicy, exit_policy_from_config
 from .modeling_outputs import EarlyExitClassifierOutput
@@ -207,7 +208,7 @@ class EarlyExitMixin:
         inputs: Mapping[str, torch.Tensor | None],
         *,
         labels: torch.Tensor | None = None,
-        budget: float | None = None,
+        budget: float | BudgetTracker | None = None,
         exit_policy: ExitPolicy | None = None,
         output_all_exits: bool | None = None,
         output_exit_features: bool | None = None,
@@ -225,12 +226,29 @@ class EarlyExitMixin:
                 )
             output = self._all_exits_forward(inputs, labels, output_exit_features=bool(output_exit_features))
         else:
+            tracker = budget if is_budget_tracker(budget) else None
+            if tracker is not None:
+                budget = tracker.choose(self._servable_budgets(tracker, exit_policy), self._input_batch_size(inputs))
             policy, budget_index = self._resolve_policy(budget, exit_policy)
             if policy is None:
                 output = self._full_forward(inputs)
             else:
                 output = self._budgeted_forward(inputs, policy, budget_index)
+            if tracker is not None:
+                tracker.record(output.exit_cost)
         return output if return_dict else output.to_tuple()
+
+    def _servable_budgets(self, tracker: BudgetTracker, exit_policy: ExitPolicy | None) -> list[float]:
+        """What a `BudgetTracker` can choose from: the policy's fitted budgets this model can meet, and the full model."""
+        policy, _ = self._resolve_policy(tracker.budget, exit_policy)  # the target itself must be servable
+        if policy is None:
+            return [1.0]
+        cheapest = self.config.exit_costs[0] - 1e-9
+        return [budget for budget in policy.budgets if cheapest <= budget < 1.0] + [1.0]
+
+    @staticmethod
+    def _input_batch_size(inputs: Mapping[str, Any]) -> int:
+        return next((len(value) for value in inputs.values() if value is not None), 0)  # tensors, arrays or lists
 
     def _resolve_policy(self, budget, exit_policy: ExitPolicy | None) -> tuple[ExitPolicy | None, int | None]:
         """Validate the budget and pick the policy and its fitted budget; `(None, None)` means the full model."""

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
+from .budget_tracking import BudgetTracker
 from .configuration_eenet import EENetBertConfig
 from .early_exit import EarlyExitMixin
 from .exit_policies import ExitPolicy
@@ -141,7 +142,7 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        budget: float | None = None,
+        budget: float | BudgetTracker | None = None,
         exit_policy: ExitPolicy | None = None,
         output_all_exits: bool | None = None,
         output_exit_features: bool | None = None,
@@ -154,11 +155,12 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
                 for padding trimming.
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Class indices. Every exit is computed and the multi-exit loss is returned.
-            budget (`float`, *optional*):
+            budget (`float` or [`BudgetTracker`], *optional*):
                 Allowed average cost per sample relative to the full model. `None` uses `config.default_budget`
                 (and the full model when that is `None`); `>= 1.0` runs the plain full model; below 1.0 the fitted
                 exit policy decides, using its nearest fitted budget not above `budget`. Budgets below the cheapest
-                exit, or on a model without a fitted policy, raise a `ValueError`.
+                exit, or on a model without a fitted policy, raise a `ValueError`. A [`BudgetTracker`] keeps the
+                average cost per sample at its budget over the calls it is passed to.
             exit_policy (`ExitPolicy`, *optional*):
                 A policy to use for this call instead of the stored one (e.g. a `ForcedExitPolicy`).
             output_all_exits (`bool`, *optional*):

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.resnet.modeling_resnet import ResNetConvLayer, ResNetModel, ResNetPreTrainedModel
 
+from .budget_tracking import BudgetTracker
 from .configuration_eenet import EENetResNetConfig
 from .early_exit import EarlyExitMixin
 from .exit_policies import ExitPolicy
@@ -137,7 +138,7 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        budget: float | None = None,
+        budget: float | BudgetTracker | None = None,
         exit_policy: ExitPolicy | None = None,
         output_all_exits: bool | None = None,
         output_exit_features: bool | None = None,
@@ -149,11 +150,12 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
                 Images, as the model's image processor returns them.
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Class indices. Every exit is computed and the multi-exit loss is returned.
-            budget (`float`, *optional*):
+            budget (`float` or [`BudgetTracker`], *optional*):
                 Allowed average cost per image relative to the full model. `None` uses `config.default_budget`
                 (and the full model when that is `None`); `>= 1.0` runs the plain full model; below 1.0 the fitted
                 exit policy decides, using its nearest fitted budget not above `budget`. Budgets below the cheapest
-                exit, or on a model without a fitted policy, raise a `ValueError`.
+                exit, or on a model without a fitted policy, raise a `ValueError`. A [`BudgetTracker`] keeps the
+                average cost per image at its budget over the calls it is passed to.
             exit_policy (`ExitPolicy`, *optional*):
                 A policy to use for this call instead of the stored one (e.g. a `ForcedExitPolicy`).
             output_all_exits (`bool`, *optional*):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers.models.vit.modeling_vit import ViTModel, ViTPreTrainedModel
 
+from .budget_tracking import BudgetTracker
 from .configuration_eenet import EENetViTConfig
 from .early_exit import EarlyExitMixin
 from .exit_policies import ExitPolicy
@@ -99,7 +100,7 @@ class EENetViTForImageClassification(EarlyExitMixin, ViTPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        budget: float | None = None,
+        budget: float | BudgetTracker | None = None,
         exit_policy: ExitPolicy | None = None,
         output_all_exits: bool | None = None,
         output_exit_features: bool | None = None,
@@ -112,11 +113,12 @@ class EENetViTForImageClassification(EarlyExitMixin, ViTPreTrainedModel):
                 Images, as the model's image processor returns them.
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Class indices. Every exit is computed and the multi-exit loss is returned.
-            budget (`float`, *optional*):
+            budget (`float` or [`BudgetTracker`], *optional*):
                 Allowed average cost per image relative to the full model. `None` uses `config.default_budget`
                 (and the full model when that is `None`); `>= 1.0` runs the plain full model; below 1.0 the fitted
                 exit policy decides, using its nearest fitted budget not above `budget`. Budgets below the cheapest
-                exit, or on a model without a fitted policy, raise a `ValueError`.
+                exit, or on a model without a fitted policy, raise a `ValueError`. A [`BudgetTracker`] keeps the
+                average cost per image at its budget over the calls it is passed to.
             exit_policy (`ExitPolicy`, *optional*):
                 A policy to use for this call instead of the stored one (e.g. a `ForcedExitPolicy`).
             output_all_exits (`bool`, *optional*):

@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import ImageClassificationPipeline, TextClassificationPipeline
 
+from .budget_tracking import is_budget_tracker
 from .configuration_eenet import validate_budget
 from .early_exit import EarlyExitMixin
 
@@ -37,8 +38,11 @@ class BudgetedPipelineMixin:
                 f"`budget` is only accepted by early-exit (hf_eenet) models, but this pipeline's model is a "
                 f"{type(self.model).__name__}. Remove `budget` or load an EENet model."
             )
+        if is_budget_tracker(budget):
+            self.model._resolve_policy(budget.budget, None)  # unreachable or unfitted budgets fail now, not mid-batch
+            return {"budget": budget}
         budget = validate_budget(budget)
-        self.model._resolve_policy(budget, None)  # unreachable or unfitted budgets fail now, not mid-batch
+        self.model._resolve_policy(budget, None)
         return {"budget": budget}
 
     def _sanitize_parameters(self, budget=None, **kwargs):
@@ -72,9 +76,10 @@ class EENetTextClassificationPipeline(BudgetedPipelineMixin, TextClassificationP
     [`TextClassificationPipeline`] with an early-exit budget.
 
     Args:
-        budget (`float`, *optional*):
+        budget (`float` or [`BudgetTracker`], *optional*):
             Allowed average cost per sample relative to the full model (EENet models only), given when the pipeline
-            is built and/or per call (`clf(texts, budget=0.3)`); `None` uses the model's `config.default_budget`.
+            is built and/or per call (`clf(texts, budget=0.3)`); `None` uses the model's `config.default_budget`. A
+            [`BudgetTracker`] keeps the average over every call it serves at its budget.
         kwargs:
             As for [`TextClassificationPipeline`].
 
@@ -98,10 +103,10 @@ class EENetImageClassificationPipeline(BudgetedPipelineMixin, ImageClassificatio
     [`ImageClassificationPipeline`] with an early-exit budget.
 
     Args:
-        budget (`float`, *optional*):
+        budget (`float` or [`BudgetTracker`], *optional*):
             Allowed average cost per image relative to the full model (EENet models only), given when the pipeline
             is built and/or per call (`classifier(images, budget=0.3)`); `None` uses the model's
-            `config.default_budget`.
+            `config.default_budget`. A [`BudgetTracker`] keeps the average over every call it serves at its budget.
         kwargs:
             As for [`ImageClassificationPipeline`].
 

@@ -1,0 +1,155 @@
+"""BudgetTracker: a budget kept on average over a stream of calls, in the engine, the pipelines and the harness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_text_batch, tiny_bert_config
+
+from hf_eenet import BudgetTracker, ConfidenceThresholdPolicy, EENetBertForSequenceClassification, PatiencePolicy
+from hf_eenet.evaluation import format_budget_table, measured_budget_table
+
+GRID = [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+
+
+def serve(tracker: BudgetTracker, budgets, batch_sizes, spend) -> list[float]:
+    """Feed the tracker batches whose per-sample cost is `spend(chosen budget)`; return the budgets it chose."""
+    chosen = []
+    for size in batch_sizes:
+        budget = tracker.choose(budgets, size)
+        chosen.append(budget)
+        tracker.record(torch.full((size,), spend(budget)))
+    return chosen
+
+
+@pytest.mark.parametrize("bias", [1.0, 0.94, 1.05])  # the stream spends its budgets exactly, under or over
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_average_cost_converges_to_the_budget_between_grid_points(bias, batch_size):
+    tracker = BudgetTracker(0.52)
+    chosen = serve(tracker, GRID + [1.0], [batch_size] * 400, lambda budget: bias * budget)
+    # the error left is at most half a grid step (plus the bias) of one batch, spread over the whole stream
+    assert abs(tracker.average_cost - 0.52) <= (0.025 + 0.05) * batch_size / tracker.num_samples + 1e-9
+    assert set(chosen) <= {0.45, 0.5, 0.55, 0.6}  # the neighbours of the budget, never a distant one
+    assert tracker.num_samples == 400 * batch_size == sum(tracker.samples_per_budget.values())
+
+
+def test_a_stream_that_ran_cheap_catches_up_and_the_floor_is_respected():
+    tracker = BudgetTracker(0.5)
+    tracker.choose([0.4, 0.5, 1.0], 10)
+    tracker.record(torch.full((10,), 0.2))  # an easy stretch: 3.0 under budget
+    assert tracker.choose([0.4, 0.5, 1.0], 10) == 1.0  # wants 0.8 per sample: the full model is nearest
+    tracker.record(torch.full((10,), 1.0))
+    assert tracker.average_cost == pytest.approx(0.6)
+    assert tracker.choose([0.4, 0.5, 1.0], 10) == 0.4  # overspent: the cheapest budget, never below it
+    assert tracker.choose([0.4, 0.5, 1.0], 1000) == 0.5  # a large batch wants ~0.498: the nearest budget
+    tracker.reset()
+    assert tracker.num_samples == 0 and tracker.average_cost is None and tracker.samples_per_budget == {}
+
+
+def test_ties_choose_the_lower_budget():
+    assert BudgetTracker(0.45).choose([0.4, 0.5], 8) == 0.4
+
+
+def test_tracker_misuse_is_refused():
+    tracker = BudgetTracker(0.5)
+    with pytest.raises(RuntimeError, match="without a preceding choose"):
+        tracker.record(torch.ones(3))
+    tracker.choose(GRID, 4)
+    with pytest.raises(ValueError, match="got 3 costs for a batch of 4 samples"):
+        tracker.record(torch.ones(3))
+    with pytest.raises(ValueError, match="at least one budget"):
+        tracker.choose([], 4)
+    for budget, error in [(0.0, ValueError), (-0.5, ValueError), (float("nan"), ValueError), ("half", TypeError)]:
+        with pytest.raises(error, match="budget"):
+            BudgetTracker(budget)
+
+
+@pytest.fixture(scope="module")
+def fitted_model():
+    torch.manual_seed(0)
+    model = EENetBertForSequenceClassification(tiny_bert_config(exit_pooling="mean")).eval()
+    batch = random_text_batch(96, seed=11)
+    with torch.no_grad():
+        logits = model(**batch, output_all_exits=True).all_exit_logits
+    policy = ConfidenceThresholdPolicy(model.config.num_exits, allocation="geometric")
+    model.set_exit_policy(policy.fit(logits, torch.randint(0, 3, (96,)), model.config.exit_costs, budgets=GRID))
+    return model
+
+
+def stream(num_batches: int, batch_size: int = 8) -> list[dict]:
+    return [random_text_batch(batch_size, seed=100 + i) for i in range(num_batches)]
+
+
+def test_engine_serves_each_batch_exactly_at_the_chosen_budget(fitted_model):
+    tracker, replay = BudgetTracker(0.62), BudgetTracker(0.62)
+    costs, wanted = [], 0.62
+    with torch.no_grad():
+        for batch in stream(30):
+            out = fitted_model(**batch, budget=tracker)
+            # the same batch at the budget the tracker chose, as a plain budget: identical decisions and logits
+            wanted = replay.budget + (replay.budget * replay.num_samples - replay.total_cost) / 8
+            chosen = replay.choose(GRID + [1.0], 8)
+            plain = fitted_model(**batch, budget=chosen)
+            replay.record(plain.exit_cost)
+            assert torch.equal(out.exit_index, plain.exit_index)
+            torch.testing.assert_close(out.logits, plain.logits, atol=0, rtol=0)
+            costs.append(out.exit_cost)
+    assert tracker.num_samples == 240 and tracker.total_cost == pytest.approx(float(torch.cat(costs).sum()))
+    assert tracker.samples_per_budget == replay.samples_per_budget
+    assert len(tracker.samples_per_budget) > 1  # it really moved between budgets
+    # what is left of the error is the last batch's miss of the cost it wanted, over the whole stream
+    last_miss = abs(wanted - float(costs[-1].mean()))
+    assert abs(tracker.average_cost - 0.62) == pytest.approx(8 * last_miss / 240, abs=1e-6)
+
+
+def test_tracking_keeps_the_budget_where_fixed_thresholds_drift(fitted_model):
+    """Thresholds fitted on one set of batches, served on others: the fixed budget misses by ~5 %, tracking does not."""
+    batches = stream(40)
+    with torch.no_grad():
+        fixed = torch.cat([fitted_model(**batch, budget=0.7).exit_cost for batch in batches]).mean()
+        tracker = BudgetTracker(0.7)
+        for batch in batches:
+            fitted_model(**batch, budget=tracker)
+    assert abs(tracker.average_cost - 0.7) < abs(float(fixed) - 0.7) / 4
+
+
+def test_a_tracked_budget_of_one_is_the_full_model(fitted_model):
+    tracker = BudgetTracker(1.0)
+    with torch.no_grad():
+        out = fitted_model(**random_text_batch(5, seed=3), budget=tracker)
+    assert out.exit_cost.tolist() == [1.0] * 5 and tracker.samples_per_budget == {1.0: 5}
+
+
+def test_tracking_errors_are_raised_before_any_work(fitted_model):
+    batch = random_text_batch(4, seed=3)
+    with pytest.raises(ValueError, match="below the smallest fitted budget 0.4"):
+        fitted_model(**batch, budget=BudgetTracker(0.35))
+    with pytest.raises(ValueError, match="A budget or exit policy cannot be used when `labels` are given"):
+        fitted_model(**batch, labels=torch.zeros(4, dtype=torch.long), budget=BudgetTracker(0.5))
+    with pytest.raises(ValueError, match="takes no budget"):
+        fitted_model(**batch, budget=BudgetTracker(0.5), exit_policy=PatiencePolicy(fitted_model.config.num_exits))
+    unfitted = EENetBertForSequenceClassification(tiny_bert_config()).eval()
+    tracker = BudgetTracker(0.5)
+    with pytest.raises(ValueError, match="needs a fitted exit policy"):
+        unfitted(**batch, budget=tracker)
+    assert tracker.num_samples == 0
+
+
+def test_measured_table_adds_tracked_rows(fitted_model):
+    batches = [{**batch, "labels": torch.randint(0, 3, (8,))} for batch in stream(12)]
+    policy = fitted_model.exit_policy
+    rows = measured_budget_table(
+        fitted_model, batches, {"max-prob": policy}, budgets=[0.52, 0.7], tracked_policies=["max-prob"]
+    )
+    by_name = {(row["policy"], row["budget"]): row for row in rows}
+    tracked = by_name[("max-prob (budget tracked)", 0.52)]
+    assert abs(tracked["cost"] - 0.52) < abs(by_name[("max-prob", 0.52)]["cost"] - 0.52)
+    assert sum(share for _, share in tracked["served_budgets"]) == pytest.approx(1.0, abs=1e-5)
+    assert {budget for budget, _ in tracked["served_budgets"]} >= {0.5}
+    assert "served_budgets" not in by_name[("max-prob", 0.7)]
+    assert "budgets served" in format_budget_table(rows)
+    with pytest.raises(ValueError, match=r"`tracked_policies` \['other'\] are not among the measured policies"):
+        measured_budget_table(fitted_model, batches, {"max-prob": policy}, tracked_policies=["other"])
+    patience = PatiencePolicy(fitted_model.config.num_exits)
+    with pytest.raises(ValueError, match="not budget-matched"):
+        measured_budget_table(fitted_model, batches, {"patience": patience}, tracked_policies=["patience"])
