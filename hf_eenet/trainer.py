@@ -1134,16 +1134,22 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         return path
 
     def _record_card_table(self, model, kind: str, split: str, rows: Sequence[Mapping]) -> None:
-        """Keep the stored policy's rows (and the full model's) for the model card."""
+        """Keep the stored policy's rows (and the full model's, and the stored policy's budget-tracked ones) for the card."""
+        from .evaluation import TRACKED_SUFFIX
         from .model_card import EENetModelCardData
 
         stored = (model.config.exit_policy or {}).get("policy_type")
         name = self._option("exit_policy")
+        card_names = {
+            name: stored,
+            f"{name} {TRACKED_SUFFIX}": f"{stored} {TRACKED_SUFFIX}",
+            "full model": "full model",
+        }
         card_rows = []
         for row in rows:
-            if row["policy"] == name or row["policy"] == "full model":
+            if row["policy"] in card_names:
                 card_row = {
-                    "policy": stored if row["policy"] == name else row["policy"],
+                    "policy": card_names[row["policy"]],
                     "budget": 1.0 if row["budget"] is None else row["budget"],
                     "accuracy": row["accuracy"],
                     "cost": row["cost"],

@@ -174,6 +174,7 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     card = (fitted / "README.md").read_text()
     for title in ("Simulated on dev", "Simulated on test", "Measured on test", "budget_plot.png"):
         assert title in card
+    assert "| eenet (budget tracked) | 0.50 |" in card and "| max-prob (global) | 0.50 |" not in card
 
     report = tmp_path / "onnx.md"  # the ONNX benchmark on the fitted model: runs, and torch and onnxruntime agree
     bench_onnx.main(
