@@ -1,4 +1,4 @@
-# 1. exits (one epoch of SST-2 train, ~25 min on 2 CPU cores): mean pooling for the last exit (the MiniLM is a
+# 1. exits (one epoch of SST-2 train, 14-25 min on 2 CPU cores): mean pooling for the last exit (the MiniLM is a
 #    sentence-transformers checkpoint), a learned attention over the tokens for the early exits
 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_exits.py --dataset_name ../shared/data/sst2 \
     --calibration_split dev --class_names negative positive --output_dir outputs/minilm-sst2 --num_train_epochs 1 \
@@ -9,10 +9,11 @@ OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_exits.py --dat
 HF_HUB_OFFLINE=1 .venv/bin/python scripts/fit_scheduler.py --model_name_or_path outputs/minilm-sst2 \
     --dataset_name ../shared/data/sst2 --calibration_split dev --max_seq_length 64 --per_device_eval_batch_size 64 \
     --report_to none --seed 42 --output_dir outputs/minilm-sst2-eenet
-# 3. test: simulated for every policy and the oracle; measured (batch 64, 2 threads, interleaved) for every policy
+# 3. test: simulated for every policy and the oracle; measured (batch 64, 2 threads, interleaved) for every policy,
+#    and EENet once more with a BudgetTracker over the test split in order
 HF_HUB_OFFLINE=1 .venv/bin/python scripts/evaluate_budgets.py --model_name_or_path outputs/minilm-sst2-eenet \
     --dataset_name ../shared/data/sst2 --test_split test --max_seq_length 64 --per_device_eval_batch_size 64 \
-    --report_to none --measured_policies all --measured_budgets 0.3 0.4 0.5 0.7 0.9 \
+    --report_to none --measured_policies all --measured_budgets 0.3 0.4 0.5 0.7 0.9 --tracked_policies eenet \
     --output_dir outputs/minilm-sst2-eenet
 # 4. this report
 .venv/bin/python benchmarks/report_budget_tables.py --model_dir outputs/minilm-sst2-eenet --calibration_split dev \
