@@ -3,7 +3,8 @@
 1. train the exits of all-MiniLM-L6-v2 (an exit after every layer, the early ones pooling the tokens with a learned
    attention) on a slice of SST-2 train (`train_exits.py`);
 2. fit the exit scheduler (EENet and every baseline) on the calibration split (`fit_scheduler.py`);
-3. report the budget table on the test split, simulated and measured, and write the plot (`evaluate_budgets.py`).
+3. report the budget table on the test split, simulated and measured (EENet's fixed thresholds, and a `BudgetTracker`
+   that keeps the running average cost on each budget), and write the plot (`evaluate_budgets.py`).
 
 Offline it reads `../shared/data/sst2` (dev to calibrate, the labelled test to report); without local data it reads
 the Hub's `nyu-mll/glue` (`sst2`), whose test labels are withheld, so it calibrates on the first half of validation and
@@ -102,7 +103,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fit_scheduler.main(
         [*data, *common, "--model_name_or_path", str(output / "exits"), "--output_dir", str(output / "model")]
     )
-    print("[3/3] Budget table on the test split (simulated for every policy, measured for EENet)")
+    print(
+        "[3/3] Budget table on the test split (simulated for every policy, measured for EENet with its fixed "
+        "thresholds and with a BudgetTracker)"
+    )
     rows = evaluate_budgets.main(
         [
             *data,
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             str(output / "model"),
             "--measured_budgets",
             *map(str, args.measured_budgets),
+            "--tracked_policies",
+            "eenet",
         ]  # fmt: skip
     )
     print_summary(rows, output / "model")
