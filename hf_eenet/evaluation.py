@@ -52,6 +52,7 @@ __all__ = [
     "exit_costs_from_measured_rows",
     "fit_policies",
     "format_budget_table",
+    "check_tracked_policies",
     "load_policies",
     "measured_budget_table",
     "oracle_exits",
@@ -336,6 +337,23 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_tracked_policies(tracked_policies: Sequence[str] | None, measured: Sequence[str]) -> list[str]:
+    """`tracked_policies` as a list, each one of the `measured` policy names; a clear error otherwise."""
+    if isinstance(tracked_policies, str):
+        raise TypeError(
+            f"`tracked_policies` must be a sequence of policy names, got the string {tracked_policies!r} "
+            f"(pass [{tracked_policies!r}])."
+        )
+    tracked = list(tracked_policies or ())
+    unknown = [name for name in tracked if name not in measured]
+    if unknown:
+        raise ValueError(
+            f"`tracked_policies` {unknown} are not among the measured policies {list(measured)}"
+            + ("." if measured else " (nothing is measured: tracked rows need measured rows).")
+        )
+    return tracked
+
+
 @torch.no_grad()
 def measured_budget_table(
     model,
@@ -382,9 +400,7 @@ def measured_budget_table(
         if getattr(model, "exit_policy", None) is None:
             raise ValueError("The model has no stored exit policy; pass `policies`.")
         policies = {"stored": model.exit_policy}
-    unknown = sorted(set(tracked_policies) - set(policies))
-    if unknown:
-        raise ValueError(f"`tracked_policies` {unknown} are not among the measured policies {sorted(policies)}.")
+    tracked_policies = check_tracked_policies(tracked_policies, list(policies))
     runs: list[tuple[str, ExitPolicy | None, float | None, BudgetTracker | None]] = []
     if include_full_model:
         runs.append(("full model", None, 1.0, None))

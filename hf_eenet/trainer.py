@@ -959,24 +959,22 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         Returns:
             `list[dict]`: simulated rows, then measured rows.
         """
-        from .evaluation import measured_budget_table, simulated_budget_table
+        from .evaluation import check_tracked_policies, measured_budget_table, simulated_budget_table
 
         model = self.accelerator.unwrap_model(self.model)
         if any(policy.requires_budget and not policy.is_fitted for policy in self.policies.values()):
             raise ValueError("Fit the scheduler first (`fit_scheduler`) or pass fitted `policies`.")
+        names = list(measured_policies) if measured_policies is not None else [self._option("exit_policy")]
+        unknown = [n for n in names if n not in self.policies]
+        if measured and unknown:
+            raise ValueError(f"Unknown policies to measure {unknown}; fitted policies: {list(self.policies)}.")
+        tracked_policies = check_tracked_policies(tracked_policies, names if measured else [])
         cached = self.cache_exit_outputs(dataset, description=f"Caching {split} exit outputs")
         if cached["labels"] is None:
             raise ValueError(f"Evaluating budgets needs labels in the {split} split.")
         simulated = simulated_budget_table(self.policies, **cached, exit_costs=model.config.exit_costs)
         rows = simulated
         if measured and self.is_world_process_zero():
-            names = list(measured_policies) if measured_policies is not None else [self._option("exit_policy")]
-            unknown = [n for n in names if n not in self.policies]
-            if unknown:
-                raise ValueError(f"Unknown policies to measure {unknown}; fitted policies: {list(self.policies)}.")
-            untimed = [n for n in tracked_policies if n not in names]
-            if untimed:
-                raise ValueError(f"Policies to track {untimed} are not among the policies to measure {names}.")
             _warn_if_sorted_by_label(cached["labels"], split)
             device = model.device
             policies = {n: self.policies[n].to(device) for n in names}

@@ -7,7 +7,8 @@ import torch
 from conftest import random_text_batch, tiny_bert_config
 
 from hf_eenet import BudgetTracker, ConfidenceThresholdPolicy, EENetBertForSequenceClassification, PatiencePolicy
-from hf_eenet.evaluation import format_budget_table, measured_budget_table
+from hf_eenet.evaluation import check_tracked_policies, format_budget_table, measured_budget_table
+from hf_eenet.models.budget_tracking import is_budget_tracker
 
 GRID = [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 
@@ -23,18 +24,32 @@ def serve(tracker: BudgetTracker, budgets, batch_sizes, spend) -> list[float]:
 
 
 @pytest.mark.parametrize("bias", [1.0, 0.94, 1.05])  # the stream spends its budgets exactly, under or over
-@pytest.mark.parametrize("batch_size", [1, 16])
+@pytest.mark.parametrize("batch_size", [1, 16, 256])
 def test_average_cost_converges_to_the_budget_between_grid_points(bias, batch_size):
     tracker = BudgetTracker(0.52)
-    chosen = serve(tracker, GRID + [1.0], [batch_size] * 400, lambda budget: bias * budget)
-    # the error left is at most half a grid step (plus the bias) of one batch, spread over the whole stream
-    assert abs(tracker.average_cost - 0.52) <= (0.025 + 0.05) * batch_size / tracker.num_samples + 1e-9
+    chosen = serve(tracker, GRID + [1.0], [batch_size] * (6400 // batch_size + 25), lambda budget: bias * budget)
+    # what is left: half a grid step (plus the bias) over the horizon, spread over the whole stream
+    horizon = max(batch_size, tracker.horizon)
+    assert abs(tracker.average_cost - 0.52) <= (0.025 + 0.05) * horizon / tracker.num_samples + 1e-9
     assert set(chosen) <= {0.45, 0.5, 0.55, 0.6}  # the neighbours of the budget, never a distant one
-    assert tracker.num_samples == 400 * batch_size == sum(tracker.samples_per_budget.values())
+    assert tracker.num_samples == sum(tracker.samples_per_budget.values())
+
+
+def test_one_sample_per_call_stays_with_the_budgets_next_to_the_target():
+    """Each sample costs one exit's cost (0.2 or 1.0 here), not its budget: the horizon keeps the choice steady."""
+    generator = torch.Generator().manual_seed(0)
+    tracker = BudgetTracker(0.5)
+    for _ in range(5000):
+        budget = tracker.choose(GRID + [1.0], 1)
+        dear = torch.rand((), generator=generator) < (0.97 * budget - 0.2) / 0.8  # spends ~3 % under its budget
+        tracker.record(torch.tensor([1.0 if dear else 0.2]))
+    assert abs(tracker.average_cost - 0.5) < 0.005
+    assert set(tracker.samples_per_budget) <= {0.4, 0.45, 0.5, 0.55, 0.6}, tracker.samples_per_budget
+    assert tracker.samples_per_budget[0.5] + tracker.samples_per_budget[0.55] > 0.8 * 5000
 
 
 def test_a_stream_that_ran_cheap_catches_up_and_the_floor_is_respected():
-    tracker = BudgetTracker(0.5)
+    tracker = BudgetTracker(0.5, horizon=1)  # each call pays back everything at once
     tracker.choose([0.4, 0.5, 1.0], 10)
     tracker.record(torch.full((10,), 0.2))  # an easy stretch: 3.0 under budget
     assert tracker.choose([0.4, 0.5, 1.0], 10) == 1.0  # wants 0.8 per sample: the full model is nearest
@@ -55,13 +70,22 @@ def test_tracker_misuse_is_refused():
     with pytest.raises(RuntimeError, match="without a preceding choose"):
         tracker.record(torch.ones(3))
     tracker.choose(GRID, 4)
-    with pytest.raises(ValueError, match="got 3 costs for a batch of 4 samples"):
-        tracker.record(torch.ones(3))
+    tracker.cancel()  # the call failed: nothing to record
+    with pytest.raises(RuntimeError, match="without a preceding choose"):
+        tracker.record(torch.ones(4))
     with pytest.raises(ValueError, match="at least one budget"):
         tracker.choose([], 4)
     for budget, error in [(0.0, ValueError), (-0.5, ValueError), (float("nan"), ValueError), ("half", TypeError)]:
         with pytest.raises(error, match="budget"):
             BudgetTracker(budget)
+    for horizon in (0, 2.5, True):
+        with pytest.raises(ValueError, match="`horizon` must be a positive number of samples"):
+            BudgetTracker(0.5, horizon=horizon)
+    assert is_budget_tracker(tracker) and not is_budget_tracker(0.5) and not is_budget_tracker(None)
+    with pytest.raises(TypeError, match="must be a sequence of policy names, got the string 'eenet'"):
+        check_tracked_policies("eenet", ["eenet"])
+    with pytest.raises(ValueError, match="nothing is measured"):
+        check_tracked_policies(["eenet"], [])
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +105,7 @@ def stream(num_batches: int, batch_size: int = 8) -> list[dict]:
 
 
 def test_engine_serves_each_batch_exactly_at_the_chosen_budget(fitted_model):
-    tracker, replay = BudgetTracker(0.62), BudgetTracker(0.62)
+    tracker, replay = BudgetTracker(0.62, horizon=8), BudgetTracker(0.62, horizon=8)  # the horizon: one batch
     costs, wanted = [], 0.62
     with torch.no_grad():
         for batch in stream(30):
@@ -132,6 +156,14 @@ def test_tracking_errors_are_raised_before_any_work(fitted_model):
     tracker = BudgetTracker(0.5)
     with pytest.raises(ValueError, match="needs a fitted exit policy"):
         unfitted(**batch, budget=tracker)
+    with pytest.raises(ValueError, match="The batch is empty"):  # fails after the choice: the choice is withdrawn
+        empty = {
+            "input_ids": torch.zeros(0, 5, dtype=torch.long),
+            "attention_mask": torch.ones(0, 5, dtype=torch.long),
+        }
+        fitted_model(**empty, budget=tracker)
+    with pytest.raises(RuntimeError, match="without a preceding choose"):
+        tracker.record(torch.ones(4))
     assert tracker.num_samples == 0
 
 

@@ -625,3 +625,20 @@ def test_unbudgeted_fit_and_feature_values_are_checked():
     features[1][5, 0] = math.nan
     with pytest.raises(ValueError, match=r"`exit_features\[1\]` contains NaN"):
         EENetPolicy(3, max_epochs=2).fit(logits, labels, costs, [0.9], features)
+
+
+@pytest.mark.parametrize("make", ["global", "geometric", "eenet-paper", "eenet"])
+def test_a_budget_above_the_last_exits_cost_sends_everything_there(make):
+    """Measured costs can end below 1.0: a budget above the last exit's cost is met by every allocation."""
+    data = synthetic_exit_outputs(num_samples=400, num_exits=3, num_labels=3, seed=0)
+    policy = {
+        "global": lambda: ConfidenceThresholdPolicy(3),
+        "geometric": lambda: ConfidenceThresholdPolicy(3, allocation="geometric"),
+        "eenet-paper": lambda: EENetPaperPolicy(3, max_epochs=5),
+        "eenet": lambda: EENetPolicy(3, max_epochs=5),
+    }[make]()
+    policy.fit(data["exit_logits"], data["labels"], [0.2, 0.4, 0.6], [0.5, 0.8])
+    assert (policy.simulate(data["exit_logits"], 1) == 2).all()
+    assert torch.equal(geometric_exit_fractions([0.2, 0.4, 0.6], 0.8), geometric_exit_fractions([0.2, 0.4, 0.6], 0.6))
+    with pytest.raises(ValueError, match="budget 0.1 is below the cheapest exit's cost 0.2000"):
+        geometric_exit_fractions([0.2, 0.4, 0.6], 0.1)

@@ -90,8 +90,9 @@ def test_bert_budget_tracker_makes_the_torch_models_choices(bert_export):
     with torch.no_grad():
         for seed in range(6):
             inputs = random_text_batch(8, seed=200 + seed)
-            numpy_inputs = {name: value.numpy() for name, value in inputs.items()}  # the batch size of numpy inputs
-            assert_same_outputs(model(**inputs, budget=theirs), onnx_model(**numpy_inputs, budget=ours))
+            # the tracker reads the batch size of numpy arrays and of nested lists alike
+            given = {name: value.numpy() if seed % 2 else value.tolist() for name, value in inputs.items()}
+            assert_same_outputs(model(**inputs, budget=theirs), onnx_model(**given, budget=ours))
     assert ours.samples_per_budget == theirs.samples_per_budget and len(ours.samples_per_budget) > 1
     assert ours.total_cost == pytest.approx(theirs.total_cost)
 
@@ -130,6 +131,10 @@ def test_other_stored_policies(tmp_path, policy):
     with torch.no_grad():
         expected = model(**inputs, budget=budget, exit_policy=stored if policy == "patience" else None)
     assert_same_outputs(expected, onnx_model(**inputs, budget=budget, exit_policy=onnx_model.exit_policy))
+    if policy == "patience":  # an exported unbudgeted policy refuses budgets as the torch one does
+        for bad in (0.5, BudgetTracker(0.5)):
+            with pytest.raises(ValueError, match="is not budget-matched, so it cannot honour budget 0.5"):
+                onnx_model(**inputs, budget=bad)
 
 
 @pytest.mark.parametrize(

@@ -164,7 +164,7 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     text = report.read_text()
     assert "| 0.50, tracked |" in text and "within 2 % of the budget (BudgetTracker) |" in text
     assert (tmp_path / "report.png").is_file()
-    with pytest.raises(ValueError, match=r"Policies to track \['max-prob \(global\)'\] are not among the policies"):
+    with pytest.raises(ValueError, match=r"`tracked_policies` \['max-prob \(global\)'\] are not among the measured"):
         evaluate_budgets.main(
             [*common_args(str(fitted), tiny_sst2, tmp_path / "other", train=False), "--measured_budgets", "0.5",
              "--tracked_policies", "max-prob (global)"]

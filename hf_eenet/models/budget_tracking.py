@@ -10,11 +10,15 @@ from .configuration_eenet import validate_budget
 
 __all__ = ["BudgetTracker", "is_budget_tracker"]
 
+# What the engine and the pipelines use of a tracker (duck-typed: as Hub remote code, the model and the tracker may
+# come from separately loaded copies of this module).
+TRACKER_PROTOCOL = ("budget", "choose", "record", "cancel")
+
 
 def is_budget_tracker(budget) -> bool:
-    """Whether `budget` is a [`BudgetTracker`] (duck-typed: as Hub remote code, the model may use another copy of it)."""
-    return isinstance(budget, BudgetTracker) or all(
-        callable(getattr(budget, name, None)) for name in ("choose", "record", "reset")
+    """Whether `budget` is a [`BudgetTracker`] (or an object with its `budget`, `choose`, `record` and `cancel`)."""
+    return isinstance(budget, BudgetTracker) or (
+        hasattr(budget, TRACKER_PROTOCOL[0]) and all(callable(getattr(budget, n, None)) for n in TRACKER_PROTOCOL[1:])
     )
 
 
@@ -27,20 +31,25 @@ class BudgetTracker:
     A fitted exit policy meets each budget of its grid on the calibration split. On other data its realized cost
     differs by the sampling noise of both splits (a few percent of the budget with a thousand or two samples) and by
     any shift of the inputs. The tracker closes that gap with feedback: each call serves its batch at one of the
-    policy's fitted budgets, the one whose cost brings the running average of every sample served so far closest to
-    `budget` if the batch spends about that budget per sample; the cost the batch really spent then feeds the next
-    choice. Over a stream the average cost converges to `budget` (the remaining error shrinks as one batch's
-    deviation over the number of samples served), and a budget between two fitted budgets is met on average by
-    serving some batches at each instead of at the lower one.
+    policy's fitted budgets, the one nearest to `budget` plus the running shortfall (or minus the overspend) spread
+    over `horizon` samples; the cost the batch really spent then feeds the next choice. Over a stream the average cost
+    converges to `budget` (what remains is about `horizon` samples' worth of half a grid step, over the number of
+    samples served), and a budget between two fitted budgets is met on average by serving some calls at each instead
+    of at the lower one. A stream served one sample per call (a pipeline's default) moves between the fitted budgets
+    next to `budget`, not across the grid, since one sample's cost is spread over `horizon`.
 
     Decisions then depend on the stream: the same sample can take another exit after other calls. Use a plain float
     budget where every sample must get the same decision whatever came before, and `reset()` to start a new stream.
-    The full model (cost 1.0) is one of the choices, so a stream that ran cheaper than `budget` can catch up.
+    The full model (cost 1.0) is one of the choices, so a stream that ran cheaper than `budget` can catch up; nothing
+    is cheaper than the smallest fitted budget, so a target there is held only as well as that budget holds itself.
+    A tracker follows one stream: calls made concurrently from several threads must each have their own.
 
     Args:
         budget (`float`):
             The average cost per sample to keep, as a fraction of the full model (as a plain budget: `>= 1.0` always
             serves the full model).
+        horizon (`int`, *optional*, defaults to 64):
+            Samples over which a shortfall or overspend is paid back (a call of more samples pays it back at once).
 
     Attributes:
         num_samples (`int`): samples served so far.
@@ -54,12 +63,15 @@ class BudgetTracker:
     >>> tracker = BudgetTracker(0.5)
     >>> for batch in batches:
     ...     outputs = model(**batch, budget=tracker)
-    >>> tracker.average_cost  # within a batch's deviation of 0.5 over the stream
+    >>> tracker.average_cost  # within a fraction of a percent of 0.5 over a long enough stream
     ```
     """
 
-    def __init__(self, budget: float):
+    def __init__(self, budget: float, horizon: int = 64):
         self.budget = validate_budget(budget)
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"`horizon` must be a positive number of samples, got {horizon!r}.")
+        self.horizon = horizon
         self.reset()
 
     def reset(self) -> None:
@@ -67,7 +79,7 @@ class BudgetTracker:
         self.num_samples = 0
         self.total_cost = 0.0
         self.samples_per_budget: dict[float, int] = {}
-        self._pending: tuple[float, int] | None = None
+        self._pending: float | None = None
 
     @property
     def average_cost(self) -> float | None:
@@ -76,39 +88,37 @@ class BudgetTracker:
 
     def choose(self, budgets: Sequence[float], batch_size: int) -> float:
         """
-        The budget to serve the next batch at.
+        The budget to serve the next call at.
 
         Args:
             budgets (`Sequence[float]`): the budgets the model can serve (its policy's fitted budgets it can meet,
                 and 1.0 for the full model).
-            batch_size (`int`): samples in the next batch.
+            batch_size (`int`): samples in the next call.
 
         Returns:
-            `float`: the element of `budgets` whose cost, spent on the batch, leaves the running average closest to
-            `self.budget` (the lower one on a tie).
+            `float`: the element of `budgets` nearest to `self.budget` plus the running shortfall spread over
+            `max(batch_size, horizon)` samples (the lower one on a tie).
         """
         if not budgets:
             raise ValueError("BudgetTracker.choose needs at least one budget to choose from.")
-        batch_size = max(int(batch_size), 1)
-        # the cost per sample of this batch that would put the running average exactly on the budget
-        wanted = self.budget + (self.budget * self.num_samples - self.total_cost) / batch_size
-        chosen = min(sorted(float(b) for b in budgets), key=lambda b: abs(b - wanted))
-        self._pending = (chosen, batch_size)
-        return chosen
+        shortfall = self.budget * self.num_samples - self.total_cost  # negative after an overspend
+        wanted = self.budget + shortfall / max(int(batch_size), self.horizon)
+        self._pending = min(sorted(float(b) for b in budgets), key=lambda b: abs(b - wanted))
+        return self._pending
 
     def record(self, exit_cost: torch.Tensor) -> None:
-        """Account for the per-sample costs (`outputs.exit_cost`) of the batch served at the last `choose`."""
+        """Account for the per-sample costs (`outputs.exit_cost`) of the call served at the last `choose`."""
         if self._pending is None:
             raise RuntimeError("BudgetTracker.record was called without a preceding choose.")
-        chosen, batch_size = self._pending
-        if exit_cost.numel() != batch_size:
-            raise ValueError(
-                f"BudgetTracker.record got {exit_cost.numel()} costs for a batch of {batch_size} samples."
-            )
+        chosen, self._pending = self._pending, None
+        num_samples = exit_cost.numel()
+        self.num_samples += num_samples
+        self.total_cost += float(exit_cost.detach().float().sum())  # float32 on the device (MPS has no float64)
+        self.samples_per_budget[chosen] = self.samples_per_budget.get(chosen, 0) + num_samples
+
+    def cancel(self) -> None:
+        """Forget the last `choose` (its call failed): nothing was served."""
         self._pending = None
-        self.num_samples += batch_size
-        self.total_cost += float(exit_cost.detach().double().sum())
-        self.samples_per_budget[chosen] = self.samples_per_budget.get(chosen, 0) + batch_size
 
     def __repr__(self) -> str:
         average = "none yet" if self.average_cost is None else f"{self.average_cost:.4f}"

@@ -229,11 +229,16 @@ class EarlyExitMixin:
             tracker = budget if is_budget_tracker(budget) else None
             if tracker is not None:
                 budget = tracker.choose(self._servable_budgets(tracker, exit_policy), self._input_batch_size(inputs))
-            policy, budget_index = self._resolve_policy(budget, exit_policy)
-            if policy is None:
-                output = self._full_forward(inputs)
-            else:
-                output = self._budgeted_forward(inputs, policy, budget_index)
+            try:
+                policy, budget_index = self._resolve_policy(budget, exit_policy)
+                if policy is None:
+                    output = self._full_forward(inputs)
+                else:
+                    output = self._budgeted_forward(inputs, policy, budget_index)
+            except BaseException:
+                if tracker is not None:
+                    tracker.cancel()  # nothing was served
+                raise
             if tracker is not None:
                 tracker.record(output.exit_cost)
         return output if return_dict else output.to_tuple()

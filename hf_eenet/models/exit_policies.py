@@ -129,11 +129,12 @@ def first_exit_over_threshold(scores: torch.Tensor, thresholds: torch.Tensor) ->
 def geometric_exit_fractions(exit_costs: Sequence[float], budget: float) -> torch.Tensor:
     """
     MSDNet's budgeted allocation: exit fractions proportional to `q**k`, with `q` solved (bisection) so that the
-    expected cost equals `budget` exactly.
+    expected cost equals `budget` exactly (the last exit's cost for a budget above it: every allocation meets it).
     """
     costs = torch.as_tensor(exit_costs, dtype=torch.float64)
-    if not costs[0] - 1e-9 <= budget <= costs[-1] + 1e-9:
-        raise ValueError(f"budget {budget} is outside the reachable range [{costs[0]:.4f}, {costs[-1]:.4f}].")
+    if budget < costs[0] - 1e-9:
+        raise ValueError(f"budget {budget} is below the cheapest exit's cost {costs[0]:.4f}.")
+    budget = min(float(budget), float(costs[-1]))
     return tilt_exit_fractions(torch.ones(len(costs), dtype=torch.float64), costs, budget).to(torch.float32)
 
 
@@ -365,6 +366,12 @@ class ExitPolicy(nn.Module):
 
     def budget_index(self, budget: float) -> int:
         """Index of the largest fitted budget not above `budget`; a clear error when there is none."""
+        if not self.requires_budget:
+            raise ValueError(
+                f"The {self.policy_type} exit policy ({self.extra_repr()}) is not budget-matched, so it cannot honour "
+                f"budget {budget}: call the model without `budget` (stored in the model, it runs as it is; otherwise "
+                "pass it as `exit_policy=`), or use a budget-matched policy (e.g. 'eenet' or 'confidence-threshold')."
+            )
         if not self.is_fitted:
             raise ValueError(f"The {self.policy_type} exit policy has not been fitted: it has no budgets.")
         index = -1
@@ -646,13 +653,6 @@ class _UnbudgetedPolicy(ExitPolicy):
     @property
     def is_fitted(self) -> bool:
         return True
-
-    def budget_index(self, budget: float) -> int:
-        raise ValueError(
-            f"The {self.policy_type} exit policy ({self.extra_repr()}) is not budget-matched, so it cannot honour "
-            f"budget {budget}: call the model without `budget` (stored in the model, it runs as it is; otherwise "
-            "pass it as `exit_policy=`), or use a budget-matched policy (e.g. 'eenet' or 'confidence-threshold')."
-        )
 
     def fit(self, exit_logits, labels, exit_costs, budgets=(), exit_features=None):
         """Nothing to fit (checks the inputs only, so it can run in the same harness as the other policies)."""
