@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from hf_eenet import (
+    BudgetTracker,
     ConfidenceThresholdPolicy,
     EarlyExitClassifierOutput,
     EENetResNetConfig,
@@ -298,6 +299,25 @@ def test_fitted_policy_engine_matches_simulation(backbone):
             out = model(images, budget=budget)
             assert torch.equal(out.exit_index, policy.simulate(logits, index))
             assert float(out.exit_cost.mean()) <= budget + 1e-6
+
+
+@by_name
+def test_budget_tracker_serves_each_batch_at_its_chosen_budget(backbone):
+    model = backbone.model()
+    policy = fitted_policy(model, random_images(24, seed=4), torch.randint(0, 3, (24,)))
+    model.set_exit_policy(policy)
+    target = (policy.budgets[0] + policy.budgets[1]) / 2  # between two fitted budgets
+    tracker, replay = BudgetTracker(target, horizon=6), BudgetTracker(target, horizon=6)
+    with torch.no_grad():
+        for seed in range(8):
+            images = random_images(6, seed=50 + seed)
+            out = model(images, budget=tracker)
+            plain = model(images, budget=replay.choose([*policy.budgets, 1.0], 6))  # the same choice, as a float
+            replay.record(plain.exit_cost)
+            assert torch.equal(out.exit_index, plain.exit_index)
+            torch.testing.assert_close(out.logits, plain.logits, atol=0, rtol=0)
+    assert tracker.samples_per_budget == replay.samples_per_budget
+    assert tracker.total_cost == pytest.approx(replay.total_cost)
 
 
 @by_name
