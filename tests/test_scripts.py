@@ -18,6 +18,7 @@ from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 
+import bench_budget_tracking  # noqa: E402
 import bench_calibration_size  # noqa: E402
 import bench_onnx  # noqa: E402
 import bench_policy_selection  # noqa: E402
@@ -175,6 +176,21 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     for title in ("Simulated on dev", "Simulated on test", "Measured on test", "budget_plot.png"):
         assert title in card
     assert "| eenet (budget tracked) | 0.50 |" in card and "| max-prob (global) | 0.50 |" not in card
+
+    report = tmp_path / "tracking.md"  # the tracker benchmark: every stream, fixed and tracked, at each budget
+    results = bench_budget_tracking.main(
+        ["--model", str(fitted), "--data", str(Path(tiny_sst2) / "test.tsv"), "--batch-size", "4",
+         "--budgets", "0.5", "--output", str(report)]
+    )  # fmt: skip
+    assert set(results) == {"test", "short half", "long half", "shortest first"}
+    assert (
+        sum(row["num_samples"] for row in results["short half"] + results["long half"] if row["budget"] == 1.0) == 32
+    )
+    assert "| 0.50 |" in report.read_text() and "bench_budget_tracking.py --model" in report.read_text()
+    unlabelled = tmp_path / "unlabelled.tsv"
+    unlabelled.write_text("sentence\na fine film\n")
+    with pytest.raises(ValueError, match="needs a header with 'sentence' and 'label' columns"):
+        bench_budget_tracking.load_labelled(unlabelled)
 
     report = tmp_path / "onnx.md"  # the ONNX benchmark on the fitted model: runs, and torch and onnxruntime agree
     bench_onnx.main(
