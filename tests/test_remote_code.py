@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_bert_config
 from transformers import BertTokenizerFast
 
-from hf_eenet import ConfidenceThresholdPolicy, EENetBertForSequenceClassification
+from hf_eenet import BudgetTracker, ConfidenceThresholdPolicy, EENetBertForSequenceClassification
 
 TEXTS = ["a gorgeous, witty film", "dull", "the plot goes nowhere and the ending is a mess", "a joy"]
 
@@ -45,7 +45,14 @@ CHILD = textwrap.dedent(
         out = model(**tokenizer(texts, padding=True, return_tensors="pt"), budget=0.5)
     clf = pipeline("text-classification", model=directory, trust_remote_code=True, budget=0.5)
     results = clf(texts, batch_size=2)
+    # the BudgetTracker of the shipped code, as a user without hf_eenet gets it
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    tracker = get_class_from_dynamic_module("budget_tracking.BudgetTracker", directory)(0.45)
+    tracked = clf(texts * 3, budget=tracker, batch_size=1)
     print("RESULT " + json.dumps({
+        "tracked": [r["exit_index"] for r in tracked],
+        "tracked_cost": tracker.total_cost,
         "model_class": type(model).__module__ + "." + type(model).__name__,
         "pipeline_class": type(clf).__name__,
         "exit_index": out.exit_index.tolist(),
@@ -112,6 +119,14 @@ def test_remote_code_loads_and_runs_without_hf_eenet(saved_with_remote_code, tmp
     torch.testing.assert_close(torch.tensor(output["logits"]), expected.logits, atol=1e-5, rtol=1e-5)
     assert [r["exit_index"] for r in output["pipeline"]] == expected.exit_index.tolist()
     assert len(set(output["exit_index"])) > 1  # texts really left at different exits
+    twin = BudgetTracker(0.45)  # the package's tracker on the package's model, one text per call as the pipeline
+    tokenizer = BertTokenizerFast.from_pretrained(str(directory))
+    with torch.no_grad():
+        expected_tracked = [
+            int(model(**tokenizer(text, return_tensors="pt"), budget=twin).exit_index) for text in TEXTS * 3
+        ]
+    assert output["tracked"] == expected_tracked
+    assert output["tracked_cost"] == pytest.approx(twin.total_cost)
 
 
 def test_remote_code_needs_a_saved_config(tmp_path):
