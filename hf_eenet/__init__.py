@@ -3,6 +3,7 @@
 Importing the package registers its configs and models with the transformers Auto classes.
 """
 
+from .cpu import tune_cpu_allocator
 from .models import *  # noqa: F403
 from .models import EENET_VERSION as __version__
 from .models import __all__ as _models_all
@@ -16,5 +17,6 @@ __all__ = [
     "register",
     "EENetImageClassificationPipeline",
     "EENetTextClassificationPipeline",
+    "tune_cpu_allocator",
     *_models_all,
 ]

