@@ -159,6 +159,13 @@ def test_vision_workflow_end_to_end(image_folder, processor_dir, tmp_path):
     measured = [row for row in rows if row["mode"] == "measured"]
     assert [row["policy"] for row in measured] == ["full model", "eenet"] and measured[1]["num_samples"] == 24
     assert (fitted / "budget_plot_test.png").is_file()
+    # channels-last (the faster layout for convolutions) makes the same decisions
+    channels_last = evaluate_budgets.main(
+        [*data, "--model_name_or_path", str(fitted), "--output_dir", str(tmp_path / "channels-last"),
+         "--measured_budgets", "0.6", "--channels_last", "--plot", "False", "--update_model_card", "False"]
+    )  # fmt: skip
+    same = ("policy", "budget", "accuracy", "cost", "exit_histogram")
+    assert [[row[key] for key in same] for row in channels_last] == [[row[key] for key in same] for row in rows]
 
 
 def test_cifar_stem_changes_the_architecture_and_the_costs():

@@ -163,6 +163,21 @@ def test_resnet_channels_last_stays_channels_last_through_compaction():
     )
     assert layouts == [True, True, True]
     assert_forced_exits_match_all_exits(model, random_images(9))
+    # the images (given in the default layout) reach the stem channels-last, and the logits do not change
+    stem = model.resnet.embedder.embedder.convolution
+    seen = []
+    hook = stem.register_forward_hook(
+        lambda module, args, output: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    images = random_images(9)
+    with torch.no_grad():
+        channels_last_logits = model(images, budget=1.0).logits
+    hook.remove()
+    assert seen == [True]
+    default_layout = RESNET.model()
+    default_layout.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(channels_last_logits, default_layout.eval()(images, budget=1.0).logits)
 
 
 @by_name

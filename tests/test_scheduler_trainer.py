@@ -125,6 +125,13 @@ def test_measuring_a_split_sorted_by_label_warns(fitted):
     assert "sorted by label" not in captured.out
 
 
+def test_channels_last_is_refused_for_a_model_without_convolutions(tmp_path):
+    with pytest.raises(ValueError, match="`channels_last` is a memory format for convolutions"):
+        ExitSchedulerTrainer(
+            model=tiny_model(), args=scheduler_args(tmp_path, channels_last=True), eval_dataset=token_dataset(8)
+        )
+
+
 def test_train_is_fit_scheduler(tmp_path):
     trainer = ExitSchedulerTrainer(
         model=tiny_model(), args=scheduler_args(tmp_path, fit_baselines=False), eval_dataset=token_dataset(32)

@@ -51,7 +51,8 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
     statistics in eval mode, so an image's prediction never depends on the rest of its batch.
 
     In the channels-last layout (`model.to(memory_format=torch.channels_last)`, usually the faster one for
-    convolutions) the early-exit forward keeps every stage's input channels-last through the batch compaction.
+    convolutions) the images are taken channels-last too, and the early-exit forward keeps every stage's input
+    channels-last through the batch compaction.
 
     Example:
 
@@ -110,6 +111,10 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
             )
         if pixel_values.shape[0] == 0:
             raise ValueError("The batch is empty: pass at least one image.")
+        if self.resnet.embedder.embedder.convolution.weight.is_contiguous(memory_format=torch.channels_last):
+            # a model moved to channels-last (`model.to(memory_format=torch.channels_last)`) takes its images in that
+            # layout too: the stem convolution would otherwise convert them on every call, and run slower
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return {"hidden_states": self.resnet.embedder(pixel_values)}
 
     def exit_units(self) -> tuple[nn.Module, ...]:
