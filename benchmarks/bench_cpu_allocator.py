@@ -36,6 +36,15 @@ REFERENCE_SHARES = {
 }
 
 
+def reference_architecture_config():
+    """The reference ResNet's config with its exits after residual blocks 1, 4, 6 and 8 (step 2 of its commands)."""
+    from transformers import AutoConfig
+
+    import hf_eenet  # noqa: F401  (registers the EENet configs)
+
+    return AutoConfig.from_pretrained(CONFIG, exit_layer_unit="block", exit_layers=[1, 4, 6, 8])
+
+
 def forced_exits(shares, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """Exits for one batch in the given shares (rounded to whole images), in random order."""
     counts = [round(batch_size * share / sum(shares)) for share in shares]
@@ -45,15 +54,13 @@ def forced_exits(shares, batch_size: int, generator: torch.Generator) -> torch.T
 
 
 def child(allocator: str, batch_size: int, num_batches: int, repeats: int, threads: int) -> dict:
-    from transformers import AutoConfig
-
     import hf_eenet
     from hf_eenet import EENetResNetForImageClassification, ForcedExitPolicy
 
     applied = hf_eenet.tune_cpu_allocator() if allocator == "tuned" else False
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    config = AutoConfig.from_pretrained(CONFIG, exit_layer_unit="block", exit_layers=[1, 4, 6, 8])
+    config = reference_architecture_config()
     model = EENetResNetForImageClassification(config).eval()
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(batch_size, 3, 32, 32, generator=generator) for _ in range(num_batches)]

@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+from bench_cpu_allocator import reference_architecture_config
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "benchmarks" / "configs" / "eenet-resnet-cifar10"
 SURVIVORS = (1, 2, 4, 8, 16, 32, 64)
 LAYOUTS = {"default": torch.contiguous_format, "channels-last": torch.channels_last}
 
@@ -57,15 +56,13 @@ def build_runs(model, batch: torch.Tensor) -> dict:
 
 
 def measure(threads: int, repeats: int) -> dict:
-    from transformers import AutoConfig
-
     import hf_eenet
     from hf_eenet import EENetResNetForImageClassification
 
     hf_eenet.tune_cpu_allocator()
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    config = AutoConfig.from_pretrained(CONFIG, exit_layer_unit="block", exit_layers=[1, 4, 6, 8])
+    config = reference_architecture_config()
     reference = EENetResNetForImageClassification(config).eval()
     batch = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     runs = {}
@@ -90,22 +87,14 @@ def measure(threads: int, repeats: int) -> dict:
         segments = {}
         for k in range(1, config.num_exits):
             fractions = [medians[(layout, (k, n))] / full for n in SURVIVORS]
-            segments[k] = {"fractions": fractions, "fit": affine_fit(SURVIVORS, fractions)}
+            slope, fixed = statistics.linear_regression(SURVIVORS, fractions)
+            segments[k] = {"fractions": fractions, "fixed": fixed, "per_sample": slope}
         results[layout] = {
             "full_ms": 1000 * full,
             "exit0": medians[(layout, "exit 0 path")] / full,
             "segments": segments,
         }
     return results
-
-
-def affine_fit(sizes, values) -> tuple[float, float]:
-    """Least-squares `value = fixed + per_sample * size`."""
-    mean_size, mean_value = statistics.fmean(sizes), statistics.fmean(values)
-    slope = sum((s - mean_size) * (v - mean_value) for s, v in zip(sizes, values)) / sum(
-        (s - mean_size) ** 2 for s in sizes
-    )
-    return mean_value - slope * mean_size, slope
 
 
 def report(argv: list[str], threads: int, repeats: int, results: dict) -> list[str]:
@@ -138,7 +127,7 @@ def report(argv: list[str], threads: int, repeats: int, results: dict) -> list[s
     ]
     for layout, result in results.items():
         for k, segment in result["segments"].items():
-            fixed, slope = segment["fit"]
+            fixed, slope = segment["fixed"], segment["per_sample"]
             lines.append(
                 f"| {layout} | {k} | "
                 + " | ".join(f"{f:.3f}" for f in segment["fractions"])

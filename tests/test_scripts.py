@@ -24,6 +24,7 @@ import bench_calibration_size  # noqa: E402
 import bench_cpu_allocator  # noqa: E402
 import bench_onnx  # noqa: E402
 import bench_policy_selection  # noqa: E402
+import bench_segment_overhead  # noqa: E402
 import bench_speed  # noqa: E402
 import demo  # noqa: E402
 import evaluate_budgets  # noqa: E402
@@ -214,6 +215,19 @@ def test_cpu_allocator_benchmark_runs_both_allocators(tmp_path):
     assert "| tuned |" in report.read_text() and "bench_cpu_allocator.py --batch-size 8" in report.read_text()
     exits = bench_cpu_allocator.forced_exits((89, 10, 1, 0), 64, torch.Generator().manual_seed(0))
     assert torch.bincount(exits, minlength=4).tolist() == [57, 6, 1, 0]
+
+
+def test_segment_overhead_benchmark_fits_every_segment_in_both_layouts(tmp_path):
+    report = tmp_path / "segments.md"
+    results = bench_segment_overhead.main(["--repeats", "1", "--output", str(report)])
+    assert list(results) == ["default", "channels-last"]
+    for result in results.values():
+        assert list(result["segments"]) == [1, 2, 3] and 0 < result["exit0"]
+        for segment in result["segments"].values():
+            assert len(segment["fractions"]) == len(bench_segment_overhead.SURVIVORS)
+            assert segment["per_sample"] > 0  # 64 survivors take longer than one, even timed once
+    text = report.read_text()
+    assert "| channels-last | 3 |" in text and "bench_segment_overhead.py --repeats 1" in text
 
 
 def test_speed_benchmark_runs_on_a_tiny_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path):

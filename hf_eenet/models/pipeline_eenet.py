@@ -38,11 +38,10 @@ class BudgetedPipelineMixin:
                 f"`budget` is only accepted by early-exit (hf_eenet) models, but this pipeline's model is a "
                 f"{type(self.model).__name__}. Remove `budget` or load an EENet model."
             )
-        if is_budget_tracker(budget):
-            self.model._resolve_policy(budget.budget, None)  # unreachable or unfitted budgets fail now, not mid-batch
-            return {"budget": budget}
-        budget = validate_budget(budget)
-        self.model._resolve_policy(budget, None)
+        if not is_budget_tracker(budget):
+            budget = validate_budget(budget)
+        target = budget.budget if is_budget_tracker(budget) else budget
+        self.model._resolve_policy(target, None)  # unreachable or unfitted budgets fail now, not mid-batch
         return {"budget": budget}
 
     def _sanitize_parameters(self, budget=None, **kwargs):
