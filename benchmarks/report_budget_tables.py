@@ -181,7 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         "Simulated rows come from cached exit outputs; measured rows from the real early-exit forward, timed beside the "
         "full model in one run (same machine, same batches).",
         "",
-        f"Exit costs ({config['exit_cost_source']}): {[round(c, 3) for c in config['exit_costs']]}.",
+        f"Exit costs ({config['exit_cost_source']}): {[round(c, 3) for c in config['exit_costs']]}"
+        + (
+            f"; fixed cost of each segment after exit 0, per batch of {config['exit_cost_batch_size']} that runs it: "
+            f"{[round(c, 3) for c in config['exit_segment_costs']]}."
+            if config.get("exit_segment_costs")
+            else "."
+        ),
         "",
         "## Per-exit accuracy (simulated)",
         "",

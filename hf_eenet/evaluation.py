@@ -4,7 +4,8 @@ forwards, and accuracy-vs-cost plots.
 Every row says how its numbers were obtained:
 
 - `"simulated"`: accuracy and cost computed from cached exit logits (what papers report): a sample's cost is
-  `config.exit_costs` of the exit its policy picks;
+  `config.exit_costs` of the exit its policy picks (plus, with `config.exit_segment_costs`, the expected fixed cost
+  of the segments a random batch runs, see [`~hf_eenet.models.exit_cost_model.ExitCostModel`]);
 - `"measured"`: the real early-exit forward of a model (`model(**batch, budget=b)` in eval mode), timed on the wall
   clock; cost is the realized average `exit_cost` of the outputs.
 
@@ -13,10 +14,11 @@ Typical use:
 ```python
 >>> from hf_eenet.evaluation import cache_exit_outputs, fit_policies, standard_policies, simulated_budget_table
 >>> cached = cache_exit_outputs(model, calibration_batches)
->>> policies = fit_policies(standard_policies(model.config.num_exits), **cached, exit_costs=model.config.exit_costs,
-...                         budgets=default_budget_grid(model.config.exit_costs))
+>>> costs = model.exit_cost_model()
+>>> policies = fit_policies(standard_policies(model.config.num_exits), **cached, exit_costs=costs,
+...                         budgets=default_budget_grid(costs))
 >>> test = cache_exit_outputs(model, test_batches)
->>> rows = simulated_budget_table(policies, **test, exit_costs=model.config.exit_costs)
+>>> rows = simulated_budget_table(policies, **test, exit_costs=costs)
 >>> print(format_budget_table(rows))
 ```
 """
@@ -33,7 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .models.budget_tracking import BudgetTracker
-from .models.configuration_eenet import strictly_increasing, validate_exit_costs
+from .models.configuration_eenet import strictly_increasing
+from .models.exit_cost_model import ExitCostModel
 from .models.exit_policies import (
     ConfidenceThresholdPolicy,
     EENetPaperPolicy,
@@ -195,11 +198,14 @@ def fit_policies(
     policies: Mapping[str, ExitPolicy],
     exit_logits: torch.Tensor,
     labels: torch.Tensor,
-    exit_costs: Sequence[float],
+    exit_costs: ExitCostModel | Sequence[float],
     budgets: Sequence[float],
     exit_features: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, ExitPolicy]:
-    """Fit every policy on the calibration split (budget-matched ones for `budgets`); returns the same mapping."""
+    """
+    Fit every policy on the calibration split (budget-matched ones for `budgets`, in the cost model `exit_costs`:
+    `model.exit_cost_model()`, or per-sample exit costs); returns the same mapping.
+    """
     if labels is None:
         raise ValueError("Fitting exit policies needs calibration `labels`.")
     for policy in policies.values():
@@ -282,7 +288,7 @@ def _row(name, mode, budget, exits, exit_logits, labels, costs, **extra) -> dict
         "mode": mode,
         "budget": budget,
         "accuracy": float((predictions == labels).float().mean()),
-        "cost": float(costs[exits].mean()),
+        "cost": float(costs.of_exits(exits)),
         "exit_histogram": [round(float(h), 6) for h in histogram],
         "num_samples": int(exits.numel()),
         **extra,
@@ -294,7 +300,7 @@ def simulated_budget_table(
     policies: Mapping[str, ExitPolicy],
     exit_logits: torch.Tensor,
     labels: torch.Tensor,
-    exit_costs: Sequence[float],
+    exit_costs: ExitCostModel | Sequence[float],
     exit_features: Sequence[torch.Tensor] | None = None,
     include_oracle: bool = True,
 ) -> list[dict]:
@@ -303,14 +309,16 @@ def simulated_budget_table(
     one row per unbudgeted policy (patience, static; `budget` is `None`, their cost is whatever they give), and one
     oracle row (first correct exit, else the last; an upper bound that reads the labels).
 
-    Each row: `policy`, `mode` (`"simulated"`), `budget`, `accuracy`, `cost` (realized average relative cost),
-    `exit_histogram` (fraction of samples per exit), `num_samples`.
+    Each row: `policy`, `mode` (`"simulated"`), `budget`, `accuracy`, `cost` (realized average relative cost; with
+    segment costs in `exit_costs` (an [`~hf_eenet.models.exit_cost_model.ExitCostModel`]), the expected cost of these
+    exits served in random batches of its batch size), `exit_histogram` (fraction of samples per exit),
+    `num_samples`.
     """
     _check_cached(exit_logits, labels)
     exit_logits, labels = exit_logits.float(), labels.to(exit_logits.device)
-    costs = torch.as_tensor(validate_exit_costs(exit_costs), dtype=torch.float32, device=exit_logits.device)
-    if costs.numel() != exit_logits.shape[1]:
-        raise ValueError(f"`exit_costs` must hold {exit_logits.shape[1]} costs, got {list(exit_costs)}.")
+    costs = ExitCostModel.of(exit_costs)
+    if len(costs) != exit_logits.shape[1]:
+        raise ValueError(f"`exit_costs` must hold {exit_logits.shape[1]} costs, got {costs.exit_costs}.")
     rows = []
     for name, policy in policies.items():
         if policy.num_exits != exit_logits.shape[1]:
@@ -509,7 +517,7 @@ def _nonnegative_least_squares(matrix: torch.Tensor, target: torch.Tensor) -> to
 
 
 def exit_costs_from_measured_rows(
-    rows: Sequence[Mapping], prior_costs: Sequence[float], prior_weight: float = 0.05
+    rows: Sequence[Mapping], prior_costs: ExitCostModel | Sequence[float], prior_weight: float = 0.05
 ) -> list[float]:
     """
     Exit costs that explain measured wall-clock times (e.g. the rows of `measured_budget_table` for one policy at
@@ -518,7 +526,10 @@ def exit_costs_from_measured_rows(
     leaving at exit `k`. The costs are the least-squares solution under the constraint that they never decrease with
     depth (exit `k` runs every block before it), with a ridge term of weight `prior_weight` per exit pulling them
     toward `prior_costs` (it decides the costs of exits that few samples took); ties are then split by a relative
-    `1e-6` so the costs increase strictly.
+    `1e-6` so the costs increase strictly. When `prior_costs` is an
+    [`~hf_eenet.models.exit_cost_model.ExitCostModel`] with fixed segment costs, those are kept: each row's expected
+    fixed part (from its histogram, for batches of the model's batch size) is taken off its fraction first, and the
+    per-sample costs explain the rest.
 
     Unlike costs timed on uniform batches (every sample through every exit, as
     [`~EarlyExitMixin.calibrate_exit_costs`] does), these price what the early-exit forward adds on mixed batches:
@@ -527,13 +538,17 @@ def exit_costs_from_measured_rows(
     Args:
         rows (`Sequence[Mapping]`): measured rows with `exit_histogram` and `speedup` (the full model's row, and rows
             without a speed-up, are skipped).
-        prior_costs (`Sequence[float]`): the current exit costs, one per exit.
+        prior_costs (`ExitCostModel` or `Sequence[float]`): the current cost model, or the current exit costs.
         prior_weight (`float`, *optional*, defaults to 0.05): weight of the pull toward `prior_costs`, relative to one
             row.
 
     Returns:
-        `list[float]`: the new exit costs.
+        `list[float]`: the new (per-sample) exit costs.
     """
+    if isinstance(prior_costs, ExitCostModel):
+        cost_model, prior_costs = prior_costs, prior_costs.exit_costs
+    else:
+        cost_model = None
     prior = torch.tensor([float(c) for c in prior_costs], dtype=torch.float64)
     if prior.numel() < 1 or not bool((torch.isfinite(prior) & (prior > 0)).all()):
         raise ValueError(f"`prior_costs` must be finite positive costs, one per exit, got {list(prior_costs)}.")
@@ -553,6 +568,8 @@ def exit_costs_from_measured_rows(
             raise ValueError(f"A measured row's `speedup` must be a finite positive number, got {row['speedup']}.")
     histograms = torch.tensor([row["exit_histogram"] for row in used], dtype=torch.float64)
     fractions = torch.tensor([1.0 / row["speedup"] for row in used], dtype=torch.float64)
+    if cost_model is not None:  # the fixed segment costs stay: the per-sample costs explain the rest
+        fractions = fractions - (cost_model.of_fractions(histograms) - histograms @ prior)
     ridge = math.sqrt(prior_weight) * torch.eye(prior.numel(), dtype=torch.float64)
     design = torch.cat([histograms, ridge])
     target = torch.cat([fractions, math.sqrt(prior_weight) * prior])

@@ -176,6 +176,7 @@ def render_model_card(model) -> ModelCard:
             "index": k,
             "layer": layer,
             "cost": cost,
+            "segment_cost": config.exit_segment_costs[k - 1] if config.exit_segment_costs and k else 0.0,
             "pooling": pooling[k] if pooling else None,
             "accuracy": exit_accuracies[k] if exit_accuracies else None,
         }
@@ -217,6 +218,7 @@ def render_model_card(model) -> ModelCard:
         processor_kwargs="padding=True, " if is_text else "",
         min_budget=f"{budgets[0]:g}" if budgets else "1.0 (no exit policy is fitted)",
         cost_source=config.exit_cost_source,
+        segment_cost_batch_size=config.exit_cost_batch_size,
         exits=exits,
         exit_pooling=pooling,
         exit_accuracies=exit_accuracies,

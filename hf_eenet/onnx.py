@@ -244,6 +244,8 @@ def _export_graphs(model, directory: Path, inputs: dict[str, torch.Tensor], opse
         "padding_mask_name": model.padding_mask_name,
         "exit_layers": list(config.exit_layers),
         "exit_costs": list(config.exit_costs),
+        "exit_segment_costs": config.exit_segment_costs,
+        "exit_cost_batch_size": config.exit_cost_batch_size,
         "label_names": [config.id2label[i] for i in range(config.num_labels)],
         "segments": segments,
         "exits": exits,
@@ -373,10 +375,16 @@ class EENetONNXModel(EarlyExitMixin):
         self.state_names = tuple(manifest["state_names"])
         self.padding_mask_name = manifest["padding_mask_name"]
         self.main_input_name = manifest["inputs"][0]
-        if list(self.config.exit_costs) != list(manifest["exit_costs"]):
+        config_costs = [self.config.exit_costs, self.config.exit_segment_costs, self.config.exit_cost_batch_size]
+        manifest_costs = [
+            manifest["exit_costs"],
+            manifest.get("exit_segment_costs"),
+            manifest.get("exit_cost_batch_size"),
+        ]
+        if config_costs != manifest_costs:
             raise ValueError(
                 f"config.json and {MANIFEST_FILE} in {str(directory)!r} disagree on the exit costs "
-                f"({self.config.exit_costs} vs {manifest['exit_costs']}): export the model again."
+                f"({config_costs} vs {manifest_costs}): export the model again."
             )
         sessions = _Sessions(directory, providers, session_options)
         self.segments = [sessions.load(entry, heavy=True) for entry in manifest["segments"]]

@@ -603,6 +603,13 @@ class ExitSchedulerArguments(TrainingArguments):
             config (`exit_cost_source="latency"`): budgets then are fractions of the full model's wall-clock time here,
             exit heads and per-call overheads included, instead of FLOPs fractions. Use the batch size of deployment.
             `None` keeps the config's costs.
+        latency_segment_costs (`bool`, *optional*, defaults to `False`):
+            With `latency_costs_batch_size`: also measure the fixed cost of running each segment after exit 0 on a
+            batch at all (`calibrate_exit_costs(..., segment_costs=True)`), and fit every policy for batches of
+            `latency_costs_batch_size` with that cost model (see [`~hf_eenet.models.exit_cost_model.ExitCostModel`]).
+            Where a segment on a few survivors costs nearly as much as on the whole batch (convolutions on CPU), this
+            lets low budgets send only as many samples on as the batch can afford, instead of pricing every exit as
+            if each sample paid its share of a full segment.
         latency_costs_early_exit_batches (`int`, *optional*):
             With `latency_costs_batch_size`: after a first fit, time the stored policy's real early-exit forward
             beside the full model at every fitted budget on this many calibration batches (of
@@ -614,10 +621,10 @@ class ExitSchedulerArguments(TrainingArguments):
         latency_costs_early_exit_rounds (`int`, *optional*, defaults to 1):
             How many times to time, refit the costs and fit the policies again. A refit changes the policies' mixes of
             exits, and with them how many samples run the later blocks together; another round times the mixes the
-            refitted policies produce. The costs stay per sample, while a block run on a few survivors costs about as
-            much as on many, so a round whose low budgets mix exits can raise the cheapest exit's cost above what
-            batches leaving there whole take (measured on the CIFAR-10 ResNet reference: 0.295 to 0.341 of the full
-            model, with such batches at 0.286): one round is the default.
+            refitted policies produce. Without `latency_segment_costs` the costs stay per sample, while a block run on
+            a few survivors costs about as much as on many, so a round whose low budgets mix exits can raise the
+            cheapest exit's cost above what batches leaving there whole take (measured on the CIFAR-10 ResNet
+            reference: 0.295 to 0.341 of the full model, with such batches at 0.286): one round is the default.
         channels_last (`bool`, *optional*, defaults to `False`):
             Run a convolutional model (e.g. ResNet) in the channels-last memory format
             (`model.to(memory_format=torch.channels_last)`; it then takes its images channels-last too), usually
@@ -651,7 +658,13 @@ class ExitSchedulerArguments(TrainingArguments):
             "wall-clock fractions); default: keep the config's costs."
         },
     )
-
+    latency_segment_costs: bool = field(
+        default=False,
+        metadata={
+            "help": "With --latency_costs_batch_size: also measure each segment's fixed cost per batch and fit the "
+            "policies for batches of that size with it."
+        },
+    )
     latency_costs_early_exit_batches: int | None = field(
         default=None,
         metadata={
@@ -690,6 +703,11 @@ class ExitSchedulerArguments(TrainingArguments):
                     "`latency_costs_early_exit_batches` refits measured latency costs: set `latency_costs_batch_size` "
                     "(the batch size of deployment) too."
                 )
+        if self.latency_segment_costs and (self.latency_costs_batch_size or 0) < 2:
+            raise ValueError(
+                "`latency_segment_costs` measures what a segment costs on one sample against a batch: set "
+                f"`latency_costs_batch_size` to the deployment batch size (>= 2), got {self.latency_costs_batch_size}."
+            )
         if isinstance(self.policy_kwargs, str):
             try:
                 self.policy_kwargs = json.loads(self.policy_kwargs)
@@ -894,21 +912,24 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             self.measure_exit_costs(calibration_dataset)
         name = self._option("exit_policy")
 
-        def fit(exit_costs):
+        def fit():
+            exit_costs = model.exit_cost_model()
             budgets = self._option("budgets") or default_budget_grid(exit_costs)
-            if budgets[0] < exit_costs[0] - 1e-9:
+            if budgets[0] < exit_costs.cheapest - 1e-9:
                 raise ValueError(
-                    f"The smallest budget {budgets[0]} is below the cost of the cheapest exit ({exit_costs[0]:.4f})."
+                    f"The smallest budget {budgets[0]} is below the cost of the cheapest exit "
+                    f"({exit_costs.cheapest:.4f})."
                 )
             logger.info(f"Fitting {len(self.policies)} exit policies for budgets {budgets} on {len(labels)} samples.")
             fit_policies(self.policies, **cached, exit_costs=exit_costs, budgets=budgets)
             model.set_exit_policy(self.policies[name])
 
-        fit(model.config.exit_costs)
+        fit()
         if self._option("latency_costs_early_exit_batches") is not None:
             grid = list(model.exit_policy.budgets)
             for _ in range(self._option("latency_costs_early_exit_rounds")):
-                fit(self.refit_exit_costs_on_early_exit_path(calibration_dataset))
+                self.refit_exit_costs_on_early_exit_path(calibration_dataset)
+                fit()
             dropped = [budget for budget in grid if budget not in model.exit_policy.budgets]
             if dropped:
                 logger.warning(
@@ -916,14 +937,15 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                     f"({model.config.exit_costs[0]:.4f} of the full model's time): the policies are fitted without "
                     "them, and a call with such a budget is refused."
                 )
-        exit_costs = model.config.exit_costs
+        exit_costs = model.exit_cost_model()
         default_budget = self._option("default_budget")
         if default_budget is not None:
             smallest = model.exit_policy.budgets[0]
             if default_budget < 1 and default_budget < smallest - 1e-9:
                 raise ValueError(
                     f"`default_budget` {default_budget} is below the smallest fitted budget {smallest} (the cheapest "
-                    f"exit costs {exit_costs[0]:.4f}): a plain call would be refused. Use a budget of at least {smallest}."
+                    f"exit costs {exit_costs.cheapest:.4f}): a plain call would be refused. Use a budget of at least "
+                    f"{smallest}."
                 )
             model.config.default_budget = default_budget
         rows = simulated_budget_table(self.policies, **cached, exit_costs=exit_costs)
@@ -995,7 +1017,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         cached = self.cache_exit_outputs(dataset, description=f"Caching {split} exit outputs")
         if cached["labels"] is None:
             raise ValueError(f"Evaluating budgets needs labels in the {split} split.")
-        simulated = simulated_budget_table(self.policies, **cached, exit_costs=model.config.exit_costs)
+        simulated = simulated_budget_table(self.policies, **cached, exit_costs=model.exit_cost_model())
         rows = simulated
         if measured and self.is_world_process_zero():
             _warn_if_sorted_by_label(cached["labels"], split)
@@ -1021,8 +1043,9 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
     def measure_exit_costs(self, dataset=None) -> list[float]:
         """
         Set the model's exit costs to latencies measured on this device ([`~EarlyExitMixin.calibrate_exit_costs`])
-        on the first batch of `latency_costs_batch_size` samples of `dataset` (default: `eval_dataset`). Under DDP the
-        main process measures and every process takes its costs. Returns the new costs.
+        on the first batch of `latency_costs_batch_size` samples of `dataset` (default: `eval_dataset`), with the
+        fixed segment costs too under `latency_segment_costs`. Under DDP the main process measures and every process
+        takes its costs. Returns the new (per-sample) exit costs.
         """
         model = self.accelerator.unwrap_model(self.model)
         dataset = dataset if dataset is not None else self.eval_dataset
@@ -1031,13 +1054,24 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             batch = next(iter(self._plain_dataloader(dataset, self._option("latency_costs_batch_size"))))
             inputs = {name: value for name, value in batch.items() if name not in ("labels", "label")}
             previous = model.config.exit_costs
-            costs = model.calibrate_exit_costs(inputs)
-            logger.info(f"Measured exit costs {[round(c, 4) for c in costs]} (were {previous}).")
-            return costs
+            costs = model.calibrate_exit_costs(inputs, segment_costs=self._option("latency_segment_costs"))
+            segments = model.config.exit_segment_costs
+            fixed = f" and fixed segment costs {[round(c, 4) for c in segments]}" if segments is not None else ""
+            logger.info(f"Measured exit costs {[round(c, 4) for c in costs]}{fixed} (were {previous}).")
+            return model.exit_cost_model().to_dict()
 
-        costs = self._on_main_process(measure)
-        model.config.set_exit_costs(costs, source="latency")
-        return costs
+        return self._set_latency_costs(self._on_main_process(measure))
+
+    def _set_latency_costs(self, cost_model: dict) -> list[float]:
+        """Store a measured cost model (`ExitCostModel.to_dict()`) in the config; returns its exit costs."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.config.set_exit_costs(
+            cost_model["exit_costs"],
+            source="latency",
+            segment_costs=cost_model["exit_segment_costs"],
+            batch_size=cost_model["exit_cost_batch_size"],
+        )
+        return model.config.exit_costs
 
     def refit_exit_costs_on_early_exit_path(
         self, dataset=None, num_batches: int | None = None, batch_size: int | None = None
@@ -1081,7 +1115,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                     break
             rows = measured_budget_table(model, batches, {"stored": model.exit_policy})
             previous = model.config.exit_costs
-            costs = exit_costs_from_measured_rows(rows, previous)
+            costs = exit_costs_from_measured_rows(rows, model.exit_cost_model())
             if budgets and budgets[0] < costs[0] - 1e-9:
                 raise ValueError(
                     f"Refitted on the early-exit path, the cheapest exit costs {costs[0]:.4f} of the full model's time "
@@ -1103,11 +1137,9 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 f"({', '.join(f'{b:g}: {f:.3f}' for b, f in fractions.items())}); exit costs refitted to them: "
                 f"{[round(c, 4) for c in costs]} (were {[round(c, 4) for c in previous]})."
             )
-            return costs
+            return {**model.exit_cost_model().to_dict(), "exit_costs": costs}
 
-        costs = self._on_main_process(measure)
-        model.config.set_exit_costs(costs, source="latency")
-        return costs
+        return self._set_latency_costs(self._on_main_process(measure))
 
     def _on_main_process(self, measure):
         """

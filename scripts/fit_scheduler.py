@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"refitted: {[round(c, 4) for c in timings['costs']]}"
             )
         costs = [round(c, 4) for c in model.config.exit_costs]
-        print(f"Exit costs ({model.config.exit_cost_source}): {costs}")
+        segments = model.config.exit_segment_costs
+        fixed = f", fixed segment costs {[round(c, 4) for c in segments]}" if segments is not None else ""
+        print(f"Exit costs ({model.config.exit_cost_source}): {costs}{fixed}")
         stored = [row for row in rows if row["policy"] in (args.exit_policy, "oracle")]
         print(f"\nStored policy {args.exit_policy!r} on the calibration split (simulated):")
         print(format_budget_table(stored, format="text"))

@@ -246,3 +246,13 @@ def test_exit_table_says_how_each_exit_pools():
         EENetResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
     )
     assert "token pooling" not in str(render_model_card(resnet))  # feature maps: no token pooling to report
+
+
+def test_exit_table_lists_fixed_segment_costs_when_measured():
+    config = EENetResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
+    resnet = EENetResNetForImageClassification(config)
+    assert "fixed segment cost" not in str(render_model_card(resnet))
+    config.set_exit_costs([0.4, 1.01], source="latency", segment_costs=[0.035], batch_size=64)
+    text = str(render_model_card(resnet))
+    assert "priced for batches of\n64" in text and "| fixed segment cost per batch |" in text
+    assert "| 0 | 1 | 0.400 | 0.000 |" in text and "| 1 | 2 | 1.010 | 0.035 |" in text

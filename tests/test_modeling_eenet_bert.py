@@ -224,7 +224,7 @@ def test_save_load_round_trip_keeps_weights_config_and_decisions(tmp_path):
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "eenet-bert"
-    assert saved["exit_head_pooling"] == "attention" and saved["eenet_format_version"] == EENET_CONFIG_FORMAT
+    assert saved["exit_head_pooling"] == "attention" and saved["eenet_format_version"] == 2
     assert saved["exit_policy"]["policy_type"] == "confidence-threshold"
     assert saved["hf_eenet_version"] == model.config.hf_eenet_version
     assert (tmp_path / "model.safetensors").exists()
@@ -317,7 +317,10 @@ def test_changing_the_exits_pooling_at_load_drops_the_stale_policy(tmp_path):
 
 def test_config_is_stamped_with_the_oldest_format_that_describes_it():
     assert tiny_bert_config().eenet_format_version == 1  # readable by every hf_eenet that reads format 1
-    assert tiny_bert_config(exit_head_pooling="attention").eenet_format_version == 2 == EENET_CONFIG_FORMAT
+    assert tiny_bert_config(exit_head_pooling="attention").eenet_format_version == 2
+    segments = {"exit_segment_costs": [0.01, 0.01], "exit_cost_batch_size": 8}
+    assert tiny_bert_config(**segments).eenet_format_version == 3 == EENET_CONFIG_FORMAT
+    assert tiny_bert_config(exit_head_pooling="attention", **segments).eenet_format_version == 3
 
 
 def test_loads_stock_base_model_with_exits_and_classifier_new(tmp_path):

@@ -143,8 +143,9 @@ def test_other_stored_policies(tmp_path, policy):
         (VIT, {}),
         (RESNET, {}),
         (RESNET, {"depths": [2, 1, 2], "exit_layer_unit": "block", "exit_layers": [1, 2, 4, 5]}),
+        (RESNET, {"exit_segment_costs": [0.05, 0.04], "exit_cost_batch_size": 16}),
     ],
-    ids=["vit", "resnet", "resnet-block-exits"],
+    ids=["vit", "resnet", "resnet-block-exits", "resnet-segment-costs"],
 )
 def test_vision_backbones_export_the_same_way(tmp_path, backbone, overrides):
     torch.manual_seed(0)
@@ -197,6 +198,7 @@ def test_bad_directories_and_manifests_fail_clearly(bert_export, tmp_path):
         ({"format_version": 99}, "format version 99"),
         ({"exit_costs": [0.5, -1.0, 1.0]}, "invalid exit costs"),
         ({"segments": manifest["segments"][:1]}, "1 segments"),
+        ({"exit_segment_costs": [0.1, 0.1], "exit_cost_batch_size": 8}, "disagree on the exit costs"),
     ):
         broken = shutil.copytree(directory, tmp_path / f"broken{len(list(tmp_path.iterdir()))}")
         (broken / MANIFEST_FILE).write_text(json.dumps({**manifest, **change}))

@@ -190,6 +190,24 @@ def test_latency_costs_are_measured_before_fitting(tmp_path):
     assert saved["exit_costs"] == costs and saved["exit_cost_source"] == "latency"
 
 
+def test_latency_segment_costs_are_measured_and_fitted_for(tmp_path):
+    model = tiny_model(hidden_size=128, intermediate_size=512, num_hidden_layers=4)
+    args = scheduler_args(
+        tmp_path, fit_baselines=False, latency_costs_batch_size=16, latency_segment_costs=True, budgets=None
+    )
+    trainer = ExitSchedulerTrainer(model=model, args=args, eval_dataset=token_dataset(64, length=64))
+    rows = trainer.fit_scheduler()
+    config = model.config
+    assert config.exit_cost_batch_size == 16 and len(config.exit_segment_costs) == config.num_exits - 1
+    cost_model = model.exit_cost_model()
+    assert model.exit_policy.budgets == default_budget_grid(cost_model)
+    cached = trainer.cache_exit_outputs()
+    assert simulated_budget_table(trainer.policies, **cached, exit_costs=cost_model) == rows  # fitted for them
+    trainer.save_model()
+    saved = json.loads(open(os.path.join(args.output_dir, "config.json")).read())
+    assert saved["exit_segment_costs"] == config.exit_segment_costs and saved["exit_cost_batch_size"] == 16
+
+
 UNIFORM_COSTS = [0.3, 0.55, 1.02]  # what timing uniform batches "measured" (the tiny model has 3 exits)
 EARLY_EXIT_COSTS = [0.38, 0.68, 1.05]  # what its early-exit forward really costs in these tests
 
@@ -270,6 +288,8 @@ def test_refitting_costs_needs_a_number_of_batches(fitted):
         ({"latency_costs_batch_size": 8, "latency_costs_early_exit_batches": 0}, "latency_costs_early_exit_batches"),
         ({"latency_costs_early_exit_batches": 2}, "set `latency_costs_batch_size`"),
         ({"latency_costs_early_exit_rounds": 0}, "latency_costs_early_exit_rounds"),
+        ({"latency_segment_costs": True}, "set `latency_costs_batch_size` to the deployment batch size"),
+        ({"latency_segment_costs": True, "latency_costs_batch_size": 1}, r"\(>= 2\), got 1"),
         ({"budgets": [0.8, 0.5]}, "strictly increasing"),
         ({"budgets": [1.5]}, r"\(0, 1\)"),
         ({"default_budget": 0.0}, "default_budget"),

@@ -10,6 +10,7 @@ from .configuration_eenet import (
     EENetViTConfig,
 )
 from .early_exit import EarlyExitMixin, multi_exit_loss
+from .exit_cost_model import ExitCostModel
 from .exit_policies import (
     EXIT_POLICY_CLASSES,
     ConfidenceThresholdPolicy,
@@ -47,6 +48,7 @@ __all__ = [
     "EENetViTForImageClassification",
     "EarlyExitClassifierOutput",
     "EarlyExitMixin",
+    "ExitCostModel",
     "ExitPolicy",
     "ForcedExitPolicy",
     "default_budget_grid",

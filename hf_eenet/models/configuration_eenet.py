@@ -31,7 +31,8 @@ EENET_VERSION = "0.1.0"
 # Newest layout of the early-exit fields this version reads. A config is stamped with the oldest layout that describes
 # it (format 1 unless it uses a field added later), so older readers refuse only configs they would misread.
 # 2: `exit_head_pooling` (BERT), which a format-1 reader would ignore.
-EENET_CONFIG_FORMAT = 2
+# 3: `exit_segment_costs` and `exit_cost_batch_size`, without which a reader would misprice the early-exit forward.
+EENET_CONFIG_FORMAT = 3
 
 EXIT_COST_SOURCES = ("flops", "latency")
 
@@ -54,6 +55,14 @@ class EENetConfigMixin:
         exit_cost_source (`str`, *optional*, defaults to `"flops"`):
             Where `exit_costs` come from: `"flops"` (analytic) or `"latency"` (measured by
             `model.calibrate_exit_costs`).
+        exit_segment_costs (`list[float]`, *optional*):
+            Fixed cost of running each segment after exit 0 on a batch at all (one per exit but the first), as a
+            fraction of the batch's full forward, on top of the per-sample `exit_costs` (see
+            [`~hf_eenet.models.exit_cost_model.ExitCostModel`]). Measured by
+            `model.calibrate_exit_costs(..., segment_costs=True)`; `None` prices the early-exit forward per sample only.
+        exit_cost_batch_size (`int`, *optional*):
+            The batch size the fixed segment costs are priced for (policies are fitted for batches of this size);
+            set exactly when `exit_segment_costs` is.
         default_budget (`float`, *optional*):
             Budget used when `forward` is called without one. `None` runs the full model.
         exit_policy (`dict`, *optional*):
@@ -77,13 +86,14 @@ class EENetConfigMixin:
         default_budget: float | None,
         exit_policy: dict | None,
         eenet_format_version: int | None,
+        exit_segment_costs: Sequence[float] | None = None,
+        exit_cost_batch_size: int | None = None,
     ) -> None:
         if eenet_format_version is not None and int(eenet_format_version) > EENET_CONFIG_FORMAT:
             raise ValueError(
                 f"This config was written with early-exit config format {eenet_format_version}, but hf_eenet "
                 f"{EENET_VERSION} reads formats up to {EENET_CONFIG_FORMAT}. Upgrade hf_eenet to load it."
             )
-        self.eenet_format_version = self._config_format()
         self.hf_eenet_version = EENET_VERSION
 
         exit_layers = list(range(1, num_blocks + 1)) if exit_layers is None else [int(x) for x in exit_layers]
@@ -120,6 +130,10 @@ class EENetConfigMixin:
             exit_costs = self.flops_exit_costs()
             self.exit_cost_source = "flops"
         self.exit_costs = self._validated_exit_costs(exit_costs)
+        self.exit_segment_costs, self.exit_cost_batch_size = validate_segment_costs(
+            exit_segment_costs, exit_cost_batch_size, num_exits
+        )
+        self.eenet_format_version = self._config_format()
 
         if default_budget is not None:
             default_budget = validate_budget(default_budget, name="default_budget")
@@ -130,7 +144,7 @@ class EENetConfigMixin:
 
     def _config_format(self) -> int:
         """The oldest early-exit config format that describes this config (see `EENET_CONFIG_FORMAT`)."""
-        return 1
+        return 3 if self.exit_segment_costs is not None else 1
 
     @staticmethod
     def _refuse_fields(kwargs: dict, names: Sequence[str], reason: str) -> None:
@@ -179,12 +193,26 @@ class EENetConfigMixin:
         # the last head is the backbone's own (part of the plain model); earlier heads are early-exit overhead
         return costs
 
-    def set_exit_costs(self, exit_costs: Sequence[float], source: str) -> None:
-        """Replace the exit costs (e.g. after a latency calibration), validating them."""
+    def set_exit_costs(
+        self,
+        exit_costs: Sequence[float],
+        source: str,
+        segment_costs: Sequence[float] | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        """
+        Replace the exit costs (e.g. after a latency calibration), validating them; `segment_costs` and `batch_size`
+        replace `exit_segment_costs` and `exit_cost_batch_size` (`None`: per-sample costs only).
+        """
         if source not in EXIT_COST_SOURCES:
             raise ValueError(f"`source` must be one of {EXIT_COST_SOURCES}, got {source!r}.")
-        self.exit_costs = self._validated_exit_costs(exit_costs)
+        costs = self._validated_exit_costs(exit_costs)
+        self.exit_segment_costs, self.exit_cost_batch_size = validate_segment_costs(
+            segment_costs, batch_size, len(costs)
+        )
+        self.exit_costs = costs
         self.exit_cost_source = source
+        self.eenet_format_version = self._config_format()
 
     # --- loading --------------------------------------------------------------------------------------------------
     @classmethod
@@ -208,7 +236,14 @@ class EENetConfigMixin:
     def _drop_derived_fields(cls, config_dict: dict, overrides: dict) -> None:
         """Remove the saved fields that `overrides` invalidate, so `__init__` derives them again."""
         if "exit_layers" in overrides:  # per-exit fields of another exit layout no longer apply
-            for key in ("exit_costs", "exit_cost_source", "exit_loss_weights", "exit_policy"):
+            for key in (
+                "exit_costs",
+                "exit_cost_source",
+                "exit_segment_costs",
+                "exit_cost_batch_size",
+                "exit_loss_weights",
+                "exit_policy",
+            ):
                 if key not in overrides:
                     config_dict.pop(key, None)
         elif "exit_costs" not in overrides and config_dict.get("exit_cost_source", "flops") == "flops":
@@ -230,6 +265,31 @@ def validate_exit_costs(exit_costs: Sequence[float]) -> list[float]:
     if any(not (c > 0 and math.isfinite(c)) for c in costs) or any(b <= a for a, b in zip(costs, costs[1:])):
         raise ValueError(f"`exit_costs` must be finite, positive and strictly increasing, got {costs}.")
     return costs
+
+
+def validate_segment_costs(
+    segment_costs: Sequence[float] | None, batch_size: int | None, num_exits: int
+) -> tuple[list[float] | None, int | None]:
+    """
+    `segment_costs` as floats and `batch_size` as an int; a clear error unless both are `None` or the costs are
+    `num_exits - 1` finite non-negative numbers and `batch_size` a positive integer.
+    """
+    if segment_costs is None and batch_size is None:
+        return None, None
+    if segment_costs is None or batch_size is None:
+        raise ValueError(
+            "`exit_segment_costs` and `exit_cost_batch_size` go together (the fixed segment costs are priced for "
+            f"batches of that size), got {segment_costs} and {batch_size}."
+        )
+    costs = [float(c) for c in segment_costs]
+    if len(costs) != num_exits - 1 or any(not (c >= 0 and math.isfinite(c)) for c in costs):
+        raise ValueError(
+            f"`exit_segment_costs` must hold {num_exits - 1} finite non-negative costs (one per exit after the first), "
+            f"got {costs}."
+        )
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
+        raise ValueError(f"`exit_cost_batch_size` must be a positive integer, got {batch_size!r}.")
+    return costs, int(batch_size)
 
 
 def strictly_increasing(costs: Sequence[float]) -> list[float]:
@@ -299,6 +359,8 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
         exit_head_pooling: str | None = None,
         exit_costs: Sequence[float] | None = None,
         exit_cost_source: str = "flops",
+        exit_segment_costs: Sequence[float] | None = None,
+        exit_cost_batch_size: int | None = None,
         exit_cost_reference_length: int = 128,
         default_budget: float | None = None,
         exit_policy: dict | None = None,
@@ -325,6 +387,8 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
             exit_loss_weights=exit_loss_weights,
             exit_costs=exit_costs,
             exit_cost_source=exit_cost_source,
+            exit_segment_costs=exit_segment_costs,
+            exit_cost_batch_size=exit_cost_batch_size,
             default_budget=default_budget,
             exit_policy=exit_policy,
             eenet_format_version=eenet_format_version,
@@ -338,7 +402,7 @@ class EENetBertConfig(EENetConfigMixin, BertConfig):
         return [2.0 * (projections + attention + feed_forward)] * self.num_hidden_layers
 
     def _config_format(self) -> int:
-        return 2 if self.exit_head_pooling is not None else 1
+        return max(super()._config_format(), 2 if self.exit_head_pooling is not None else 1)
 
     @property
     def head_pooling(self) -> str:
@@ -396,6 +460,8 @@ class EENetViTConfig(EENetConfigMixin, ViTConfig):
         exit_pooling: str = "cls",
         exit_costs: Sequence[float] | None = None,
         exit_cost_source: str = "flops",
+        exit_segment_costs: Sequence[float] | None = None,
+        exit_cost_batch_size: int | None = None,
         default_budget: float | None = None,
         exit_policy: dict | None = None,
         hf_eenet_version: str | None = None,
@@ -413,6 +479,8 @@ class EENetViTConfig(EENetConfigMixin, ViTConfig):
             exit_loss_weights=exit_loss_weights,
             exit_costs=exit_costs,
             exit_cost_source=exit_cost_source,
+            exit_segment_costs=exit_segment_costs,
+            exit_cost_batch_size=exit_cost_batch_size,
             default_budget=default_budget,
             exit_policy=exit_policy,
             eenet_format_version=eenet_format_version,
@@ -499,6 +567,8 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         exit_loss_weights: Sequence[float] | None = None,
         exit_costs: Sequence[float] | None = None,
         exit_cost_source: str = "flops",
+        exit_segment_costs: Sequence[float] | None = None,
+        exit_cost_batch_size: int | None = None,
         exit_cost_reference_size: int = 224,
         exit_layer_unit: str = "stage",
         exit_head_strides: Sequence[int] | None = None,
@@ -541,6 +611,8 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
             exit_loss_weights=exit_loss_weights,
             exit_costs=exit_costs,
             exit_cost_source=exit_cost_source,
+            exit_segment_costs=exit_segment_costs,
+            exit_cost_batch_size=exit_cost_batch_size,
             default_budget=default_budget,
             exit_policy=exit_policy,
             eenet_format_version=eenet_format_version,

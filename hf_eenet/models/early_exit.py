@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from .budget_tracking import BudgetTracker, is_budget_tracker
 from .configuration_eenet import strictly_increasing, validate_budget
+from .exit_cost_model import ExitCostModel
 from .exit_policies import ExitPolicy, exit_policy_from_config
 from .modeling_outputs import EarlyExitClassifierOutput
 
@@ -63,6 +64,15 @@ def _select_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
         return tensor[index]
     return tensor.index_select(0, index)
+
+
+def _median_segment_times(cumulative_times: list[list[float]], full: float) -> list[float]:
+    """Median time of each segment (exit 0's path, then the blocks and head between consecutive exits) over repeats."""
+    num_exits = len(cumulative_times[0])
+    return [
+        statistics.median(times[k] - (times[k - 1] if k else 0.0) for times in cumulative_times) / full
+        for k in range(num_exits)
+    ]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -308,12 +318,19 @@ class EarlyExitMixin:
             raise ValueError("The batch is empty: pass at least one sample.")
         return batch_size
 
-    def _costs_tensor(self, device: torch.device) -> torch.Tensor:
-        """`config.exit_costs` as a tensor on `device`, kept between calls (rebuilt when the costs change)."""
-        key = (device, tuple(self.config.exit_costs))
-        cached = getattr(self, "_exit_costs_cache", None)
+    def exit_cost_model(self) -> ExitCostModel:
+        """
+        The [`~hf_eenet.models.exit_cost_model.ExitCostModel`] of `config` (per-sample exit costs and fixed segment
+        costs), kept between calls and rebuilt when the config's costs change.
+        """
+        key = (
+            tuple(self.config.exit_costs),
+            tuple(self.config.exit_segment_costs or ()),
+            self.config.exit_cost_batch_size,
+        )
+        cached = getattr(self, "_exit_cost_model_cache", None)
         if cached is None or cached[0] != key:
-            cached = self._exit_costs_cache = (key, torch.tensor(key[1], dtype=torch.float32, device=device))
+            cached = self._exit_cost_model_cache = (key, ExitCostModel.from_config(self.config))
         return cached[1]
 
     def _all_exits_forward(self, inputs, labels, *, output_exit_features: bool) -> EarlyExitClassifierOutput:
@@ -332,13 +349,14 @@ class EarlyExitMixin:
         loss = None
         if labels is not None:
             loss = multi_exit_loss(all_exit_logits, labels.to(all_exit_logits.device), self.config.exit_loss_weights)
-        last = self.config.num_exits - 1
-        device = all_exit_logits.device
+        exit_index = torch.full(
+            (batch_size,), self.config.num_exits - 1, dtype=torch.long, device=all_exit_logits.device
+        )
         return EarlyExitClassifierOutput(
             loss=loss,
             logits=all_logits[-1],
-            exit_index=torch.full((batch_size,), last, dtype=torch.long, device=device),
-            exit_cost=self._costs_tensor(device)[last].expand(batch_size).clone(),  # not a view of the cache
+            exit_index=exit_index,
+            exit_cost=self.exit_cost_model().per_sample_of_batch(exit_index),
             all_exit_logits=all_exit_logits,
             all_exit_features=tuple(all_features) if output_exit_features else None,
         )
@@ -417,13 +435,17 @@ class EarlyExitMixin:
         return EarlyExitClassifierOutput(
             logits=logits_out,
             exit_index=exit_index,
-            exit_cost=self._costs_tensor(device)[exit_index],
+            exit_cost=self.exit_cost_model().per_sample_of_batch(exit_index),
         )
 
     # --- latency calibration --------------------------------------------------------------------------------------
     @torch.no_grad()
     def calibrate_exit_costs(
-        self, example_inputs: Mapping[str, torch.Tensor], num_repeats: int = 20, num_warmup: int = 3
+        self,
+        example_inputs: Mapping[str, torch.Tensor],
+        num_repeats: int = 20,
+        num_warmup: int = 3,
+        segment_costs: bool = False,
     ) -> list[float]:
         """
         Measure the exit costs on the current device and store them in the config (`exit_cost_source="latency"`).
@@ -432,10 +454,19 @@ class EarlyExitMixin:
         shaped like deployment traffic); exit `k`'s cost is the median time to reach its logits divided by the median
         time of the full forward.
 
+        With `segment_costs=True`, the pass through every exit is also timed on the batch's first sample alone, and
+        each segment's time is split into a fixed part and a part per sample (the line through its times on 1 and on
+        `B` samples, `B` the batch size): the fixed parts become `config.exit_segment_costs` (priced for batches of
+        `B`, `config.exit_cost_batch_size = B`) and the exit costs keep the per-sample parts only (see
+        [`~hf_eenet.models.exit_cost_model.ExitCostModel`]). On a uniform batch of `B` both descriptions cost the
+        same; on the early-exit path, where a few survivors run a segment, only this one prices what they cost.
+
         Args:
             example_inputs (`Mapping[str, torch.Tensor]`): model inputs, e.g. a tokenizer's output.
             num_repeats (`int`, *optional*, defaults to 20): timed repetitions.
             num_warmup (`int`, *optional*, defaults to 3): untimed repetitions first.
+            segment_costs (`bool`, *optional*, defaults to `False`): also measure the fixed cost of each segment
+                (needs a batch of at least 2 samples); otherwise `config.exit_segment_costs` is cleared.
 
         Returns:
             `list[float]`: the new `config.exit_costs`.
@@ -447,27 +478,48 @@ class EarlyExitMixin:
         inputs = {
             name: value.to(self.device) if torch.is_tensor(value) else value for name, value in example_inputs.items()
         }
-        full_times, exit_times = [], []
+        batch_size = self._input_batch_size(inputs)
+        if segment_costs and batch_size < 2:
+            raise ValueError(
+                f"Measuring segment costs needs a batch of at least 2 samples (it compares one sample with the batch), "
+                f"got {batch_size}."
+            )
+        single = {name: value[:1] if torch.is_tensor(value) else value for name, value in inputs.items()}
+        full_times, exit_times, single_times = [], [], []
         try:
             for repeat in range(num_warmup + num_repeats):
                 full_time = self._time_full_forward(inputs)
                 cumulative = self._time_exits(inputs)
+                single_cumulative = self._time_exits(single) if segment_costs else None
                 if repeat >= num_warmup:
                     full_times.append(full_time)
                     exit_times.append(cumulative)
+                    single_times.append(single_cumulative)
         finally:
             self.train(was_training)
         full = statistics.median(full_times)
+        num_exits = self.config.num_exits
+        cumulative = [statistics.median(times[k] for times in exit_times) / full for k in range(num_exits)]
+        fixed = None
+        if segment_costs:
+            segment = _median_segment_times(exit_times, full)
+            single_segment = _median_segment_times(single_times, full)
+            # the line through (1, single) and (B, batch): fixed = (B * single - batch) / (B - 1), within [0, batch]
+            fixed = [
+                min(max((batch_size * one - many) / (batch_size - 1), 0.0), many)
+                for one, many in zip(single_segment[1:], segment[1:])
+            ]
+            cumulative = [cost - sum(fixed[:k]) for k, cost in enumerate(cumulative)]
         # medians of cumulative times can tie: keep the costs strictly increasing
-        costs = strictly_increasing(
-            statistics.median(times[k] for times in exit_times) / full for k in range(self.config.num_exits)
-        )
+        costs = strictly_increasing(cumulative)
         if self.exit_policy is not None:
             logger.warning(
                 "Exit costs changed after the exit policy was fitted; refit the policy so its budgets match the new "
                 "costs."
             )
-        self.config.set_exit_costs(costs, source="latency")
+        self.config.set_exit_costs(
+            costs, source="latency", segment_costs=fixed, batch_size=batch_size if segment_costs else None
+        )
         return costs
 
     def _time_full_forward(self, inputs) -> float:

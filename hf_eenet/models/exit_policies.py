@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_eenet import validate_exit_costs
+from .exit_cost_model import ExitCostModel
 
 __all__ = [
     "EXIT_POLICY_CLASSES",
@@ -81,28 +81,35 @@ def exit_policy_from_config(config: dict) -> ExitPolicy:
     return EXIT_POLICY_CLASSES[policy_type](**config)
 
 
-def default_budget_grid(exit_costs: Sequence[float], start: float = 0.2, stop: float = 0.95, step: float = 0.05):
+def default_budget_grid(
+    exit_costs: ExitCostModel | Sequence[float], start: float = 0.2, stop: float = 0.95, step: float = 0.05
+):
     """
     Budgets `start, start + step, ..., stop` (rounded), clipped to those that tell the exits apart: from the cheapest
-    exit's cost to the last exit's (measured costs can put the last exit below 1.0, and a budget above it is met by
-    sending every sample there).
+    exit's cost to the cost of sending every sample to the last exit (measured costs can put the last exit below 1.0,
+    and a budget above it is met by sending every sample there). `exit_costs` are per-sample exit costs or an
+    [`~hf_eenet.models.exit_cost_model.ExitCostModel`].
     """
+    costs = ExitCostModel.of(exit_costs)
     if not (math.isfinite(step) and step > 0) or not (0 < start <= stop <= 1):
         raise ValueError(f"Need 0 < start <= stop <= 1 and step > 0, got start={start}, stop={stop}, step={step}.")
     count = int(round((stop - start) / step)) + 1
     grid = [round(start + i * step, 6) for i in range(count)]
-    feasible = [b for b in grid if exit_costs[0] - 1e-9 <= b <= exit_costs[-1] + 1e-9]
+    feasible = [b for b in grid if costs.cheapest - 1e-9 <= b <= costs.deepest + 1e-9]
     if not feasible:
         raise ValueError(
-            f"No budget in {grid} lies between the cheapest exit's cost ({exit_costs[0]:.3f}) and the last exit's "
-            f"({exit_costs[-1]:.3f})."
+            f"No budget in {grid} lies between the cheapest exit's cost ({costs.cheapest:.3f}) and the last exit's "
+            f"({costs.deepest:.3f})."
         )
     return feasible
 
 
-def expected_cost(exit_index: torch.Tensor, exit_costs: torch.Tensor) -> torch.Tensor:
-    """Average cost of the given per-sample exits (`exit_index` of shape `(..., num_samples)`)."""
-    return exit_costs[exit_index].mean(-1)
+def expected_cost(exit_index: torch.Tensor, exit_costs: ExitCostModel | Sequence[float]) -> torch.Tensor:
+    """
+    Average cost per sample `(...)` of the given per-sample exits (`exit_index` of shape `(..., num_samples)`), served
+    in random batches when `exit_costs` is an [`~hf_eenet.models.exit_cost_model.ExitCostModel`] with segment costs.
+    """
+    return ExitCostModel.of(exit_costs).of_exits(exit_index)
 
 
 def exit_fractions(exit_index: torch.Tensor, num_exits: int) -> torch.Tensor:
@@ -126,15 +133,15 @@ def first_exit_over_threshold(scores: torch.Tensor, thresholds: torch.Tensor) ->
     return over.to(torch.int8).argmax(-1)  # first True
 
 
-def geometric_exit_fractions(exit_costs: Sequence[float], budget: float) -> torch.Tensor:
+def geometric_exit_fractions(exit_costs: ExitCostModel | Sequence[float], budget: float) -> torch.Tensor:
     """
     MSDNet's budgeted allocation: exit fractions proportional to `q**k`, with `q` solved (bisection) so that the
     expected cost equals `budget` exactly (the last exit's cost for a budget above it: every allocation meets it).
     """
-    costs = torch.as_tensor(exit_costs, dtype=torch.float64)
-    if budget < costs[0] - 1e-9:
-        raise ValueError(f"budget {budget} is below the cheapest exit's cost {costs[0]:.4f}.")
-    budget = min(float(budget), float(costs[-1]))
+    costs = ExitCostModel.of(exit_costs)
+    if budget < costs.cheapest - 1e-9:
+        raise ValueError(f"budget {budget} is below the cheapest exit's cost {costs.cheapest:.4f}.")
+    budget = min(float(budget), costs.deepest)
     return tilt_exit_fractions(torch.ones(len(costs), dtype=torch.float64), costs, budget).to(torch.float32)
 
 
@@ -147,7 +154,7 @@ def tilt_exit_fractions(fractions: torch.Tensor, exit_costs, budgets) -> torch.T
 
     Args:
         fractions (`torch.Tensor` of shape `(..., num_exits)`): non-negative exit fractions (need not sum to 1).
-        exit_costs (`Sequence[float]` or `torch.Tensor` of shape `(num_exits,)`): cumulative exit costs.
+        exit_costs (`ExitCostModel` or `Sequence[float]`): the cost model, or cumulative per-sample exit costs.
         budgets (`float` or `torch.Tensor` broadcastable to `fractions.shape[:-1]`): target expected costs.
 
     Returns:
@@ -155,12 +162,12 @@ def tilt_exit_fractions(fractions: torch.Tensor, exit_costs, budgets) -> torch.T
     """
     dtype = fractions.dtype
     fractions = fractions.to(torch.float64)
-    costs = torch.as_tensor(exit_costs, dtype=torch.float64, device=fractions.device)
+    costs = ExitCostModel.of(exit_costs)
     budgets = torch.as_tensor(budgets, dtype=torch.float64, device=fractions.device)
-    budgets = budgets.clamp(float(costs[0]), float(costs[-1])).expand(fractions.shape[:-1])
+    budgets = budgets.clamp(costs.cheapest, costs.deepest).expand(fractions.shape[:-1])
     base = fractions.clamp_min(0) / fractions.clamp_min(0).sum(-1, keepdim=True).clamp_min(1e-300) + 1e-9
     log_base = base.log()
-    powers = torch.arange(costs.numel(), dtype=torch.float64, device=fractions.device)
+    powers = torch.arange(len(costs), dtype=torch.float64, device=fractions.device)
 
     def tilted(log_q: torch.Tensor) -> torch.Tensor:
         return torch.softmax(log_base + log_q[..., None] * powers, dim=-1)
@@ -169,22 +176,23 @@ def tilt_exit_fractions(fractions: torch.Tensor, exit_costs, budgets) -> torch.T
     high = torch.full(budgets.shape, 80.0, dtype=torch.float64, device=fractions.device)
     for _ in range(100):  # the expected cost increases with log q
         mid = 0.5 * (low + high)
-        over = tilted(mid) @ costs > budgets
+        over = costs.of_fractions(tilted(mid)) > budgets
         high = torch.where(over, mid, high)
         low = torch.where(over, low, mid)
     return tilted(low).to(dtype)
 
 
-def global_thresholds(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
+def global_thresholds(scores: torch.Tensor, costs: ExitCostModel | Sequence[float], budget: float) -> torch.Tensor:
     """
     The highest single threshold (the most samples sent on), shared by every exit but the last, whose cost on the
     samples of `scores` `(N, K)` stays within `budget` (exact search over the scores); the last exit takes the rest.
     """
+    costs = ExitCostModel.of(costs)
     candidates = torch.unique(scores[:, :-1])  # sorted ascending; cost is non-decreasing in the threshold
     num_exits = scores.shape[1]
 
     def cost_at(threshold: torch.Tensor) -> float:
-        return float(expected_cost(first_exit_over_threshold(scores, threshold.expand(num_exits)), costs))
+        return float(costs.of_exits(first_exit_over_threshold(scores, threshold.expand(num_exits))))
 
     if cost_at(candidates[-1] + 1.0) <= budget + 1e-9:  # everyone can go to the last exit
         thresholds = torch.full((num_exits,), math.inf, device=scores.device)
@@ -390,7 +398,7 @@ class ExitPolicy(nn.Module):
         self,
         exit_logits: torch.Tensor,
         labels: torch.Tensor,
-        exit_costs: Sequence[float],
+        exit_costs: ExitCostModel | Sequence[float],
         budgets: Sequence[float],
         exit_features: Sequence[torch.Tensor] | None = None,
     ) -> ExitPolicy:
@@ -401,7 +409,8 @@ class ExitPolicy(nn.Module):
             exit_logits (`torch.Tensor` of shape `(num_samples, num_exits, num_labels)`): cached logits of every exit
                 on the calibration split.
             labels (`torch.LongTensor` of shape `(num_samples,)`): calibration labels.
-            exit_costs (`Sequence[float]`): `config.exit_costs`.
+            exit_costs (`ExitCostModel` or `Sequence[float]`): the model's cost model
+                (`ExitCostModel.from_config(config)`), or per-sample exit costs (`config.exit_costs`).
             budgets (`Sequence[float]`): ascending budgets to fit, each >= the cheapest exit's cost.
             exit_features (`Sequence[torch.Tensor]`, *optional*): per exit, the pooled features `(num_samples, d_k)`
                 the exit head received (for policies that use them).
@@ -431,8 +440,8 @@ class ExitPolicy(nn.Module):
                     f"`exit_features[{k}]` must have shape ({exit_logits.shape[0]}, feature_size), got {shape}."
                 )
 
-    def _check_calibration_data(self, exit_logits, labels, exit_costs, exit_features=None) -> list[float]:
-        """Every check of `fit`'s inputs but the budgets'; returns the exit costs as floats."""
+    def _check_calibration_data(self, exit_logits, labels, exit_costs, exit_features=None) -> ExitCostModel:
+        """Every check of `fit`'s inputs but the budgets'; returns the cost model."""
         if not torch.is_tensor(exit_logits) or not exit_logits.is_floating_point():
             raise TypeError(f"`exit_logits` must be a floating-point tensor, got {type(exit_logits).__name__}.")
         self._check_exit_outputs(exit_logits, exit_features)
@@ -441,17 +450,18 @@ class ExitPolicy(nn.Module):
         if not torch.isfinite(exit_logits).all():
             raise ValueError("`exit_logits` contains NaN or infinite values.")
         check_class_labels(labels, exit_logits.shape[0], exit_logits.shape[-1])
-        if len(exit_costs) != self.num_exits:
-            raise ValueError(f"`exit_costs` must hold {self.num_exits} costs, got {list(exit_costs)}.")
+        costs = ExitCostModel.of(exit_costs)
+        if len(costs) != self.num_exits:
+            raise ValueError(f"`exit_costs` must hold {self.num_exits} costs, got {costs.exit_costs}.")
         for k, features in enumerate(exit_features or ()):
             if not torch.isfinite(features).all():
                 raise ValueError(f"`exit_features[{k}]` contains NaN or infinite values.")
-        return validate_exit_costs(exit_costs)
+        return costs
 
     def _check_fit_inputs(
         self, exit_logits, labels, exit_costs, budgets, exit_features=None
-    ) -> tuple[torch.Tensor, list[float]]:
-        exit_costs = self._check_calibration_data(exit_logits, labels, exit_costs, exit_features)
+    ) -> tuple[ExitCostModel, list[float]]:
+        costs = self._check_calibration_data(exit_logits, labels, exit_costs, exit_features)
         # to 6 decimals: a float32 tensor's 0.4 is 0.4000000059604645, and `budget_index(0.4)` would refuse it
         budgets = sorted(round(float(b), 6) for b in budgets)
         if not budgets:
@@ -459,12 +469,12 @@ class ExitPolicy(nn.Module):
         _check_is_budget_grid(budgets)
         if len(set(budgets)) != len(budgets):
             raise ValueError(f"`budgets` must not repeat a budget, got {budgets}.")
-        if budgets[0] < exit_costs[0] - 1e-9:
+        if budgets[0] < costs.cheapest - 1e-9:
             raise ValueError(
-                f"budget {budgets[0]} is below the cheapest exit's cost {exit_costs[0]:.4f}: no policy can meet it; "
-                f"the smallest budget allowed is {exit_costs[0]:.4f}."
+                f"budget {budgets[0]} is below the cheapest exit's cost {costs.cheapest:.4f}: no policy can meet it; "
+                f"the smallest budget allowed is {costs.cheapest:.4f}."
             )
-        return torch.as_tensor(exit_costs, dtype=torch.float32), budgets
+        return costs, budgets
 
     # --- inference --------------------------------------------------------------------------------------------------
     def initial_state(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -596,11 +606,11 @@ class ConfidenceThresholdPolicy(ExitPolicy):
         costs, budgets = self._check_fit_inputs(exit_logits, labels, exit_costs, budgets)
         scores = self.confidence(exit_logits.detach())  # (N, K)
         if self.allocation == "global":
-            thresholds = torch.stack([global_thresholds(scores, costs.to(scores.device), b) for b in budgets])
+            thresholds = torch.stack([global_thresholds(scores, costs, b) for b in budgets])
         else:
-            fractions = torch.stack(
-                [geometric_exit_fractions(exit_costs, min(b, float(costs[-1]))) for b in budgets]
-            ).to(scores.device)
+            fractions = torch.stack([geometric_exit_fractions(costs, min(b, costs.deepest)) for b in budgets]).to(
+                scores.device
+            )
             thresholds = match_thresholds(scores.expand(len(budgets), *scores.shape), fractions[:, None])[0][:, 0]
         self.budgets = budgets
         self.thresholds = thresholds.to(self.thresholds.device)
@@ -1038,7 +1048,6 @@ class EENetPaperPolicy(ExitPolicy):
         exit_logits = exit_logits.detach().float()
         labels = labels.to(device)
         exit_features = [f.detach().float().to(device) for f in exit_features] if exit_features is not None else None
-        costs = costs.to(device)
         generator = torch.Generator().manual_seed(self.seed)
         self.budgets, self.num_labels = budgets, int(exit_logits.shape[-1])
         correct = (exit_logits.argmax(-1) == labels[:, None]).float()  # (N, K)
@@ -1056,7 +1065,7 @@ class EENetPaperPolicy(ExitPolicy):
                 thresholds, exits = _keep_own_thresholds(scores, thresholds, exits, chosen.thresholds)
             self.thresholds.copy_(thresholds)
             hits = correct[torch.arange(correct.shape[0], device=device), exits]  # (M, N)
-            cost = costs[exits].mean(-1)
+            cost = costs.of_exits(exits)
             # a larger budget keeps a smaller one's solution only if clearly better (held out, where it was measured)
             evidence = chosen.heldout_hits if chosen.heldout_hits is not None else hits.clone()
             copied_from = list(range(len(budgets)))
@@ -1169,7 +1178,7 @@ def _accuracy(correct: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
 def _train_eenet(
     static: torch.Tensor,
     correct: torch.Tensor,
-    costs: torch.Tensor,
+    costs: ExitCostModel,
     budgets: torch.Tensor,
     masks: torch.Tensor,
     fit_index: torch.Tensor,
@@ -1233,7 +1242,6 @@ def _train_eenet(
     parameters = scoring + assignment
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
     correct = correct.to(static.dtype)
-    cost_column = costs[:, None]
 
     def scores_of(index: torch.Tensor):
         inputs = inputs_by_exit[:, index]  # (K, B, Fs)
@@ -1275,7 +1283,7 @@ def _train_eenet(
         loss_a = (weights * bce).sum((0, 1))  # (P,)
         tau = clamped / clamped.sum(0, keepdim=True).clamp_min(1e-12)
         loss_kl = (tau * (tau.clamp_min(1e-12).log() - log_pi)).sum(0).mean(0)
-        loss_budget = ((pi.mean(1) * cost_column).sum(0) - budget).abs() / budget
+        loss_budget = (costs.of_fractions(pi.mean(1).T) - budget).abs() / budget
         return loss_a, loss_kl, loss_budget
 
     def total_of(loss_a, loss_kl, loss_budget):
@@ -1676,7 +1684,7 @@ class EENetPolicy(EENetPaperPolicy):
                     )
                 else:
                     thresholds = torch.full((self.num_exits,), math.nan, device=scores.device)
-                    fractions = geometric_exit_fractions(costs.tolist(), budget).to(scores.device)
+                    fractions = geometric_exit_fractions(costs, budget).to(scores.device)
                 candidates["thresholds"].append(thresholds)
                 candidates["weight"].append(weight)
                 candidates["bias"].append(bias)
@@ -1892,7 +1900,7 @@ def search_exit_fractions(
     scores: torch.Tensor,
     correct: torch.Tensor,
     fractions: torch.Tensor,
-    costs: torch.Tensor,
+    costs: ExitCostModel | Sequence[float],
     budgets: torch.Tensor,
     steps: Sequence[float] = (0.01, 0.03, 0.1),
     max_sweeps: int = 4,
@@ -1906,7 +1914,7 @@ def search_exit_fractions(
         scores (`torch.Tensor` of shape `(S, N, K)`): `S` score sets (e.g. one per budget) of `N` samples.
         correct (`torch.Tensor` of shape `(N, K)`): whether each exit's prediction is correct.
         fractions (`torch.Tensor` of shape `(S, K)`): starting exit fractions, on budget.
-        costs (`torch.Tensor` of shape `(K,)`): cumulative exit costs.
+        costs (`ExitCostModel` or `Sequence[float]`): the cost model the budgets are met in, or per-sample exit costs.
         budgets (`torch.Tensor` of shape `(S,)`): the budget of each score set.
         steps (`Sequence[float]`, *optional*, defaults to `(0.01, 0.03, 0.1)`): the moves of exit mass tried.
         max_sweeps (`int`, *optional*, defaults to 4): sweeps over every exit and step at most.

@@ -24,8 +24,9 @@ class EarlyExitClassifierOutput(ModelOutput):
         exit_index (`torch.LongTensor` of shape `(batch_size,)`):
             Index (0-based, into `config.exit_layers`) of the exit each sample took.
         exit_cost (`torch.FloatTensor` of shape `(batch_size,)`):
-            Relative cost each sample paid (`config.exit_costs` of its exit; 1.0 for the plain full model; the cost
-            of the last exit when all exits are computed).
+            Relative cost each sample paid (`config.exit_costs` of its exit plus, with `config.exit_segment_costs`,
+            an equal share of the fixed cost of each segment it ran among the samples of the batch that ran it; 1.0
+            for the plain full model; the cost of the last exit when all exits are computed).
         all_exit_logits (`torch.FloatTensor` of shape `(batch_size, num_exits, num_labels)`, *optional*):
             Logits of every exit, returned when all exits are computed (training, `labels` given, or
             `output_all_exits=True`).
