@@ -372,12 +372,15 @@ def measured_budget_table(
     num_warmup_batches: int = 1,
     include_full_model: bool = True,
     tracked_policies: Sequence[str] = (),
+    batches_per_turn: int = 1,
 ) -> list[dict]:
     """
     Measured budget table: run the real early-exit forward (`model(**batch, budget=b, exit_policy=policy)`, eval
-    mode, `torch.no_grad`) over `batches` and time it on the wall clock. Configurations are interleaved batch by
-    batch (each batch runs through every row before the next batch), so a drift in the machine's speed affects every
-    row alike.
+    mode, `torch.no_grad`) over `batches` and time it on the wall clock. Configurations take turns: each runs
+    `batches_per_turn` consecutive batches, then the next one does, until every configuration has run every batch, so
+    a drift in the machine's speed affects every row alike. With one batch per turn (the default) each call follows
+    another configuration's call; with a few batches per turn each configuration mostly follows itself, as a server
+    running one model at one budget does (the caches and the allocator hold what its own previous call left).
 
     Args:
         model: an EENet model.
@@ -394,6 +397,7 @@ def measured_budget_table(
         tracked_policies (`Sequence[str]`, *optional*): names of budget-matched `policies` whose budgets are also
             served with a [`BudgetTracker`] over the batches in order (`budget=BudgetTracker(b)`), as rows named
             `"<name> (budget tracked)"`.
+        batches_per_turn (`int`, *optional*, defaults to 1): consecutive batches each configuration runs per turn.
 
     Each row: `policy`, `mode` (`"measured"`), `budget`, `accuracy`, `cost` (realized average `exit_cost`),
     `exit_histogram`, `num_samples`, `seconds_per_sample`, `samples_per_second`, `device`, and with the full model
@@ -404,6 +408,8 @@ def measured_budget_table(
         raise ValueError("`batches` is empty: nothing to measure.")
     if num_warmup_batches < 0:
         raise ValueError(f"`num_warmup_batches` must be >= 0, got {num_warmup_batches}.")
+    if isinstance(batches_per_turn, bool) or not isinstance(batches_per_turn, int) or batches_per_turn < 1:
+        raise ValueError(f"`batches_per_turn` must be a positive integer, got {batches_per_turn!r}.")
     if policies is None:
         if getattr(model, "exit_policy", None) is None:
             raise ValueError("The model has no stored exit policy; pass `policies`.")
@@ -434,25 +440,28 @@ def measured_budget_table(
     num_exits = model.config.num_exits
     results = [{"exits": [], "costs": [], "hits": 0, "labelled": 0, "elapsed": 0.0} for _ in runs]
     try:
-        # batch by batch, every configuration in turn: drift of the machine's speed hits every row alike
+        # every configuration in turn, `batches_per_turn` batches at a time: drift of the machine's speed hits every
+        # row alike
         for inputs, _ in prepared[:num_warmup_batches]:
             for _, policy, budget, tracker in runs:
                 model(**inputs, budget=budget if tracker is None else tracker, exit_policy=policy)
         for *_, tracker in runs:
             if tracker is not None:
                 tracker.reset()  # the timed pass is the stream
-        for inputs, labels in prepared:
+        turns = [prepared[start : start + batches_per_turn] for start in range(0, len(prepared), batches_per_turn)]
+        for turn in turns:
             for (_, policy, budget, tracker), result in zip(runs, results):
-                _synchronize(device)
-                start = time.perf_counter()
-                out = model(**inputs, budget=budget if tracker is None else tracker, exit_policy=policy)
-                _synchronize(device)
-                result["elapsed"] += time.perf_counter() - start
-                result["exits"].append(out.exit_index.cpu())
-                result["costs"].append(out.exit_cost.float().cpu())
-                if labels is not None:
-                    result["hits"] += int((out.logits.argmax(-1).cpu() == labels).sum())
-                    result["labelled"] += labels.numel()
+                for inputs, labels in turn:
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    out = model(**inputs, budget=budget if tracker is None else tracker, exit_policy=policy)
+                    _synchronize(device)
+                    result["elapsed"] += time.perf_counter() - start
+                    result["exits"].append(out.exit_index.cpu())
+                    result["costs"].append(out.exit_cost.float().cpu())
+                    if labels is not None:
+                        result["hits"] += int((out.logits.argmax(-1).cpu() == labels).sum())
+                        result["labelled"] += labels.numel()
         rows = []
         for (name, _, budget, tracker), result in zip(runs, results):
             exits, costs, elapsed = torch.cat(result["exits"]), torch.cat(result["costs"]), result["elapsed"]

@@ -625,6 +625,12 @@ class ExitSchedulerArguments(TrainingArguments):
             a few survivors costs about as much as on many, so a round whose low budgets mix exits can raise the
             cheapest exit's cost above what batches leaving there whole take (measured on the CIFAR-10 ResNet
             reference: 0.295 to 0.341 of the full model, with such batches at 0.286): one round is the default.
+        timing_batches_per_turn (`int`, *optional*, defaults to 1):
+            When the early-exit forward is timed beside the full model (the refit of
+            `latency_costs_early_exit_batches`, and `evaluate_budgets`' measured rows), how many consecutive batches
+            each configuration runs before the next one takes its turn
+            ([`~hf_eenet.evaluation.measured_budget_table`]'s `batches_per_turn`). With 1 every call follows another
+            configuration's; with a few, each configuration runs mostly after itself, as it does when serving.
         channels_last (`bool`, *optional*, defaults to `False`):
             Run a convolutional model (e.g. ResNet) in the channels-last memory format
             (`model.to(memory_format=torch.channels_last)`; it then takes its images channels-last too), usually
@@ -678,6 +684,13 @@ class ExitSchedulerArguments(TrainingArguments):
             "help": "How many times to time the early-exit forward, refit the costs and fit the policies again."
         },
     )
+    timing_batches_per_turn: int = field(
+        default=1,
+        metadata={
+            "help": "When the early-exit forward is timed beside the full model, how many consecutive batches each "
+            "configuration runs before the next one takes its turn."
+        },
+    )
     channels_last: bool = field(
         default=False,
         metadata={
@@ -687,6 +700,8 @@ class ExitSchedulerArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.timing_batches_per_turn < 1:
+            raise ValueError(f"`timing_batches_per_turn` must be >= 1, got {self.timing_batches_per_turn}.")
         if self.latency_costs_early_exit_rounds < 1:
             raise ValueError(
                 f"`latency_costs_early_exit_rounds` must be >= 1, got {self.latency_costs_early_exit_rounds}."
@@ -983,6 +998,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         measured_budgets: Sequence[float] | None = None,
         num_warmup_batches: int = 1,
         tracked_policies: Sequence[str] = (),
+        batches_per_turn: int | None = None,
     ) -> list[dict]:
         """
         The budget table of a labelled split: simulated rows for every fitted policy and the oracle, and (with
@@ -1000,6 +1016,8 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 configuration, untimed, before the timed pass (see `hf_eenet.evaluation.measured_budget_table`).
             tracked_policies (`Sequence[str]`, *optional*): measured policies whose budgets are also served with a
                 [`BudgetTracker`] over the split in order (rows `"<name> (budget tracked)"`).
+            batches_per_turn (`int`, *optional*): consecutive batches each measured configuration runs per turn
+                (default: `timing_batches_per_turn`).
 
         Returns:
             `list[dict]`: simulated rows, then measured rows.
@@ -1031,6 +1049,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 budgets=measured_budgets,
                 num_warmup_batches=num_warmup_batches,
                 tracked_policies=tracked_policies,
+                batches_per_turn=batches_per_turn or self._option("timing_batches_per_turn"),
             )
             rows = rows + measured_rows
         self._record_card_table(model, "simulated", split, simulated)
@@ -1113,7 +1132,12 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 batches.append({key: value for key, value in batch.items() if key != "label"})
                 if len(batches) == num_batches:
                     break
-            rows = measured_budget_table(model, batches, {"stored": model.exit_policy})
+            rows = measured_budget_table(
+                model,
+                batches,
+                {"stored": model.exit_policy},
+                batches_per_turn=self._option("timing_batches_per_turn"),
+            )
             previous = model.config.exit_costs
             costs = exit_costs_from_measured_rows(rows, model.exit_cost_model())
             if budgets and budgets[0] < costs[0] - 1e-9:

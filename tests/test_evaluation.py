@@ -160,6 +160,19 @@ def test_cache_and_measured_table_agree_with_simulation():
     assert len(calls) == 2 * 2 + 2 * 3
     assert "ms / sample" in format_budget_table(measured)
     assert model.training is False
+    # configurations take turns of `batches_per_turn` consecutive batches; the rows do not depend on the turns
+    order = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: order.append(kwargs["budget"]), with_kwargs=True)
+    in_turns = measured_budget_table(model, batches, policies=policies, num_warmup_batches=0, batches_per_turn=2)
+    assert order == [1.0, 1.0, 0.5, 0.5, 0.8, 0.8, None, None, 1.0, 0.5, 0.8, None]
+    for one, turns in zip(measured, in_turns):
+        assert (one["policy"], one["budget"], one["accuracy"], one["cost"], one["exit_histogram"]) == (
+            turns["policy"],
+            turns["budget"],
+            turns["accuracy"],
+            turns["cost"],
+            turns["exit_histogram"],
+        )
 
 
 def test_measured_table_errors():
@@ -170,6 +183,8 @@ def test_measured_table_errors():
         measured_budget_table(model, [random_text_batch(2)])
     with pytest.raises(ValueError, match="`num_warmup_batches` must be >= 0, got -1"):
         measured_budget_table(model, [random_text_batch(2)], num_warmup_batches=-1)
+    with pytest.raises(ValueError, match="`batches_per_turn` must be a positive integer, got 0"):
+        measured_budget_table(model, [random_text_batch(2)], batches_per_turn=0)
     unfitted = {"max-prob": ConfidenceThresholdPolicy(model.config.num_exits)}
     with pytest.raises(ValueError, match="Policy 'max-prob' has not been fitted"):
         measured_budget_table(model, [random_text_batch(2)], policies=unfitted)

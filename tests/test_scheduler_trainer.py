@@ -288,6 +288,7 @@ def test_refitting_costs_needs_a_number_of_batches(fitted):
         ({"latency_costs_batch_size": 8, "latency_costs_early_exit_batches": 0}, "latency_costs_early_exit_batches"),
         ({"latency_costs_early_exit_batches": 2}, "set `latency_costs_batch_size`"),
         ({"latency_costs_early_exit_rounds": 0}, "latency_costs_early_exit_rounds"),
+        ({"timing_batches_per_turn": 0}, "timing_batches_per_turn"),
         ({"latency_segment_costs": True}, "set `latency_costs_batch_size` to the deployment batch size"),
         ({"latency_segment_costs": True, "latency_costs_batch_size": 1}, r"\(>= 2\), got 1"),
         ({"budgets": [0.8, 0.5]}, "strictly increasing"),
