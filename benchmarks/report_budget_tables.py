@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [
             f"## EENet measured on {args.test_split}",
             "",
-            "The realized cost counts each sample's exit at the model's exit costs; the wall-clock fraction is the "
+            "The realized cost counts each sample's exit at the model's exit costs (with segment costs, plus its "
+            "share of the segments its batch ran); the wall-clock fraction is the "
             "measured time per sample over the full model's, in the same run."
             + (
                 " Rows marked *tracked* serve the same budget with a `BudgetTracker` over the split in order (each "

@@ -1049,7 +1049,9 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 budgets=measured_budgets,
                 num_warmup_batches=num_warmup_batches,
                 tracked_policies=tracked_policies,
-                batches_per_turn=batches_per_turn or self._option("timing_batches_per_turn"),
+                batches_per_turn=(
+                    self._option("timing_batches_per_turn") if batches_per_turn is None else batches_per_turn
+                ),
             )
             rows = rows + measured_rows
         self._record_card_table(model, "simulated", split, simulated)

@@ -178,7 +178,12 @@ def test_early_exit_forward_reports_what_each_batch_cost(tmp_path):
     loaded = RESNET.model_class.from_pretrained(tmp_path)
     assert loaded.exit_cost_model() == model.exit_cost_model()
     assert torch.equal(loaded(images, budget=0.4).exit_cost, model(images, budget=0.4).exit_cost)
-    # another exit layout drops the costs measured for this one
+    # other exit costs, or another exit layout, drop the segment costs measured with the saved ones
+    recosted = EENetResNetConfig.from_pretrained(tmp_path, exit_costs=[0.2, 0.5, 1.0])
+    assert recosted.exit_segment_costs is None and recosted.exit_cost_batch_size is None
+    flops = EENetResNetConfig.from_pretrained(tmp_path, exit_cost_source="flops")
+    assert flops.exit_costs == RESNET.config().flops_exit_costs() and flops.exit_segment_costs is None
+    assert EENetResNetConfig.from_pretrained(tmp_path).exit_segment_costs == [0.05, 0.04]  # kept without overrides
     relaid = EENetResNetConfig.from_pretrained(tmp_path, exit_layers=[2, 3])
     assert relaid.exit_segment_costs is None and relaid.exit_cost_batch_size is None
     assert relaid.eenet_format_version == 1

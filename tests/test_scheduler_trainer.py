@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from transformers.testing_utils import CaptureLogger  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
+from hf_eenet import ExitCostModel  # noqa: E402
 from hf_eenet.evaluation import exit_costs_from_measured_rows, load_policies, simulated_budget_table  # noqa: E402
 from hf_eenet.models.exit_policies import EENetPolicy, default_budget_grid  # noqa: E402
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer  # noqa: E402
@@ -263,6 +264,26 @@ def test_latency_costs_are_refitted_on_the_early_exit_path(tmp_path, monkeypatch
     assert "Budgets [0.3" in captured.out
     cached = trainer.cache_exit_outputs()
     assert simulated_budget_table(trainer.policies, **cached, exit_costs=costs) == rows
+
+
+def test_refit_keeps_the_measured_segment_costs(tmp_path, monkeypatch):
+    trainer, model, _ = refit_trainer(tmp_path, monkeypatch)
+    measured = ExitCostModel(UNIFORM_COSTS, [0.02, 0.03], batch_size=8)
+
+    def measure_exit_costs(dataset=None):
+        model.config.set_exit_costs(UNIFORM_COSTS, source="latency", segment_costs=[0.02, 0.03], batch_size=8)
+        return UNIFORM_COSTS
+
+    monkeypatch.setattr(trainer, "measure_exit_costs", measure_exit_costs)
+    rows = trainer.fit_scheduler()
+    (timing,) = trainer.early_exit_cost_timings
+    assert model.config.exit_segment_costs == [0.02, 0.03] and model.config.exit_cost_batch_size == 8
+    refitted = exit_costs_from_measured_rows(timing["rows"], measured)
+    assert model.config.exit_costs == pytest.approx(refitted, rel=1e-12)
+    cost_model = model.exit_cost_model()
+    assert model.exit_policy.budgets == default_budget_grid(cost_model)
+    cached = trainer.cache_exit_outputs()
+    assert simulated_budget_table(trainer.policies, **cached, exit_costs=cost_model) == rows
 
 
 def test_refitted_costs_above_the_requested_budgets_fail_clearly(tmp_path, monkeypatch):

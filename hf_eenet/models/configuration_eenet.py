@@ -57,7 +57,7 @@ class EENetConfigMixin:
             `model.calibrate_exit_costs`).
         exit_segment_costs (`list[float]`, *optional*):
             Fixed cost of running each segment after exit 0 on a batch at all (one per exit but the first), as a
-            fraction of the batch's full forward, on top of the per-sample `exit_costs` (see
+            fraction of the full forward of the batch that runs it, on top of the per-sample `exit_costs` (see
             [`~hf_eenet.models.exit_cost_model.ExitCostModel`]). Measured by
             `model.calibrate_exit_costs(..., segment_costs=True)`; `None` prices the early-exit forward per sample only.
         exit_cost_batch_size (`int`, *optional*):
@@ -246,8 +246,15 @@ class EENetConfigMixin:
             ):
                 if key not in overrides:
                     config_dict.pop(key, None)
-        elif "exit_costs" not in overrides and config_dict.get("exit_cost_source", "flops") == "flops":
+        elif (
+            "exit_costs" not in overrides
+            and overrides.get("exit_cost_source", config_dict.get("exit_cost_source", "flops")) == "flops"
+        ):  # FLOPs costs follow the config (an override of `exit_cost_source` to "flops" recomputes them)
             config_dict.pop("exit_costs", None)
+        if "exit_segment_costs" not in overrides and ("exit_costs" in overrides or "exit_costs" not in config_dict):
+            # segment costs were measured together with the saved exit costs, which are replaced or recomputed
+            config_dict.pop("exit_segment_costs", None)
+            config_dict.pop("exit_cost_batch_size", None)
         changed = [
             k for k in ("exit_pooling", "exit_head_pooling") if k in overrides and overrides[k] != config_dict.get(k)
         ]

@@ -118,6 +118,8 @@ class ExitCostModel:
         What each sample of one batch cost, from the exit every sample took (`(batch_size,)`): its exit cost plus, for
         each segment it ran, an equal share of that segment's fixed cost among the samples of the batch that ran it.
         The shares add up to the batch's fixed costs, so the mean over the batch is what the batch cost per sample.
+        A fixed cost is a fraction of the full forward of the batch at hand (measured at `batch_size`; on much
+        smaller or larger batches it is an approximation, as every relative cost is).
         """
         costs, fixed = self._tensor(exit_index.device, torch.float32)
         cost = costs[exit_index]

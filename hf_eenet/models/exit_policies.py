@@ -98,8 +98,8 @@ def default_budget_grid(
     feasible = [b for b in grid if costs.cheapest - 1e-9 <= b <= costs.deepest + 1e-9]
     if not feasible:
         raise ValueError(
-            f"No budget in {grid} lies between the cheapest exit's cost ({costs.cheapest:.3f}) and the last exit's "
-            f"({costs.deepest:.3f})."
+            f"No budget in {grid} lies between the cheapest exit's cost ({costs.cheapest:.3f}) and the cost of "
+            f"sending every sample to the last exit ({costs.deepest:.3f})."
         )
     return feasible
 
@@ -136,7 +136,8 @@ def first_exit_over_threshold(scores: torch.Tensor, thresholds: torch.Tensor) ->
 def geometric_exit_fractions(exit_costs: ExitCostModel | Sequence[float], budget: float) -> torch.Tensor:
     """
     MSDNet's budgeted allocation: exit fractions proportional to `q**k`, with `q` solved (bisection) so that the
-    expected cost equals `budget` exactly (the last exit's cost for a budget above it: every allocation meets it).
+    expected cost equals `budget` exactly (for a budget above the cost of sending every sample to the last exit,
+    that cost: every allocation meets it).
     """
     costs = ExitCostModel.of(exit_costs)
     if budget < costs.cheapest - 1e-9:
@@ -717,7 +718,8 @@ class PatiencePolicy(_UnbudgetedPolicy):
 @register_exit_policy
 class StaticExitPolicy(_UnbudgetedPolicy):
     r"""
-    Every sample leaves at exit `exit` (a smaller static model). Not budget-matched: its cost is `exit_costs[exit]`.
+    Every sample leaves at exit `exit` (a smaller static model). Not budget-matched: its cost is `exit_costs[exit]`
+    (plus the fixed costs of the segments up to it, with segment costs).
 
     Args:
         num_exits (`int`): number of exits.
