@@ -601,7 +601,10 @@ def test_budget_grids_costs_and_simulate_inputs_are_checked():
         default_budget_grid(costs, step=0)
     # measured costs on a busy machine can put the last exit below budgets of the grid: those are left out
     assert default_budget_grid([0.13, 0.3, 0.54]) == [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]
-    with pytest.raises(ValueError, match=r"between the cheapest exit's cost \(0.050\) and the last exit's \(0.100\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"between the cheapest exit's cost \(0.050\) and the cost of sending every sample to the last exit \(0.100\)",
+    ):
         default_budget_grid([0.05, 0.1])
     with pytest.raises(ValueError, match="not been fitted"):
         policy.simulate(logits, 0)
