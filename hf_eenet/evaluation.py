@@ -536,9 +536,11 @@ def exit_costs_from_measured_rows(
     depth (exit `k` runs every block before it), with a ridge term of weight `prior_weight` per exit pulling them
     toward `prior_costs` (it decides the costs of exits that few samples took); ties are then split by a relative
     `1e-6` so the costs increase strictly. When `prior_costs` is an
-    [`~hf_eenet.models.exit_cost_model.ExitCostModel`] with fixed segment costs, those are kept: each row's expected
-    fixed part (from its histogram, for batches of the model's batch size) is taken off its fraction first, and the
-    per-sample costs explain the rest.
+    [`~hf_eenet.models.exit_cost_model.ExitCostModel`] with fixed segment costs, those are kept: each row's fixed part
+    is taken off its fraction first, and the per-sample costs explain the rest. The fixed part is what the row's
+    batches ran: its `cost` (the realized average `exit_cost`, which counts each sample's share of the segments its
+    batch ran, priced with `prior_costs`) less the per-sample part; for a row without `cost`, the part expected of
+    random batches of the model's batch size.
 
     Unlike costs timed on uniform batches (every sample through every exit, as
     [`~EarlyExitMixin.calibrate_exit_costs`] does), these price what the early-exit forward adds on mixed batches:
@@ -554,10 +556,10 @@ def exit_costs_from_measured_rows(
     Returns:
         `list[float]`: the new (per-sample) exit costs.
     """
-    if isinstance(prior_costs, ExitCostModel):
-        cost_model, prior_costs = prior_costs, prior_costs.exit_costs
-    else:
-        cost_model = None
+    cost_model = prior_costs if isinstance(prior_costs, ExitCostModel) else None
+    if cost_model is not None:
+        prior_costs = cost_model.exit_costs
+        cost_model = cost_model if cost_model.segment_costs is not None else None  # per-sample costs only
     prior = torch.tensor([float(c) for c in prior_costs], dtype=torch.float64)
     if prior.numel() < 1 or not bool((torch.isfinite(prior) & (prior > 0)).all()):
         raise ValueError(f"`prior_costs` must be finite positive costs, one per exit, got {list(prior_costs)}.")
@@ -578,7 +580,10 @@ def exit_costs_from_measured_rows(
     histograms = torch.tensor([row["exit_histogram"] for row in used], dtype=torch.float64)
     fractions = torch.tensor([1.0 / row["speedup"] for row in used], dtype=torch.float64)
     if cost_model is not None:  # the fixed segment costs stay: the per-sample costs explain the rest
-        fractions = fractions - (cost_model.of_fractions(histograms) - histograms @ prior)
+        per_sample = histograms @ prior
+        expected = cost_model.of_fractions(histograms) - per_sample
+        realized = torch.tensor([row.get("cost", math.nan) for row in used], dtype=torch.float64) - per_sample
+        fractions = fractions - torch.where(realized.isnan(), expected, realized.clamp_min(0.0))
     ridge = math.sqrt(prior_weight) * torch.eye(prior.numel(), dtype=torch.float64)
     design = torch.cat([histograms, ridge])
     target = torch.cat([fractions, math.sqrt(prior_weight) * prior])

@@ -150,6 +150,12 @@ def test_refit_keeps_the_segment_costs_and_recovers_the_per_sample_costs():
     assert refitted == pytest.approx(COSTS, abs=0.01)
     # per-sample costs alone would have to lump the fixed costs into the exits the rows use
     assert exit_costs_from_measured_rows(rows, prior.exit_costs, prior_weight=1e-4)[0] > COSTS[0] + 0.01
+    # a measured row's `cost` says which fixed costs its batches really paid (here: every segment, every batch)
+    paid = [{**row, "cost": float(torch.tensor(row["exit_histogram"]) @ torch.tensor(prior.exit_costs)) + 0.1}
+            for row in rows]  # fmt: skip
+    for row, h in zip(paid, histograms):
+        row["speedup"] = 1 / (float(torch.tensor(h) @ torch.tensor(COSTS)) + 0.1)
+    assert exit_costs_from_measured_rows(paid, prior, prior_weight=1e-4) == pytest.approx(COSTS, abs=0.01)
 
 
 # --- engine and config -------------------------------------------------------------------------------------------------
