@@ -1103,6 +1103,10 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         ([`~hf_eenet.evaluation.exit_costs_from_measured_rows`]). The policies must then be fitted again for the new
         costs (`fit_scheduler` does). Under DDP the main process measures and every process takes its costs.
 
+        Every timed batch first runs through every configuration untimed, so the costs are those of the steady state
+        of long-running traffic: a first pass over new survivor counts runs slower (kernels and their plans are built
+        for each new input shape, on the CPU as on a GPU).
+
         Args:
             dataset (`datasets.Dataset`, *optional*): the calibration split (default: `eval_dataset`).
             num_batches (`int`, *optional*): how many batches to time (default: `latency_costs_early_exit_batches`).
@@ -1138,6 +1142,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 model,
                 batches,
                 {"stored": model.exit_policy},
+                num_warmup_batches=len(batches),
                 batches_per_turn=self._option("timing_batches_per_turn"),
             )
             previous = model.config.exit_costs

@@ -232,6 +232,7 @@ def refit_trainer(tmp_path, monkeypatch, **kwargs):
     real_table, timed = evaluation.measured_budget_table, []
 
     def measured_budget_table(model, batches, policies, **table_kwargs):
+        assert table_kwargs["num_warmup_batches"] == len(batches)  # every timed batch is warmed up first
         timed.append([batch["input_ids"].shape[0] for batch in batches])
         rows = real_table(model, batches, policies, **table_kwargs)
         for row in rows:  # the fractions the known costs give these exits (the full model's row: 1.0)
