@@ -61,7 +61,7 @@ def concatenate(first: dict, second: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     bench_args, data_args, args, model, calibration, test = cached_exits(CalibrationSizeArguments, argv)
-    costs, num_exits = list(model.config.exit_costs), model.config.num_exits
+    costs, num_exits = model.exit_cost_model(), model.config.num_exits  # with segment costs, if measured
     budgets = budget_grid(args, model)
     seed = args.seed if args.policy_seed is None else args.policy_seed
     num_test = test["labels"].numel()
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         "then simulated on the other half; margins are EENet's accuracy minus the best baseline's of the same setting "
         f"(chosen in hindsight on the evaluated half), over all {num_test} evaluated samples (one sample: "
         f"{100 / num_test:.3f} pt). Budgets: {budgets}; the summary covers 0.3-0.9. Exit costs "
-        f"({model.config.exit_cost_source}): {[round(c, 3) for c in costs]}.",
+        f"({model.config.exit_cost_source}): {[round(c, 3) for c in costs.exit_costs]}.",
         "",
         "| fitted on | calibration samples (per half) | mean margin (pt) | worst (pt) | best (pt) |",
         "|---|---|---|---|---|",

@@ -7,7 +7,7 @@ variant's simulated test accuracy minus the best baseline's on test (the baselin
 Variants: the default EENet, without the regret candidate, with one held-out slice instead of the cross-validated
 choice, with neither, and the paper-faithful EENet; a last row shows max-prob with per-exit thresholds searched on
 test itself (`hindsight_max_prob`: it reads the test labels), how far tuning max-prob's thresholds goes on these
-exits. Exit costs are the model's own (`config.exit_costs`), the seed
+exits. Exit costs are the model's own (`model.exit_cost_model()`), the seed
 `--seed` (or `--policy_seed`), as in `fit_scheduler.py`.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_policy_selection.py \
@@ -128,7 +128,7 @@ def hindsight_max_prob(outputs: dict, costs, budgets) -> list[float]:
     logits, labels = outputs["exit_logits"].float(), outputs["labels"]
     scores = logits.softmax(-1).amax(-1)  # (N, K)
     correct = (logits.argmax(-1) == labels[:, None]).float()
-    costs, grid = torch.tensor(costs), torch.tensor(budgets)
+    grid = torch.tensor(budgets)
     num_samples, num_exits = scores.shape
     starts = {
         "global": torch.stack(
@@ -137,7 +137,7 @@ def hindsight_max_prob(outputs: dict, costs, budgets) -> list[float]:
                 for b in budgets
             ]
         ),
-        "geometric": torch.stack([geometric_exit_fractions(costs.tolist(), b) for b in budgets]),
+        "geometric": torch.stack([geometric_exit_fractions(costs, b) for b in budgets]),
     }
     best = torch.zeros(len(budgets))
     score_sets = scores.expand(len(budgets), num_samples, num_exits)
@@ -163,7 +163,7 @@ def write_report(path: str, lines: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     bench_args, data_args, args, model, calibration, test = cached_exits(SelectionBenchmarkArguments, argv)
-    costs = list(model.config.exit_costs)
+    costs = model.exit_cost_model()  # with its segment costs, if measured
     budgets = budget_grid(args, model)
 
     fitted, timings = {}, {}
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Every policy is fitted on the {num_calibration} samples of `{data_args.calibration_split}` and simulated on "
         f"the {num_test} of `{data_args.test_split}` from cached exit outputs (one sample of test: "
-        f"{100 / num_test:.3f} pt). Exit costs ({model.config.exit_cost_source}): {[round(c, 3) for c in costs]}; "
+        f"{100 / num_test:.3f} pt). Exit costs ({model.config.exit_cost_source}): {[round(c, 3) for c in costs.exit_costs]}; "
         f"test accuracy per exit: {[round(100 * float(a), 2) for a in exit_accuracy]} %. The best baseline of a budget "
         "is the most accurate of max-prob and entropy with global and geometric allocation on test (chosen in "
         "hindsight). The last row is not a policy: max-prob with per-exit thresholds searched on test itself (it "
