@@ -21,6 +21,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 
 import bench_budget_tracking  # noqa: E402
 import bench_calibration_size  # noqa: E402
+import bench_cold_shapes  # noqa: E402
 import bench_cpu_allocator  # noqa: E402
 import bench_onnx  # noqa: E402
 import bench_policy_selection  # noqa: E402
@@ -215,6 +216,19 @@ def test_cpu_allocator_benchmark_runs_both_allocators(tmp_path):
     assert "| tuned |" in report.read_text() and "bench_cpu_allocator.py --batch-size 8" in report.read_text()
     exits = bench_cpu_allocator.forced_exits((89, 10, 1, 0), 64, torch.Generator().manual_seed(0))
     assert torch.bincount(exits, minlength=4).tolist() == [57, 6, 1, 0]
+
+
+def test_cold_shapes_benchmark_times_every_pass_in_fresh_processes(tmp_path):
+    report = tmp_path / "cold.md"
+    argv = ["--num-batches", "2", "--passes", "2", "--processes", "1", "--output", str(report)]
+    (result,) = bench_cold_shapes.main(argv)
+    assert len(result["passes"]) == 2 and result["full_ms_per_image"] > 0
+    assert all(
+        set(fractions) == {str(b) for b in bench_cold_shapes.REFERENCE_SHARES} for fractions in result["passes"]
+    )
+    assert all(0 < value < 2 for fractions in result["passes"] for value in fractions.values())
+    text = report.read_text()
+    assert "| 1 | 1 (cold) |" in text and "| 1 | 2 |" in text and "first pass against last" in text
 
 
 def test_segment_overhead_benchmark_fits_every_segment_in_both_layouts(tmp_path):
