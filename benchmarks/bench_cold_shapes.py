@@ -21,10 +21,9 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-from bench_cpu_allocator import reference_architecture_config
+from bench_cpu_allocator import add_timing_arguments, reference_architecture_config
 
 # exit shares (%) of the CPU reference's EENet on CIFAR-10 test, by budget (cifar10_resnet_cpu.md, measured rows)
 REFERENCE_SHARES = {0.4: (78, 22, 0, 0), 0.5: (56, 44, 0, 0), 0.8: (9, 64, 27, 0), 0.9: (1, 57, 27, 16)}
@@ -68,12 +67,9 @@ def child(batch_size: int, num_batches: int, passes: int, threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-batches", type=int, default=40)
+    add_timing_arguments(parser, num_batches=40)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--processes", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.passes < 2 or args.processes < 1 or args.num_batches < 1:

@@ -45,6 +45,14 @@ def reference_architecture_config():
     return AutoConfig.from_pretrained(CONFIG, exit_layer_unit="block", exit_layers=[1, 4, 6, 8])
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser, num_batches: int) -> None:
+    """The options the CPU timing benchmarks of the reference architecture share."""
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-batches", type=int, default=num_batches)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=None)
+
+
 def forced_exits(shares, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """Exits for one batch in the given shares (rounded to whole images), in random order."""
     counts = [round(batch_size * share / sum(shares)) for share in shares]
@@ -102,11 +110,8 @@ def child(allocator: str, batch_size: int, num_batches: int, repeats: int, threa
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-batches", type=int, default=8)
+    add_timing_arguments(parser, num_batches=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--child", choices=["default", "tuned"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = [args.batch_size, args.num_batches, args.repeats, args.threads]
