@@ -33,12 +33,23 @@ __all__ = [
     "ExitSchedulerArguments",
     "ExitSchedulerTrainer",
     "compute_exit_accuracies",
+    "end_distributed_run",
     "exit_head_parameters",
 ]
 
 logger = logging.get_logger(__name__)
 
 EXIT_HEADS_ATTRIBUTE = "exit_heads"
+
+
+def end_distributed_run() -> None:
+    """
+    Destroy the default process group of a `torchrun` / `accelerate launch` run, if there is one, so every process
+    exits cleanly: left to the interpreter's exit, gloo's threads can abort a process that finished its work
+    ("terminate called without an active exception"), failing the whole launch. The scripts call it when they end.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @dataclass

@@ -24,7 +24,7 @@ from hf_eenet.cpu import tune_cpu_allocator
 from hf_eenet.data import DatasetArguments, load_processed_splits
 from hf_eenet.evaluation import format_budget_table, load_policies, plot_accuracy_vs_cost
 from hf_eenet.model_card import write_model_card
-from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, split_file_stem
+from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, end_distributed_run, split_file_stem
 
 logger = logging.get_logger("hf_eenet.scripts.evaluate_budgets")
 
@@ -150,3 +150,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()

@@ -27,7 +27,7 @@ from hf_eenet.auto import is_eenet_config, load_eenet_model, load_processor
 from hf_eenet.cpu import tune_cpu_allocator
 from hf_eenet.data import DatasetArguments, load_processed_splits
 from hf_eenet.evaluation import format_budget_table
-from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer
+from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, end_distributed_run
 
 logger = logging.get_logger("hf_eenet.scripts.fit_scheduler")
 
@@ -112,3 +112,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()

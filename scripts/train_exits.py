@@ -26,7 +26,12 @@ from hf_eenet.auto import eenet_model_class, is_eenet_config, load_eenet_model, 
 from hf_eenet.cpu import tune_cpu_allocator
 from hf_eenet.data import DatasetArguments, load_processed_splits
 from hf_eenet.model_card import EENetModelCardData
-from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments, compute_exit_accuracies
+from hf_eenet.trainer import (
+    EarlyExitTrainer,
+    EarlyExitTrainingArguments,
+    compute_exit_accuracies,
+    end_distributed_run,
+)
 
 logger = logging.get_logger("hf_eenet.scripts.train_exits")
 
@@ -219,3 +224,4 @@ def training_summary(training_args, data_args, steps: int, is_text: bool = True)
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()

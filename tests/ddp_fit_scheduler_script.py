@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from hf_eenet import EENetBertConfig, EENetBertForSequenceClassification  # noqa: E402
-from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer  # noqa: E402
+from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, end_distributed_run  # noqa: E402
 
 
 def main(output_dir: str, use_cpu: bool = True) -> None:
@@ -55,3 +55,4 @@ def main(output_dir: str, use_cpu: bool = True) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], use_cpu=sys.argv[2:] != ["no-use-cpu"])
+    end_distributed_run()

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from hf_eenet import EENetBertConfig, EENetBertForSequenceClassification  # noqa: E402
-from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments  # noqa: E402
+from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments, end_distributed_run  # noqa: E402
 
 
 def checksum(model: torch.nn.Module) -> float:
@@ -69,3 +69,4 @@ def main(output_dir: str, retrofit: bool = False) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], retrofit=sys.argv[2:] == ["retrofit"])
+    end_distributed_run()

@@ -17,6 +17,7 @@ from hf_eenet.trainer import (  # noqa: E402
     EarlyExitTrainer,
     EarlyExitTrainingArguments,
     compute_exit_accuracies,
+    end_distributed_run,
     exit_head_parameters,
 )
 
@@ -322,3 +323,11 @@ def test_two_process_ddp_run(tmp_path):
         assert report["final_checksum"] != report["initial_checksum"]
     assert reports[0]["initial_checksum"] == reports[1]["initial_checksum"]
     assert reports[0]["final_checksum"] == pytest.approx(reports[1]["final_checksum"], rel=1e-12)  # synchronised
+
+
+def test_end_distributed_run_destroys_the_process_group(tmp_path):
+    end_distributed_run()  # no process group: nothing to do
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    end_distributed_run()
+    assert not torch.distributed.is_initialized()
