@@ -494,7 +494,8 @@ class EarlyExitMixin:
                 if repeat >= num_warmup:
                     full_times.append(full_time)
                     exit_times.append(cumulative)
-                    single_times.append(single_cumulative)
+                    if segment_costs:
+                        single_times.append(single_cumulative)
         finally:
             self.train(was_training)
         full = statistics.median(full_times)

@@ -50,7 +50,6 @@ __all__ = [
     "default_budget_grid",
     "exit_policy_from_config",
     "exit_fractions",
-    "expected_cost",
     "first_exit_over_threshold",
     "geometric_exit_fractions",
     "match_thresholds",
@@ -102,14 +101,6 @@ def default_budget_grid(
             f"sending every sample to the last exit ({costs.deepest:.3f})."
         )
     return feasible
-
-
-def expected_cost(exit_index: torch.Tensor, exit_costs: ExitCostModel | Sequence[float]) -> torch.Tensor:
-    """
-    Average cost per sample `(...)` of the given per-sample exits (`exit_index` of shape `(..., num_samples)`), served
-    in random batches when `exit_costs` is an [`~hf_eenet.models.exit_cost_model.ExitCostModel`] with segment costs.
-    """
-    return ExitCostModel.of(exit_costs).of_exits(exit_index)
 
 
 def exit_fractions(exit_index: torch.Tensor, num_exits: int) -> torch.Tensor:
