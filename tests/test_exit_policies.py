@@ -21,8 +21,10 @@ from hf_eenet.models.exit_policies import (
     StaticExitPolicy,
     default_budget_grid,
     exit_policy_from_config,
+    expected_gain_scoring_functions,
     first_exit_over_threshold,
     geometric_exit_fractions,
+    global_thresholds,
     match_thresholds,
     regret_scoring_functions,
     tilt_exit_fractions,
@@ -164,7 +166,11 @@ def test_confidence_candidates_reproduce_the_baselines_inside_eenet(synthetic):
     budgets = torch.tensor([0.5])
     everything = torch.arange(logits.shape[0])
     extended = policy._add_candidates(trained, static, correct, torch.tensor(costs), budgets, everything)
-    assert policy.extra_candidates == (EENetPolicy.REGRET_CANDIDATE, *EENetPolicy.CONFIDENCE_CANDIDATES)
+    assert policy.extra_candidates == (
+        EENetPolicy.REGRET_CANDIDATE,
+        EENetPolicy.GAIN_CANDIDATE,
+        *EENetPolicy.CONFIDENCE_CANDIDATES,
+    )
     assert extended["weight"].shape[0] == 2 + len(policy.extra_candidates)
     assert extended["thresholds"][:2].isnan().all()  # trained models: thresholds matched to their fractions
     global_max_prob = 2 + policy.extra_candidates.index("max-prob (global)")
@@ -200,6 +206,36 @@ def test_regret_scores_send_on_the_samples_a_later_exit_fixes():
     assert _auc(-score, regret) > _auc(-confidence, regret) + 0.1
     constant = regret_scoring_functions(static, correct.new_ones(num_samples, 2), max_prob_column=0)
     assert constant[0][0].tolist() == [1.0, 0.0]  # nothing to learn: the max-prob feature
+
+
+def test_expected_gain_scores_follow_the_exit_a_sample_would_really_reach():
+    """
+    Three exits; group X is right only at exit 1, Y only at the last exit, Z everywhere. Against the last exit
+    (one fit) going on from exit 0 gains X nothing, so the budget sends Z on before X and part of X stops there,
+    wrong; the policy-iterated fit sees that the budget's own policy stops X at exit 1, where it is right, and sends
+    it on instead of Z: every sample ends right.
+    """
+    generator = torch.Generator().manual_seed(0)
+    group = torch.multinomial(torch.tensor([0.6, 0.1, 0.3]), 3000, replacement=True, generator=generator)
+    one_hot = torch.nn.functional.one_hot(group, 3).float()
+    noise = torch.rand(group.numel(), 1, generator=generator)
+    static = torch.cat([one_hot, noise], -1)[:, None].expand(-1, 3, -1).clone()  # (N, K, F)
+    correct = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])[group]
+    costs, budget = [0.3, 0.6, 1.0], 0.56  # X at exit 1, Y at exit 2, Z at exit 0 cost about 0.55
+
+    def accuracy_and_cost_of(iterations):
+        weight, bias = expected_gain_scoring_functions(static, correct, costs, budget, iterations=iterations)
+        assert weight[-1].abs().sum() == 0 and bias[-1] == 0  # the last exit takes the rest
+        scores = torch.einsum("nkf,kf->nk", static, weight) + bias
+        exits = first_exit_over_threshold(scores, global_thresholds(scores, costs, budget))
+        return float(correct[torch.arange(group.numel()), exits].mean()), float(torch.tensor(costs)[exits].mean())
+
+    accuracy, cost = accuracy_and_cost_of(4)
+    assert accuracy == 1.0 and cost <= budget
+    one_fit_accuracy, _ = accuracy_and_cost_of(1)
+    assert one_fit_accuracy < 0.8  # part of X stopped at exit 0, wrong
+    weight, _ = expected_gain_scoring_functions(static, torch.ones_like(correct), costs, budget, max_prob_column=3)
+    assert weight[0].tolist() == [0.0, 0.0, 0.0, 1.0]  # nothing to learn: the max-prob feature
 
 
 def _auc(score: torch.Tensor, positive: torch.Tensor) -> float:
@@ -239,6 +275,8 @@ def test_cross_validated_selection_holds_out_every_sample_once(synthetic):
         EENetPolicy(3, selection_folds=0)
     with pytest.raises(ValueError, match="regret_l2"):
         EENetPolicy(3, regret_l2=-1.0)
+    with pytest.raises(ValueError, match="gain_l2"):
+        EENetPolicy(3, gain_l2=math.nan)
 
 
 def test_a_larger_budget_copies_a_smaller_ones_solution_only_on_held_out_evidence(synthetic, monkeypatch):

@@ -1376,6 +1376,11 @@ class EENetPolicy(EENetPaperPolicy):
       one right), with global-threshold allocation. Predicting "exit `k` is right" (what max-prob and the paper's
       scoring functions estimate) spends the budget on hard samples that no later exit fixes either; the regret
       score sends on the ones a later exit is likely to fix;
+    - **expected-gain scoring functions** ([`expected_gain_scoring_functions`], `gain_candidate`): per budget, a
+      linear score fitted in closed form (ridge) to how much going on past exit `k` changes correctness at the exit
+      where that budget's own policy would stop the sample (alternating fit and global threshold), with
+      global-threshold allocation. Where the regret score counts a sample as fixable when any later exit is right,
+      this one looks at the exit the sample would really reach, and at the samples a later exit breaks;
     - **allocation optimised for calibration accuracy**: starting from a candidate's own (tilted) exit fractions, a
       coordinate search moves mass to or from one exit at a time (steps of 1, 3 and 10 points, re-tilted so
       `sum_k f_k c_k = b`) while accuracy on the fitting data improves; it is kept only where it wins held out;
@@ -1426,6 +1431,10 @@ class EENetPolicy(EENetPaperPolicy):
         regret_candidate (`bool`, *optional*, defaults to `True`): add the regret scoring functions to the candidates.
         regret_l2 (`float`, *optional*, defaults to 1e-3): L2 penalty of the regret scoring functions' logistic
             regression (on standardised features; the loss is a mean over samples).
+        gain_candidate (`bool`, *optional*, defaults to `True`): add the expected-gain scoring functions to the
+            candidates.
+        gain_l2 (`float`, *optional*, defaults to 1e-2): ridge penalty of the expected-gain scoring functions (on
+            standardised features, relative to the number of samples).
         selection_folds (`int`, *optional*, defaults to 5): folds of the cross-validated choice (1: one held-out
             slice of `validation_fraction`).
     """
@@ -1455,11 +1464,17 @@ class EENetPolicy(EENetPaperPolicy):
         selection_significance: float = 1.0,
         regret_candidate: bool = True,
         regret_l2: float = 1e-3,
+        gain_candidate: bool = True,
+        gain_l2: float = 1e-2,
         selection_folds: int = 5,
     ):
         if isinstance(selection_folds, bool) or not isinstance(selection_folds, int) or selection_folds < 1:
             raise ValueError(f"`selection_folds` must be an integer >= 1, got {selection_folds!r}.")
-        for name, value in (("selection_significance", selection_significance), ("regret_l2", regret_l2)):
+        for name, value in (
+            ("selection_significance", selection_significance),
+            ("regret_l2", regret_l2),
+            ("gain_l2", gain_l2),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if (
@@ -1484,6 +1499,8 @@ class EENetPolicy(EENetPaperPolicy):
         self.selection_significance = float(selection_significance)
         self.regret_candidate = bool(regret_candidate)
         self.regret_l2 = float(regret_l2)
+        self.gain_candidate = bool(gain_candidate)
+        self.gain_l2 = float(gain_l2)
         self.selection_folds = selection_folds
         super().__init__(
             num_exits,
@@ -1512,6 +1529,8 @@ class EENetPolicy(EENetPaperPolicy):
             "selection_significance": self.selection_significance,
             "regret_candidate": self.regret_candidate,
             "regret_l2": self.regret_l2,
+            "gain_candidate": self.gain_candidate,
+            "gain_l2": self.gain_l2,
             "selection_folds": self.selection_folds,
         }
 
@@ -1629,12 +1648,15 @@ class EENetPolicy(EENetPaperPolicy):
         "entropy (geometric)",
     )
     REGRET_CANDIDATE: ClassVar[str] = "regret (global)"
+    GAIN_CANDIDATE: ClassVar[str] = "gain (global)"
 
     @property
     def extra_candidates(self) -> tuple[str, ...]:
-        """The closed-form candidates appended after the trained models of every budget, in order."""
+        """The closed-form candidates appended after the trained models of every budget, in order (the confidence
+        rules last: the guard finds them there)."""
         regret = (self.REGRET_CANDIDATE,) if self.regret_candidate else ()
-        return regret + (self.CONFIDENCE_CANDIDATES if self.confidence_candidates else ())
+        gain = (self.GAIN_CANDIDATE,) if self.gain_candidate else ()
+        return regret + gain + (self.CONFIDENCE_CANDIDATES if self.confidence_candidates else ())
 
     def _add_candidates(self, trained, static, correct, costs, budgets, fit_index) -> dict:
         """
@@ -1663,13 +1685,25 @@ class EENetPolicy(EENetPaperPolicy):
                 static[fit_index], correct[fit_index], l2=self.regret_l2, max_prob_column=self.num_labels
             )
             scoring["regret"] = (F.pad(weight, (0, self.num_exits - 1)), bias)  # no weight on earlier scores
+        if self.gain_candidate:  # one scoring function per budget: the gain depends on where the policy stops
+            scoring["gain"] = []
+            for m in range(num_budgets):
+                weight, bias = expected_gain_scoring_functions(
+                    static[fit_index],
+                    correct[fit_index],
+                    costs,
+                    float(budgets[m]),
+                    l2=self.gain_l2,
+                    max_prob_column=self.num_labels,
+                )
+                scoring["gain"].append((F.pad(weight, (0, self.num_exits - 1)), bias))
         candidates = {key: [] for key in ("weight", "bias", "scores", "fractions", "thresholds")}
         for name in names:
             score_name, allocation = name.split(" (")
-            weight, bias = scoring[score_name]
-            scores = torch.einsum("nkf,kf->nk", static, weight[:, : static.shape[-1]]) + bias  # (N, K)
             for m in range(num_budgets):
                 budget = float(budgets[m])
+                weight, bias = scoring[score_name][m] if score_name == "gain" else scoring[score_name]
+                scores = torch.einsum("nkf,kf->nk", static, weight[:, : static.shape[-1]]) + bias  # (N, K)
                 if allocation.startswith("global"):
                     thresholds = global_thresholds(scores[fit_index], costs, budget)
                     fractions = exit_fractions(
@@ -1859,6 +1893,72 @@ def regret_scoring_functions(
         scaled = parameters[:-1] / std[used]
         weight[k, used] = (-scaled).to(weight.dtype)
         bias[k] = float((scaled * mean[used]).sum() - parameters[-1])
+    return weight, bias
+
+
+def expected_gain_scoring_functions(
+    static: torch.Tensor,
+    correct: torch.Tensor,
+    costs: ExitCostModel | Sequence[float],
+    budget: float,
+    l2: float = 1e-2,
+    iterations: int = 4,
+    max_prob_column: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Linear scoring functions for one budget that rank samples by what continuing past exit `k` is expected to
+    change: `s_k` is minus a ridge regression, on the exit's features, of the *gain* `correct[stop] - correct[k]`
+    (+1, 0 or -1), where `stop` is the exit at which the budget's own policy would stop the sample if it went on.
+
+    Unlike the regret score ([`regret_scoring_functions`]), which counts a sample as fixable when *any* later exit
+    is right, the gain looks at the exit the sample would really reach, and also counts the samples a later exit
+    gets wrong after exit `k` got them right. The policy and its targets depend on each other, so they are fitted
+    by alternation (a form of policy iteration for optimal stopping): the first fit takes the last exit as `stop`;
+    each following one takes the exits given by the previous fit's scores with the global threshold that meets the
+    budget on these samples.
+
+    Args:
+        static (`torch.Tensor` of shape `(N, K, F)`): the exits' features (without earlier scores).
+        correct (`torch.Tensor` of shape `(N, K)`): whether each exit's prediction is correct.
+        costs (`ExitCostModel` or `Sequence[float]`): the cost model the budget is met in, or per-sample exit costs.
+        budget (`float`): the budget the policy is fitted for.
+        l2 (`float`, *optional*, defaults to 1e-2): ridge penalty on the standardised weights, relative to the
+            number of samples.
+        iterations (`int`, *optional*, defaults to 4): fits in all (the first against the last exit).
+        max_prob_column (`int`, *optional*): the max-prob feature's column, the score of an exit whose gain is the
+            same for every sample; `None`: a zero score.
+
+    Returns:
+        `(weight, bias)` of shapes `(K, F)` and `(K,)` on the features' scale (the last exit's are zero: it takes
+        every sample that is left).
+    """
+    num_samples, num_exits, num_features = static.shape
+    inputs = static.double()
+    mean, std = inputs.mean(0), inputs.std(0)  # (K, F)
+    used = std > 1e-6
+    stop = torch.full((num_samples, num_exits), num_exits - 1, dtype=torch.long, device=static.device)
+    for _ in range(iterations):
+        weight = static.new_zeros(num_exits, num_features)
+        bias = static.new_zeros(num_exits)
+        for k in range(num_exits - 1):
+            gain = (correct.gather(1, stop[:, k : k + 1]).squeeze(1) - correct[:, k]).double()
+            if not used[k].any() or gain.min() == gain.max():
+                if max_prob_column is not None:
+                    weight[k, max_prob_column] = 1.0
+                continue
+            standardised = (inputs[:, k, used[k]] - mean[k, used[k]]) / std[k, used[k]]
+            design = torch.cat([standardised, standardised.new_ones(num_samples, 1)], dim=1)
+            penalty = l2 * num_samples * torch.eye(design.shape[1], dtype=design.dtype, device=design.device)
+            penalty[-1, -1] = 0.0  # the intercept is not penalised
+            parameters = torch.linalg.solve(design.T @ design + penalty, design.T @ gain)
+            scaled = parameters[:-1] / std[k, used[k]]
+            weight[k, used[k]] = (-scaled).to(weight.dtype)
+            bias[k] = float((scaled * mean[k, used[k]]).sum() - parameters[-1])
+        scores = torch.einsum("nkf,kf->nk", static, weight) + bias
+        exits_over = scores >= global_thresholds(scores, costs, budget)  # (N, K); the last exit is always True
+        exits_over[:, -1] = True
+        for k in range(num_exits - 2, -1, -1):  # where a sample that goes on past exit k stops
+            stop[:, k] = torch.where(exits_over[:, k + 1], k + 1, stop[:, k + 1])
     return weight, bias
 
 
