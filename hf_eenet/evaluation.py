@@ -362,6 +362,20 @@ def check_tracked_policies(tracked_policies: Sequence[str] | None, measured: Seq
     return tracked
 
 
+def check_measured_budgets(model, policies: Mapping[str, ExitPolicy], budgets: Sequence[float] | None = None) -> None:
+    """
+    Check before any timing that `model` can serve every budget-matched policy of `policies` at `budgets` (default:
+    each policy's fitted grid): a clear error for an unfitted policy, a budget below the cheapest exit's cost or
+    below the smallest fitted budget, as the model itself would raise mid-run.
+    """
+    for name, policy in policies.items():
+        if not policy.requires_budget:
+            continue
+        _check_fitted(name, policy)
+        for budget in budgets if budgets is not None else policy.budgets:
+            model._resolve_policy(float(budget), policy)
+
+
 @torch.no_grad()
 def measured_budget_table(
     model,
@@ -415,12 +429,12 @@ def measured_budget_table(
             raise ValueError("The model has no stored exit policy; pass `policies`.")
         policies = {"stored": model.exit_policy}
     tracked_policies = check_tracked_policies(tracked_policies, list(policies))
+    check_measured_budgets(model, policies, budgets)
     runs: list[tuple[str, ExitPolicy | None, float | None, BudgetTracker | None]] = []
     if include_full_model:
         runs.append(("full model", None, 1.0, None))
     for name, policy in policies.items():
         if policy.requires_budget:
-            _check_fitted(name, policy)
             grid = [float(budget) for budget in (budgets if budgets is not None else policy.budgets)]
             runs += [(name, policy, budget, None) for budget in grid]
             if name in tracked_policies:

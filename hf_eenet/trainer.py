@@ -1033,7 +1033,12 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         Returns:
             `list[dict]`: simulated rows, then measured rows.
         """
-        from .evaluation import check_tracked_policies, measured_budget_table, simulated_budget_table
+        from .evaluation import (
+            check_measured_budgets,
+            check_tracked_policies,
+            measured_budget_table,
+            simulated_budget_table,
+        )
 
         model = self.accelerator.unwrap_model(self.model)
         if any(policy.requires_budget and not policy.is_fitted for policy in self.policies.values()):
@@ -1043,6 +1048,8 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         if measured and unknown:
             raise ValueError(f"Unknown policies to measure {unknown}; fitted policies: {list(self.policies)}.")
         tracked_policies = check_tracked_policies(tracked_policies, names if measured else [])
+        if measured:  # before the split is run: a budget the model cannot serve fails now, not after the tables
+            check_measured_budgets(model, {n: self.policies[n] for n in names}, measured_budgets)
         cached = self.cache_exit_outputs(dataset, description=f"Caching {split} exit outputs")
         if cached["labels"] is None:
             raise ValueError(f"Evaluating budgets needs labels in the {split} split.")

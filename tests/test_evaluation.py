@@ -188,6 +188,15 @@ def test_measured_table_errors():
     unfitted = {"max-prob": ConfidenceThresholdPolicy(model.config.num_exits)}
     with pytest.raises(ValueError, match="Policy 'max-prob' has not been fitted"):
         measured_budget_table(model, [random_text_batch(2)], policies=unfitted)
+    data = synthetic_exit_outputs(200, model.config.num_exits, model.config.num_labels, seed=0)
+    fitted = ConfidenceThresholdPolicy(model.config.num_exits).fit(
+        data["exit_logits"], data["labels"], model.config.exit_costs, [0.5, 0.8]
+    )
+    unservable = {"batch that would fail if it ran": torch.zeros(1)}  # the budget is refused before any forward
+    with pytest.raises(ValueError, match="budget 0.1 is below the cost of the cheapest exit"):
+        measured_budget_table(model, [unservable], policies={"max-prob": fitted}, budgets=[0.5, 0.1])
+    with pytest.raises(ValueError, match="below the smallest fitted budget"):
+        measured_budget_table(model, [unservable], policies={"max-prob": fitted}, budgets=[0.45])
     with pytest.raises(ValueError, match="`batches` is empty"):
         cache_exit_outputs(model, [])
 

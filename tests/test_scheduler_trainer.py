@@ -114,6 +114,18 @@ def test_evaluate_budgets_simulated_and_measured_side_by_side(fitted):
     assert {("simulated", "dev"), ("simulated", "test"), ("measured", "test")} <= tables
 
 
+def test_evaluate_budgets_refuses_an_unservable_measured_budget_before_running_the_split(fitted, monkeypatch):
+    trainer, model, _, _ = fitted
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the split was run before the measured budgets were checked")
+
+    monkeypatch.setattr(trainer, "cache_exit_outputs", must_not_run)
+    cheapest = model.config.exit_costs[0]
+    with pytest.raises(ValueError, match=f"budget {cheapest / 2} is below the cost of the cheapest exit"):
+        trainer.evaluate_budgets(token_dataset(16, seed=3), split="test", measured_budgets=[0.5, cheapest / 2])
+
+
 def test_measuring_a_split_sorted_by_label_warns(fitted):
     trainer, _, _, _ = fitted
     dataset = token_dataset(32, seed=4).sort("label")
