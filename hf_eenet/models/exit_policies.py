@@ -1396,9 +1396,9 @@ class EENetPolicy(EENetPaperPolicy):
 
     What was measured (simulated on the cached exits of the reference models, fitted on their calibration splits and
     evaluated on test; `benchmarks/results/policy_selection_*.md`; margin to the best of the four confidence
-    baselines of each budget from 0.3 to 0.9, mean / worst): CIFAR-10 ResNet +1.23 / -0.09 pt (without the
-    expected-gain candidate +1.06 / -0.09, without the regret candidate +1.20 / -0.09, with one held-out slice
-    instead of cross-validation +0.71 / -0.04); CIFAR-10 ViT +1.45 / -0.04 (+1.45 / -0.04, +1.32 / -0.04, +1.35 /
+    baselines of each budget from 0.3 to 0.9, mean / worst): CIFAR-10 ResNet (CPU-trained, at the exit costs of an
+    earlier timing run) +1.23 / -0.09 pt (without the expected-gain candidate +1.06 / -0.09, without the regret
+    candidate +1.20 / -0.09, with one held-out slice instead of cross-validation +0.71 / -0.04); CIFAR-10 ViT +1.45 / -0.04 (+1.45 / -0.04, +1.32 / -0.04, +1.35 /
     -0.04); SST-2, where no candidate beats max-prob on 872 dev sentences, -0.06 / -0.44 (-0.08 / -0.44, -0.05 /
     -0.44, -0.16 / -0.55); the paper-faithful EENet -3.27 / -5.44, -0.14 / -1.42 and -0.01 / -0.16. On synthetic exits
     (`benchmarks/results/policy_fitting.md`: 10,000 calibration samples, 6 exits, 20 budgets; mean simulated accuracy
