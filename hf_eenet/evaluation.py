@@ -366,7 +366,8 @@ def check_measured_budgets(model, policies: Mapping[str, ExitPolicy], budgets: S
     """
     Check before any timing that `model` can serve every budget-matched policy of `policies` at `budgets` (default:
     each policy's fitted grid): a clear error for an unfitted policy, a budget below the cheapest exit's cost or
-    below the smallest fitted budget, as the model itself would raise mid-run.
+    below the smallest fitted budget, as the model itself would raise mid-run. Like a forward with the policy, it
+    moves each checked policy to the model's device.
     """
     for name, policy in policies.items():
         if not policy.requires_budget:

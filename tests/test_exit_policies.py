@@ -234,8 +234,37 @@ def test_expected_gain_scores_follow_the_exit_a_sample_would_really_reach():
     assert accuracy == 1.0 and cost <= budget
     one_fit_accuracy, _ = accuracy_and_cost_of(1)
     assert one_fit_accuracy < 0.8  # part of X stopped at exit 0, wrong
-    weight, _ = expected_gain_scoring_functions(static, torch.ones_like(correct), costs, budget, max_prob_column=3)
-    assert weight[0].tolist() == [0.0, 0.0, 0.0, 1.0]  # nothing to learn: the max-prob feature
+    always_right = torch.ones_like(correct, dtype=torch.bool)
+    weight, bias = expected_gain_scoring_functions(static, always_right, costs, budget)
+    assert weight.abs().sum() == 0 and bias.tolist() == [0.0, 0.0, 0.0]  # nothing to learn: no gain anywhere
+    with pytest.raises(ValueError, match="`iterations` must be >= 1"):
+        expected_gain_scoring_functions(static, correct, costs, budget, iterations=0)
+
+
+def test_the_expected_gain_candidate_of_each_budget_is_fitted_for_that_budget(synthetic):
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    policy = EENetPolicy(logits.shape[1], **{**FAST, "max_epochs": 5, "validation_fraction": 0.0})
+    policy.fit(logits, labels, costs, [0.4, 0.7])
+    static = policy._all_static_features(logits.float(), None)
+    correct = (logits.argmax(-1) == labels[:, None]).float()
+    budgets = torch.tensor([0.4, 0.7])
+    trained = {"weight": torch.zeros(2, *policy.score_weight.shape[1:]), "bias": torch.zeros(2, policy.num_exits)}
+    trained |= {
+        "scores": torch.zeros(2, logits.shape[0], policy.num_exits),
+        "fractions": torch.zeros(2, policy.num_exits),
+    }
+    everything = torch.arange(logits.shape[0])
+    extended = policy._add_candidates(trained, static, correct, costs, budgets, everything)
+    per_budget = 1 + len(policy.extra_candidates)  # one trained model per budget here, then the candidates
+    gain = 1 + policy.extra_candidates.index(EENetPolicy.GAIN_CANDIDATE)
+    for m, budget in enumerate(budgets.tolist()):
+        weight, bias = expected_gain_scoring_functions(static, correct, costs, budget, l2=policy.gain_l2)
+        torch.testing.assert_close(extended["weight"][m * per_budget + gain, :, : static.shape[-1]], weight)
+        torch.testing.assert_close(extended["bias"][m * per_budget + gain], bias)
+        assert float(extended["budget"][m * per_budget + gain]) == pytest.approx(budget)
+    assert not torch.equal(extended["weight"][gain], extended["weight"][per_budget + gain])
+    with pytest.raises(ValueError, match="`gain_l2` must be > 0"):
+        EENetPolicy(3, gain_l2=0.0)
 
 
 def _auc(score: torch.Tensor, positive: torch.Tensor) -> float:
