@@ -241,6 +241,32 @@ def test_expected_gain_scores_follow_the_exit_a_sample_would_really_reach():
         expected_gain_scoring_functions(static, correct, costs, budget, iterations=0)
 
 
+def test_closed_form_scores_do_not_amplify_the_rounding_of_a_nearly_constant_feature():
+    """
+    A confidence that is ~1 for every sample (std 5e-6) but tells the groups apart exactly: standardised by its own
+    spread it would get a weight of ~1e5 on its scale, and the float rounding of the feature (which differs between
+    devices and kernels) would move scores by ~1e-2. Spreads below 0.01 count as 0.01: the weight keeps its sign but
+    stays small, so rounding moves scores by no more than ~1e-5.
+    """
+    generator = torch.Generator().manual_seed(0)
+    num_samples = 2000
+    group = torch.rand(num_samples, generator=generator) < 0.5
+    noise = torch.rand(num_samples, generator=generator)
+    nearly_one = 1.0 - 1e-5 * group.float()
+    static = torch.stack([noise, nearly_one], -1)[:, None].expand(num_samples, 2, 2).clone()
+    correct = torch.ones(num_samples, 2)
+    correct[:, 0] = (~group).float()  # the group exit 0 gets wrong, exit 1 fixes
+    regret_weight, _ = regret_scoring_functions(static, correct)
+    gain_weight, _ = expected_gain_scoring_functions(static, correct, [0.5, 1.0], 0.75)
+    rounded = static.clone()
+    rounded[..., 1] = torch.nextafter(rounded[..., 1], torch.tensor(0.0))  # one float32 step down
+    for weight in (regret_weight, gain_weight):
+        assert weight.abs().max() < 1e3
+        assert weight[0, 1] > 0  # the lower confidence (the group exit 1 fixes) scores lower: it is sent on
+        shift = (rounded[:, 0] @ weight[0]) - (static[:, 0] @ weight[0])
+        assert shift.abs().max() < 1e-4
+
+
 def test_the_expected_gain_candidate_of_each_budget_is_fitted_for_that_budget(synthetic):
     logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
     policy = EENetPolicy(logits.shape[1], **{**FAST, "max_epochs": 5, "validation_fraction": 0.0})

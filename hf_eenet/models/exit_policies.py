@@ -1888,7 +1888,8 @@ def regret_scoring_functions(
     Args:
         static (`torch.Tensor` of shape `(N, K, F)`): the exits' features (without earlier scores).
         correct (`torch.Tensor` of shape `(N, K)`): whether each exit's prediction is correct.
-        l2 (`float`, *optional*, defaults to 1e-3): L2 penalty on the standardised weights (the loss is a mean).
+        l2 (`float`, *optional*, defaults to 1e-3): L2 penalty on the weights of the standardised features (each
+            divided by its spread, at least 0.01; the loss is a mean).
         max_prob_column (`int`, *optional*): the max-prob feature's column, the score of an exit whose regret is
             constant on these samples (no later exit ever fixes it, or always does); `None`: a zero score.
 
@@ -1902,14 +1903,13 @@ def regret_scoring_functions(
     for k in range(num_exits - 1):
         regret = (correct[:, k + 1 :].amax(-1) > correct[:, k]).double()
         inputs = static[:, k].double()
-        mean, std = inputs.mean(0), inputs.std(0)
-        used = std > 1e-6
+        mean, scale, used = _standardisation(inputs)
         if not used.any() or regret.min() == regret.max():
             if max_prob_column is not None:
                 weight[k, max_prob_column] = 1.0
             continue
-        parameters = _logistic_regression((inputs[:, used] - mean[used]) / std[used], regret, l2)
-        weight[k, used], bias[k] = _negated_on_feature_scale(parameters, mean[used], std[used], weight.dtype)
+        parameters = _logistic_regression((inputs[:, used] - mean[used]) / scale[used], regret, l2)
+        weight[k, used], bias[k] = _negated_on_feature_scale(parameters, mean[used], scale[used], weight.dtype)
     return weight, bias
 
 
@@ -1944,8 +1944,8 @@ def expected_gain_scoring_functions(
         correct (`torch.Tensor` of shape `(N, K)`): whether each exit's prediction is correct.
         costs (`ExitCostModel` or `Sequence[float]`): the cost model the budget is met in, or per-sample exit costs.
         budget (`float`): the budget the policy is fitted for.
-        l2 (`float`, *optional*, defaults to 1e-2): ridge penalty on the standardised weights, relative to the
-            number of samples.
+        l2 (`float`, *optional*, defaults to 1e-2): ridge penalty on the weights of the standardised features
+            (each divided by its spread, at least 0.01), relative to the number of samples.
         iterations (`int`, *optional*, defaults to 4): fits in all (the first against the last exit).
 
     Returns:
@@ -1957,8 +1957,7 @@ def expected_gain_scoring_functions(
     num_samples, num_exits, num_features = static.shape
     correct = correct.double()
     inputs = static.double()
-    mean, std = inputs.mean(0), inputs.std(0)  # (K, F)
-    used = std > 1e-6
+    mean, scale, used = _standardisation(inputs)  # (K, F) each
     stop = torch.full((num_samples, num_exits), num_exits - 1, dtype=torch.long, device=static.device)
     weight = bias = None
     for _ in range(iterations):
@@ -1975,26 +1974,43 @@ def expected_gain_scoring_functions(
             if not used[k].any() or gain.min() == gain.max():
                 bias[k] = -float(gain.mean())  # nothing to tell samples apart: the exit's average gain
                 continue
-            standardised = (inputs[:, k, used[k]] - mean[k, used[k]]) / std[k, used[k]]
+            standardised = (inputs[:, k, used[k]] - mean[k, used[k]]) / scale[k, used[k]]
             design = torch.cat([standardised, standardised.new_ones(num_samples, 1)], dim=1)
             penalty = l2 * num_samples * torch.eye(design.shape[1], dtype=design.dtype, device=design.device)
             penalty[-1, -1] = 0.0  # the intercept is not penalised
             parameters = torch.linalg.solve(design.T @ design + penalty, design.T @ gain)
             weight[k, used[k]], bias[k] = _negated_on_feature_scale(
-                parameters, mean[k, used[k]], std[k, used[k]], weight.dtype
+                parameters, mean[k, used[k]], scale[k, used[k]], weight.dtype
             )
     return weight, bias
 
 
+# The closed-form scoring functions standardise their features (probabilities and confidences in [0, 1]) before the
+# L2 penalty, but never by less than this spread. A feature that barely varies on the calibration data (a confidence
+# near 1 everywhere) would otherwise get a weight of up to 1/std on its own scale, and multiply the float rounding of
+# the feature (which differs between devices, kernels and batch compositions) into the score by as much: decisions
+# near a threshold would then depend on where the model runs.
+_MIN_FEATURE_SCALE = 1e-2
+
+
+def _standardisation(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    `(mean, scale, used)` of features `inputs` `(N, ..., F)` over the samples: `scale` is the standard deviation, at
+    least `_MIN_FEATURE_SCALE`; `used` marks the features that vary at all (a constant one tells no sample apart).
+    """
+    std = inputs.std(0)
+    return inputs.mean(0), std.clamp_min(_MIN_FEATURE_SCALE), std > 1e-6
+
+
 def _negated_on_feature_scale(
-    parameters: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype
+    parameters: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, float]:
     """
     `(weight, bias)` of minus the linear model `parameters` (weights, then the bias) fitted on standardised features
-    `(x - mean) / std`, on the features' own scale (`weight` in `dtype`): `x @ weight + bias` is
-    `-((x - mean) / std @ w + b)`.
+    `(x - mean) / scale`, on the features' own scale (`weight` in `dtype`): `x @ weight + bias` is
+    `-((x - mean) / scale @ w + b)`.
     """
-    scaled = parameters[:-1] / std
+    scaled = parameters[:-1] / scale
     return (-scaled).to(dtype), float((scaled * mean).sum() - parameters[-1])
 
 
