@@ -24,12 +24,13 @@ HF_HUB_OFFLINE=1 .venv/bin/python scripts/fit_scheduler.py --model_name_or_path 
     --per_device_eval_batch_size 256 --latency_costs_batch_size 64 --latency_segment_costs \
     --latency_costs_early_exit_batches 20 --timing_batches_per_turn 10 --channels_last --report_to none --seed 42 \
     --output_dir outputs/resnet-cifar10-block-eenet
-# 4. test (shuffled), simulated for every policy and the oracle; EENet measured at batch 64, channels-last, from 0.3
-#    to 0.9, after a warm-up over every test batch (each new survivor count builds its kernels once)
+# 4. test (shuffled), simulated for every policy and the oracle; every policy measured at batch 64, channels-last,
+#    from 0.3 to 0.9, after a warm-up over every test batch (each new survivor count builds its kernels once)
 HF_HUB_OFFLINE=1 .venv/bin/python scripts/evaluate_budgets.py --model_name_or_path outputs/resnet-cifar10-block-eenet \
     --dataset_name ../shared/data/cifar10 --test_split test --shuffle_seed 0 --per_device_eval_batch_size 64 \
     --channels_last --timing_batches_per_turn 10 --measured_warmup_batches 157 --report_to none \
-    --measured_budgets 0.3 0.35 0.4 0.5 0.6 0.7 0.8 0.9 --output_dir outputs/resnet-cifar10-block-eenet
+    --measured_policies all --measured_budgets 0.3 0.35 0.4 0.5 0.6 0.7 0.8 0.9 \
+    --output_dir outputs/resnet-cifar10-block-eenet
 # 5. this report
 .venv/bin/python benchmarks/report_budget_tables.py --model_dir outputs/resnet-cifar10-block-eenet \
     --calibration_split "train[90%:]" --test_split test --title "CIFAR-stem ResNet on CIFAR-10, every step on 2 CPU cores" \

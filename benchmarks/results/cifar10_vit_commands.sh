@@ -17,11 +17,12 @@ HF_HUB_OFFLINE=1 .venv/bin/python scripts/fit_scheduler.py --model_name_or_path 
     --latency_costs_early_exit_batches 20 --timing_batches_per_turn 10 \
     --report_to none --seed 42 --output_dir outputs/vit-cifar10-eenet
 # 3. test (10,000 images, shuffled: the parquet file is sorted by label, and measured batches should mix classes as
-#    deployment traffic does): simulated for every policy and the oracle; EENet measured at batch 64 (2 threads,
-#    interleaved with the full model in turns of 10 batches) from 0.3 to 0.9, after a warm-up over every test batch
+#    deployment traffic does): simulated for every policy and the oracle; every policy measured at batch 64 (2
+#    threads, interleaved with the full model in turns of 10 batches) from 0.3 to 0.9, after a warm-up over every
+#    test batch
 HF_HUB_OFFLINE=1 .venv/bin/python scripts/evaluate_budgets.py --model_name_or_path outputs/vit-cifar10-eenet \
     --dataset_name ../shared/data/cifar10 --test_split test --shuffle_seed 0 --per_device_eval_batch_size 64 \
-    --timing_batches_per_turn 10 --measured_warmup_batches 157 --report_to none \
+    --timing_batches_per_turn 10 --measured_warmup_batches 157 --report_to none --measured_policies all \
     --measured_budgets 0.3 0.35 0.4 0.5 0.6 0.7 0.8 0.9 --output_dir outputs/vit-cifar10-eenet
 # 4. this report
 .venv/bin/python benchmarks/report_budget_tables.py --model_dir outputs/vit-cifar10-eenet \
