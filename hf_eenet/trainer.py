@@ -840,6 +840,10 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
     def _option(self, name: str):
         return _option(self.args, name, ExitSchedulerArguments)
 
+    def _shows_progress(self) -> bool:
+        """Progress bars for the scheduler's own long work, as Trainer shows them (`disable_tqdm`, main process)."""
+        return not self.args.disable_tqdm and self.is_local_process_zero()
+
     def _standard_policies(self) -> dict[str, ExitPolicy]:
         from .evaluation import standard_policies
 
@@ -947,7 +951,9 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                     f"({exit_costs.cheapest:.4f})."
                 )
             logger.info(f"Fitting {len(self.policies)} exit policies for budgets {budgets} on {len(labels)} samples.")
-            fit_policies(self.policies, **cached, exit_costs=exit_costs, budgets=budgets)
+            fit_policies(
+                self.policies, **cached, exit_costs=exit_costs, budgets=budgets, progress=self._shows_progress()
+            )
             model.set_exit_policy(self.policies[name])
 
         fit()
@@ -1070,6 +1076,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 batches_per_turn=(
                     self._option("timing_batches_per_turn") if batches_per_turn is None else batches_per_turn
                 ),
+                progress=self._shows_progress(),
             )
             rows = rows + measured_rows
         self._record_card_table(model, "simulated", split, simulated)
@@ -1162,6 +1169,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 {"stored": model.exit_policy},
                 num_warmup_batches=len(batches),
                 batches_per_turn=self._option("timing_batches_per_turn"),
+                progress=self._shows_progress(),
             )
             previous = model.config.exit_costs
             costs = exit_costs_from_measured_rows(rows, model.exit_cost_model())
@@ -1233,6 +1241,9 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"split": split, "rows": list(rows)}, indent=2) + "\n")
         path.with_suffix(".md").write_text(format_budget_table(rows) + "\n")
+        logger.info(
+            f"Budget table on {split} (every policy), saved to {path}:\n{format_budget_table(rows, format='text')}"
+        )
         return path
 
     def _record_card_table(self, model, kind: str, split: str, rows: Sequence[Mapping]) -> None:

@@ -8,31 +8,35 @@
 
 Offline it reads `../shared/data/sst2` (dev to calibrate, the labelled test to report); without local data it reads
 the Hub's `nyu-mll/glue` (`sst2`), whose test labels are withheld, so it calibrates on the first half of validation and
-reports on the second. About 5 minutes on 2 CPU cores. Example:
+reports on the second. About 2-5 minutes on 2 CPU cores. Any flag that is not the demo's own goes to the training step
+(every `train_exits.py` flag, `TrainingArguments`' included), after the demo's settings, which it overrides. Example:
 
-    python scripts/demo.py --output_dir outputs/demo --max_train_samples 8000
+    python scripts/demo.py --output_dir outputs/demo --max_train_samples 8000 --num_train_epochs 2
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import evaluate_budgets
-import fit_scheduler
-import train_exits
-from transformers import HfArgumentParser
-
-from hf_eenet.evaluation import ORACLE_NAME
-
 LOCAL_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 HUB_SST2 = "nyu-mll/glue"
+if LOCAL_SST2.is_dir():  # data and model (the packaged MiniLM) are local: never wait on the Hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before the Hugging Face libraries read it at import
+
+import evaluate_budgets  # noqa: E402
+import fit_scheduler  # noqa: E402
+import train_exits  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+from hf_eenet.evaluation import ORACLE_NAME  # noqa: E402
 
 
 @dataclass
 class DemoArguments:
-    r"""What the demo runs on; everything else takes the workflow's defaults."""
+    r"""What the demo runs on; any other flag goes to the training step, everything else takes the workflow's defaults."""
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where the three steps write their outputs."})
     dataset_name: str | None = field(
@@ -61,7 +65,9 @@ def data_arguments(args: DemoArguments) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    args, training_flags = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
     output = Path(args.output_dir)
     data = data_arguments(args) + [
         "--class_names", "negative", "positive",
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "no",
             "--logging_steps",
             "50",
+            *training_flags,
         ]  # fmt: skip
     )
     print("[2/3] Fitting the exit scheduler (EENet and the baselines) on the calibration split")

@@ -1,7 +1,9 @@
 """Train a tiny EENet BERT with `EarlyExitTrainer` under DDP (gloo, CPU); run by tests/test_trainer.py via torchrun.
 
-Usage: `torchrun --standalone --nproc_per_node 2 tests/ddp_train_script.py OUTPUT_DIR [retrofit]`. Every rank writes
-`OUTPUT_DIR/rank{r}.json` with the world size, a checksum of its final parameters and of the initial ones.
+Usage: `torchrun --standalone --nproc_per_node 2 tests/ddp_train_script.py OUTPUT_DIR [retrofit | no-use-cpu]` (or
+`accelerate launch`, or plain `python` for one process). Every rank writes `OUTPUT_DIR/rank{r}.json` with the world
+size and checksums of its initial and final parameters (all, and the backbone's); the main process saves the trained
+model to `OUTPUT_DIR/model`. `no-use-cpu` leaves out `use_cpu`, which a multi-process CPU launch needs.
 """
 
 import json
@@ -17,25 +19,25 @@ from hf_eenet import EENetBertConfig, EENetBertForSequenceClassification  # noqa
 from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments, end_distributed_run  # noqa: E402
 
 
-def checksum(model: torch.nn.Module) -> float:
-    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+def checksum(model: torch.nn.Module, prefix: str = "") -> float:
+    return float(sum(p.detach().double().abs().sum() for n, p in model.named_parameters() if n.startswith(prefix)))
 
 
-def main(output_dir: str, retrofit: bool = False) -> None:
+def main(output_dir: str, retrofit: bool = False, use_cpu: bool = True) -> None:
     torch.manual_seed(0)
     config = EENetBertConfig(
         vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, num_labels=2
     )
     model = EENetBertForSequenceClassification(config)
-    initial = checksum(model)
+    initial, initial_backbone = checksum(model), checksum(model, "bert.")
     generator = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 2, (32,), generator=generator)
     input_ids = torch.randint(1, 50, (32, 8), generator=generator) + 49 * labels[:, None]
     dataset = Dataset.from_dict({"input_ids": input_ids.tolist(), "label": labels.tolist()})
     args = EarlyExitTrainingArguments(
         output_dir=output_dir,
-        use_cpu=True,
-        ddp_backend="gloo",
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if use_cpu and "WORLD_SIZE" in os.environ else None,  # a launcher's run: gloo on CPU
         max_steps=4,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
@@ -49,6 +51,7 @@ def main(output_dir: str, retrofit: bool = False) -> None:
     )
     trainer = EarlyExitTrainer(model=model, args=args, train_dataset=dataset)
     result = trainer.train()
+    trainer.save_model(os.path.join(output_dir, "model"))  # the main process writes it
     rank = trainer.args.process_index
     ddp_kwargs = {}
     wrapped = trainer.model_wrapped
@@ -58,6 +61,8 @@ def main(output_dir: str, retrofit: bool = False) -> None:
         "world_size": trainer.args.world_size,
         "initial_checksum": initial,
         "final_checksum": checksum(trainer.accelerator.unwrap_model(trainer.model)),
+        "initial_backbone_checksum": initial_backbone,
+        "final_backbone_checksum": checksum(trainer.accelerator.unwrap_model(trainer.model), "bert."),
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "ddp": isinstance(wrapped, torch.nn.parallel.DistributedDataParallel),
@@ -68,5 +73,5 @@ def main(output_dir: str, retrofit: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], retrofit=sys.argv[2:] == ["retrofit"])
+    main(sys.argv[1], retrofit="retrofit" in sys.argv[2:], use_cpu="no-use-cpu" not in sys.argv[2:])
     end_distributed_run()

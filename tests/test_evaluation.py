@@ -175,6 +175,19 @@ def test_cache_and_measured_table_agree_with_simulation():
         )
 
 
+def test_fitting_and_timing_show_progress_bars_when_asked(data, capsys):
+    policies = {"max-prob": ConfidenceThresholdPolicy(3), "eenet": EENetPolicy(3, **{**FAST, "max_epochs": 2})}
+    fit_policies(policies, data["exit_logits"], data["labels"], data["exit_costs"], [0.5], progress=True)
+    model = EENetBertForSequenceClassification(tiny_bert_config(exit_pooling="mean")).eval()
+    batches = [random_text_batch(4, seed=s) for s in range(3)]
+    measured_budget_table(model, batches, {"max-prob": policies["max-prob"]}, budgets=[0.5], progress=True)
+    shown = capsys.readouterr().err
+    assert "Fitting exit policies: 100%" in shown and "2/2" in shown
+    assert "Warm-up (2 configurations)" in shown and "Timing 2 configurations: 100%" in shown and "3/3" in shown
+    fit_policies(policies, data["exit_logits"], data["labels"], data["exit_costs"], [0.5])
+    assert capsys.readouterr().err == ""  # off by default: library calls stay quiet
+
+
 def test_measured_table_errors():
     model = EENetBertForSequenceClassification(tiny_bert_config()).eval()
     with pytest.raises(ValueError, match="`batches` is empty"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -307,13 +309,30 @@ def test_fit_scheduler_refuses_a_stock_checkpoint(tiny_checkpoint, tiny_sst2, tm
 def test_demo_runs_the_whole_workflow(tiny_sst2, tmp_path, capsys):
     rows = demo.main(
         ["--output_dir", str(tmp_path / "demo"), "--dataset_name", tiny_sst2, "--max_train_samples", "32",
-         "--max_seq_length", "32", "--measured_budgets", "0.5"]
+         "--max_seq_length", "32", "--measured_budgets", "0.5", "--exit_head_learning_rate", "5e-4"]
     )  # fmt: skip
+    training_args = torch.load(tmp_path / "demo" / "exits" / "training_args.bin", weights_only=False)
+    assert training_args.exit_head_learning_rate == 5e-4  # a flag the demo does not know goes to the training step
     measured = {row["policy"] for row in rows if row["mode"] == "measured"}
     assert {"eenet", "eenet (budget tracked)"} <= measured
     printed = capsys.readouterr().out
     assert "EENet vs the best budget-matched baseline" in printed and "oracle:" in printed
     assert (tmp_path / "demo" / "model" / "budget_plot_test.png").is_file()
+
+
+def test_demo_refuses_a_flag_no_step_knows(tiny_sst2, tmp_path):
+    with pytest.raises(ValueError, match="--no_such_flag"):
+        demo.main(["--output_dir", str(tmp_path / "demo"), "--dataset_name", tiny_sst2, "--no_such_flag", "1"])
+
+
+def test_demo_goes_offline_by_itself_only_with_local_data():
+    """`make demo` does not force `HF_HUB_OFFLINE`: the demo sets it when ../shared/data/sst2 is there."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    code = "import os, demo; print(os.environ.get('HF_HUB_OFFLINE'))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT / "scripts", env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ("1" if demo.LOCAL_SST2.is_dir() else "None")
 
 
 def test_demo_uses_the_hub_without_local_data(tmp_path):
