@@ -6,8 +6,9 @@
 3. report the budget table on the test split, simulated and measured (EENet's fixed thresholds, and a `BudgetTracker`
    that keeps the running average cost on each budget), and write the plot (`evaluate_budgets.py`).
 
-Offline it reads `../shared/data/sst2` (dev to calibrate, the labelled test to report); without local data it reads
-the Hub's `nyu-mll/glue` (`sst2`), whose test labels are withheld, so it calibrates on the first half of validation and
+Where `../shared/data/sst2` exists it reads it (dev to calibrate, the labelled test to report) and runs offline
+(`HF_HUB_OFFLINE=1` unless the variable is set: `HF_HUB_OFFLINE=0` to pass a Hub `--dataset_name` there); without
+local data it reads the Hub's `nyu-mll/glue` (`sst2`), whose test labels are withheld, so it calibrates on the first half of validation and
 reports on the second. About 2-5 minutes on 2 CPU cores. Any flag that is not the demo's own goes to the training step
 (every `train_exits.py` flag, `TrainingArguments`' included), after the demo's settings, which it overrides. Example:
 
