@@ -8,9 +8,10 @@
 
 Where `../shared/data/sst2` exists it reads it (dev to calibrate, the labelled test to report) and runs offline
 (`HF_HUB_OFFLINE=1` unless the variable is set: `HF_HUB_OFFLINE=0` to pass a Hub `--dataset_name` there); without
-local data it reads the Hub's `nyu-mll/glue` (`sst2`), whose test labels are withheld, so it calibrates on the first half of validation and
-reports on the second. About 2-5 minutes on 2 CPU cores. Any flag that is not the demo's own goes to the training step
-(every `train_exits.py` flag, `TrainingArguments`' included), after the demo's settings, which it overrides. Example:
+local data it reads the Hub's `nyu-mll/glue` (`sst2`), whose test labels are withheld, so it calibrates on the first
+half of validation and reports on the second. About 2-5 minutes on 2 CPU cores. Any flag that is not the demo's own
+goes to the training step (every `train_exits.py` flag, `TrainingArguments`' included), after the demo's settings,
+which it overrides. Example:
 
     python scripts/demo.py --output_dir outputs/demo --max_train_samples 8000 --num_train_epochs 2
 """
@@ -37,7 +38,7 @@ from hf_eenet.evaluation import ORACLE_NAME  # noqa: E402
 
 @dataclass
 class DemoArguments:
-    r"""What the demo runs on; any other flag goes to the training step, everything else takes the workflow's defaults."""
+    r"""What the demo runs on; any other flag goes to the training step, the rest takes the workflow's defaults."""
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where the three steps write their outputs."})
     dataset_name: str | None = field(

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from test_trainer import REPO_ROOT, tiny_model, token_dataset  # noqa: E402
+from test_trainer import REPO_ROOT, TWO_PROCESSES, run_launched, tiny_model, token_dataset  # noqa: E402
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification  # noqa: E402
 from transformers.testing_utils import CaptureLogger  # noqa: E402
 from transformers.utils import logging  # noqa: E402
@@ -363,13 +362,12 @@ def test_stock_model_is_refused(tmp_path):
 
 def test_two_process_ddp_fit_matches_one_process(tmp_path):
     script = str(REPO_ROOT / "tests" / "ddp_fit_scheduler_script.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
-    for command, output in ((ddp, tmp_path / "ddp"), ([sys.executable, script], tmp_path / "single")):
+    for command, output in (
+        ([*TWO_PROCESSES, script], tmp_path / "ddp"),
+        ([sys.executable, script], tmp_path / "single"),
+    ):
         output.mkdir()
-        result = subprocess.run(
-            [*command, str(output)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
-        )
+        result = run_launched([*command, str(output)])
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
@@ -384,11 +382,7 @@ def test_two_process_ddp_fit_matches_one_process(tmp_path):
 def test_two_processes_with_single_process_arguments_fail_clearly(tmp_path):
     """Without `use_cpu` on a CPU machine, Trainer would let each process fit on its shard alone: refused."""
     script = str(REPO_ROOT / "tests" / "ddp_fit_scheduler_script.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
-    result = subprocess.run(
-        [*ddp, str(tmp_path), "no-use-cpu"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = run_launched([*TWO_PROCESSES, script, str(tmp_path), "no-use-cpu"])
     assert result.returncode != 0
     assert "2 processes were launched, but these arguments run a single process" in result.stderr
     assert not list(tmp_path.glob("rank*.json"))

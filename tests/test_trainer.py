@@ -303,7 +303,8 @@ DDP_TRAIN_SCRIPT = str(REPO_ROOT / "tests" / "ddp_train_script.py")
 TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def run_train_script(command: list[str]) -> subprocess.CompletedProcess:
+def run_launched(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a (launcher) command from the repository root, offline, one thread per process; output captured."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -311,7 +312,7 @@ def run_train_script(command: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("mode", ["full", "retrofit"])
 def test_two_process_ddp_run_makes_the_same_kind_of_model_as_one_process(tmp_path, mode):
     flags = ["retrofit"] if mode == "retrofit" else []
-    result = run_train_script([*TWO_PROCESSES, DDP_TRAIN_SCRIPT, str(tmp_path / "ddp"), *flags])
+    result = run_launched([*TWO_PROCESSES, DDP_TRAIN_SCRIPT, str(tmp_path / "ddp"), *flags])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "find_unused_parameters=True" not in result.stderr  # DDP's warning when it found no unused parameters
     reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
@@ -323,7 +324,7 @@ def test_two_process_ddp_run_makes_the_same_kind_of_model_as_one_process(tmp_pat
             assert report["final_backbone_checksum"] == report["initial_backbone_checksum"]
     assert reports[0]["initial_checksum"] == reports[1]["initial_checksum"]
     assert reports[0]["final_checksum"] == pytest.approx(reports[1]["final_checksum"], rel=1e-12)  # synchronised
-    single = run_train_script([sys.executable, DDP_TRAIN_SCRIPT, str(tmp_path / "single"), *flags])
+    single = run_launched([sys.executable, DDP_TRAIN_SCRIPT, str(tmp_path / "single"), *flags])
     assert single.returncode == 0, single.stderr[-3000:]
     assert json.loads((tmp_path / "single" / "rank0.json").read_text())["world_size"] == 1
     ddp_model = EENetBertForSequenceClassification.from_pretrained(tmp_path / "ddp" / "model")
@@ -339,7 +340,7 @@ def test_accelerate_launch_runs_the_exit_trainer_on_two_processes(tmp_path):
     """`accelerate launch` (its torchrun path; `--multi_gpu` only picks that launcher) on CPUs, gloo, as torchrun."""
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = run_train_script([*accelerate, DDP_TRAIN_SCRIPT, str(tmp_path)])
+    result = run_launched([*accelerate, DDP_TRAIN_SCRIPT, str(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(report["world_size"] == 2 and report["ddp"] for report in reports)
@@ -349,7 +350,7 @@ def test_accelerate_launch_runs_the_exit_trainer_on_two_processes(tmp_path):
 
 def test_two_processes_without_use_cpu_are_refused_by_the_exit_trainer(tmp_path):
     """Without `use_cpu` on a CPU machine, Trainer would let each process train on its own: refused, clearly."""
-    result = run_train_script([*TWO_PROCESSES, DDP_TRAIN_SCRIPT, str(tmp_path), "no-use-cpu"])
+    result = run_launched([*TWO_PROCESSES, DDP_TRAIN_SCRIPT, str(tmp_path), "no-use-cpu"])
     assert result.returncode != 0
     assert "2 processes were launched, but these arguments run a single process" in result.stderr
     assert not list(tmp_path.glob("rank*.json"))
