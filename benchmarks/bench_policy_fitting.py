@@ -4,7 +4,8 @@ Fits EENet (ours, `eenet`) and the paper-faithful EENet (`eenet-paper`) -- every
 optimisation -- and the confidence baselines on a synthetic calibration draw (exits of increasing accuracy, see
 `hf_eenet.evaluation.synthetic_exit_outputs`), prints the fitting times, and evaluates every policy on an independent
 test draw of the same synthetic "model" (simulated accuracy and cost). `--ablations` also fits EENet without each of
-its parts (pooled features, allocation search, confidence candidates, sign test, regret and expected-gain candidates,
+its parts (pooled features, allocation search, confidence candidates, sign test (or with it at 1 standard deviation
+instead of 2), regret and expected-gain candidates,
 cross-validated choice, any held-out data), to show what each part contributes.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_policy_fitting.py --output benchmarks/results/policy_fitting.md
@@ -83,6 +84,10 @@ def main(argv=None):
         )
         candidates["eenet, held-out maximum (no sign test)"] = (
             EENetPolicy(args.num_exits, selection_significance=0.0),
+            True,
+        )
+        candidates["eenet, sign test at 1 standard deviation"] = (
+            EENetPolicy(args.num_exits, selection_significance=1.0),
             True,
         )
         candidates["eenet, no regret candidate"] = (EENetPolicy(args.num_exits, regret_candidate=False), True)

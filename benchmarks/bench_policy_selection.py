@@ -4,10 +4,11 @@ Caches every exit of a trained EENet model on its calibration split and on a tes
 four confidence baselines (max-prob and entropy, global and geometric allocation) and several EENet variants on the
 calibration split for the budget grid of the model's stored policy (or `--budgets`), and reports, per budget, each
 variant's simulated test accuracy minus the best baseline's on test (the baseline chosen in hindsight, on test).
-Variants: the default EENet, without the expected-gain candidate, without the regret candidate, with one held-out
-slice instead of the cross-validated choice, with that and no regret candidate, and the paper-faithful EENet; a last row shows max-prob with per-exit thresholds searched on
-test itself (`hindsight_max_prob`: it reads the test labels), how far tuning max-prob's thresholds goes on these
-exits. Exit costs are the model's own (`model.exit_cost_model()`), the seed
+Variants: the default EENet, with its guard against the confidence rules at 1 standard deviation instead of 2,
+without the expected-gain candidate, without the regret candidate, with one held-out slice instead of the
+cross-validated choice, with that and no regret candidate, and the paper-faithful EENet; a last row shows max-prob
+with per-exit thresholds searched on test itself (`hindsight_max_prob`: it reads the test labels), how far tuning
+max-prob's thresholds goes on these exits. Exit costs are the model's own (`model.exit_cost_model()`), the seed
 `--seed` (or `--policy_seed`), as in `fit_scheduler.py`.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_policy_selection.py \
@@ -62,6 +63,7 @@ HINDSIGHT = "max-prob, thresholds searched on test (hindsight)"
 def variants(num_exits: int, seed: int = 0) -> dict:
     return {
         "eenet": EENetPolicy(num_exits, seed=seed),
+        "eenet, guard at 1 sd": EENetPolicy(num_exits, selection_significance=1.0, seed=seed),
         "eenet, no gain candidate": EENetPolicy(num_exits, gain_candidate=False, seed=seed),
         "eenet, no regret candidate": EENetPolicy(num_exits, regret_candidate=False, seed=seed),
         "eenet, one held-out slice": EENetPolicy(num_exits, selection_folds=1, seed=seed),
