@@ -2,8 +2,8 @@
 `scripts/fit_scheduler.py` and `scripts/evaluate_budgets.py` wrote next to the model.
 
 It prints the per-exit accuracies, EENet against the paper-faithful EENet and the best budget-matched baseline at every
-budget (with the margins), the targets of the reference results, and every simulated and measured row, and copies
-the plot. Example:
+budget (with the margins and, where the fit saved it, which candidate EENet chose per budget), the targets of the
+reference results, and every simulated and measured row, and copies the plot. Example:
 
     .venv/bin/python benchmarks/report_budget_tables.py --model_dir outputs/minilm-sst2-eenet \
         --calibration_split dev --test_split test --title "MiniLM-L6 on SST-2" \
@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from hf_eenet.evaluation import TRACKED_SUFFIX, format_budget_table
+from hf_eenet.evaluation import TRACKED_SUFFIX, describe_choices, format_budget_table, load_policies
 from hf_eenet.trainer import budget_table_path, split_file_stem
 
 OURS, PAPER = "eenet", "eenet-paper"
@@ -35,12 +35,23 @@ def exit_accuracies(rows: list[dict]) -> list[float]:
     return [r["accuracy"] for r in sorted(static, key=lambda r: int(r["policy"].split()[-1].rstrip(")")))]
 
 
-def comparison(rows: list[dict]) -> tuple[list[str], list[dict]]:
+def stored_choices(model_dir: Path) -> dict[float, str]:
+    """EENet's choice per budget as its fit saved it (`exit_policies.json`); empty for a fit saved without one."""
+    try:
+        policy = load_policies(model_dir).get(OURS)
+    except FileNotFoundError:
+        return {}
+    return {round(budget, 4): text for budget, text in describe_choices(policy).items()} if policy else {}
+
+
+def comparison(rows: list[dict], choices: dict[float, str] | None = None) -> tuple[list[str], list[dict]]:
     simulated = [r for r in rows if r["mode"] == "simulated" and r["budget"] is not None]
     budgets = sorted({r["budget"] for r in simulated if r["policy"] == OURS})
+    choices = choices or {}
     lines = [
-        "| budget | eenet (ours) | cost | eenet-paper | best baseline | margin to best baseline (pt) |",
-        "|---|---|---|---|---|---|",
+        "| budget | eenet (ours) | cost | eenet-paper | best baseline | margin to best baseline (pt) |"
+        + (" eenet's choice (fitted on calibration) |" if choices else ""),
+        "|---|---|---|---|---|---|" + ("---|" if choices else ""),
     ]
     margins = []
     for budget in budgets:
@@ -54,6 +65,7 @@ def comparison(rows: list[dict]) -> tuple[list[str], list[dict]]:
         lines.append(
             f"| {budget:.2f} | {100 * ours['accuracy']:.2f} % | {ours['cost']:.3f} | {paper_text} | "
             f"{100 * best['accuracy']:.2f} % ({best['policy']}) | {margin:+.2f} |"
+            + (f" {choices.get(round(budget, 4), '—')} |" if choices else "")
         )
     return lines, margins
 
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((model_dir / "config.json").read_text())
     commands = Path(args.commands).read_text().strip()
     test_exits, calibration_exits = exit_accuracies(test), exit_accuracies(calibration)
-    table, margins = comparison(test)
+    table, margins = comparison(test, stored_choices(model_dir))
     oracle = next(r for r in test if r["policy"] == "oracle")
     measured = [r for r in test if r["mode"] == "measured"]
     full = next((r for r in measured if r["policy"] == "full model"), None)

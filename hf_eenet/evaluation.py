@@ -53,6 +53,7 @@ from .models.exit_policies import (
 __all__ = [
     "ORACLE_NAME",
     "cache_exit_outputs",
+    "describe_choices",
     "exit_costs_from_measured_rows",
     "fit_policies",
     "format_budget_table",
@@ -227,14 +228,18 @@ POLICIES_WEIGHTS_FILE = "exit_policies.safetensors"
 def save_policies(policies: Mapping[str, ExitPolicy], directory: str | Path) -> Path:
     """
     Save fitted policies by display name (every policy of a budget table, not only the one stored in the model) as
-    `exit_policies.json` (their configs, in order) and `exit_policies.safetensors` (their tensors), so the same
-    policies can be evaluated later on another split. Returns the directory.
+    `exit_policies.json` (their configs, in order, with each fit's per-budget `fit_summary_` where the policy keeps
+    one: which candidate EENet chose, its calibration accuracy and cost, ...) and `exit_policies.safetensors` (their
+    tensors), so the same policies can be evaluated later on another split. Returns the directory.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     configs, tensors = [], {}
     for index, (name, policy) in enumerate(policies.items()):
-        configs.append({"name": name, "config": policy.get_config()})
+        entry = {"name": name, "config": policy.get_config()}
+        if getattr(policy, "fit_summary_", None):
+            entry["fit_summary"] = policy.fit_summary_
+        configs.append(entry)
         for key, value in policy.state_dict().items():
             tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
     (directory / POLICIES_CONFIG_FILE).write_text(json.dumps(configs, indent=2) + "\n")
@@ -243,7 +248,10 @@ def save_policies(policies: Mapping[str, ExitPolicy], directory: str | Path) -> 
 
 
 def load_policies(directory: str | Path) -> dict[str, ExitPolicy]:
-    """Load the policies written by [`save_policies`], by display name, in their saved order."""
+    """
+    Load the policies written by [`save_policies`], by display name, in their saved order (with their
+    `fit_summary_` where one was saved).
+    """
     directory = Path(directory)
     config_file, weights_file = directory / POLICIES_CONFIG_FILE, directory / POLICIES_WEIGHTS_FILE
     missing = [str(f) for f in (config_file, weights_file) if not f.is_file()]
@@ -258,8 +266,30 @@ def load_policies(directory: str | Path) -> dict[str, ExitPolicy]:
         policy = exit_policy_from_config(entry["config"])
         prefix = f"{index}."
         policy.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if "fit_summary" in entry:
+            policy.fit_summary_ = entry["fit_summary"]
         policies[entry["name"]] = policy
     return policies
+
+
+def describe_choices(policy: ExitPolicy) -> dict[float, str]:
+    """
+    What an [`EENetPolicy`] fit chose per budget, from its `fit_summary_` (after `fit`, or as saved by
+    [`save_policies`]): `{budget: "candidate"}`, the candidate named as in `fit_summary_` ("max-prob (global)" or
+    another confidence rule, "basic (restart 0)" / "rich (restart 0)" for its trained scoring functions on the paper's
+    or the richer features, "regret (global)", "gain (global)"), followed by ", searched allocation" when the
+    allocation search replaced the candidate's own exit fractions and by "(the solution of budget b)" when a smaller
+    budget's solution was kept. Empty for a policy without such a summary (a baseline, a policy loaded with the model).
+    """
+    choices = {}
+    for row in getattr(policy, "fit_summary_", None) or []:
+        if "scoring" not in row:
+            return {}
+        text = row["scoring"] + (", searched allocation" if row.get("allocation") == "searched" else "")
+        if row.get("solution_of_budget", row["budget"]) != row["budget"]:
+            text += f" (the solution of budget {row['solution_of_budget']:g})"
+        choices[row["budget"]] = text
+    return choices
 
 
 def oracle_exits(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -920,7 +920,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         Returns:
             `list[dict]`: the budget-table rows (see `hf_eenet.evaluation.simulated_budget_table`).
         """
-        from .evaluation import fit_policies, save_policies, simulated_budget_table
+        from .evaluation import describe_choices, fit_policies, save_policies, simulated_budget_table
         from .models.exit_policies import default_budget_grid
 
         model = self.accelerator.unwrap_model(self.model)
@@ -969,6 +969,11 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                     f"({model.config.exit_costs[0]:.4f} of the full model's time): the policies are fitted without "
                     "them, and a call with such a budget is refused."
                 )
+        choices = describe_choices(self.policies[name])
+        if choices:
+            logger.info(
+                f"The {name} policy's choice per budget: " + "; ".join(f"{b:g}: {c}" for b, c in choices.items())
+            )
         exit_costs = model.exit_cost_model()
         default_budget = self._option("default_budget")
         if default_budget is not None:

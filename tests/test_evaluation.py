@@ -12,17 +12,25 @@ from hf_eenet import EENetBertForSequenceClassification
 from hf_eenet.evaluation import (
     ORACLE_NAME,
     cache_exit_outputs,
+    describe_choices,
     exit_costs_from_measured_rows,
     fit_policies,
     format_budget_table,
+    load_policies,
     measured_budget_table,
     oracle_exits,
     plot_accuracy_vs_cost,
+    save_policies,
     simulated_budget_table,
     standard_policies,
     synthetic_exit_outputs,
 )
-from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy, EENetPolicy, PatiencePolicy
+from hf_eenet.models.exit_policies import (
+    ConfidenceThresholdPolicy,
+    EENetPolicy,
+    PatiencePolicy,
+    exit_policy_from_config,
+)
 
 FAST = {"max_epochs": 20, "patience": 3, "phase_epochs": 5, "batch_size": 256, "restarts": 1}
 
@@ -100,6 +108,30 @@ def test_rendering_and_plot(tmp_path, data, policies):
         format_budget_table(rows, format="html")
     with pytest.raises(ValueError, match="No rows"):
         format_budget_table([])
+
+
+def test_saved_policies_keep_what_each_fit_chose(data, tmp_path):
+    """`save_policies` keeps EENet's per-budget `fit_summary_`; `describe_choices` reads it back from disk."""
+    costs = [1 / 3, 2 / 3, 1.0]
+    eenet = EENetPolicy(3, num_labels=3, seed=0, **FAST)
+    policies = {"eenet": eenet, "max-prob (global)": ConfidenceThresholdPolicy(3)}
+    fit_policies(policies, data["exit_logits"], data["labels"], costs, [0.5, 0.8])
+    loaded = load_policies(save_policies(policies, tmp_path))
+    assert loaded["eenet"].fit_summary_ == eenet.fit_summary_
+    choices = describe_choices(loaded["eenet"])
+    assert list(choices) == [0.5, 0.8]
+    for row, text in zip(eenet.fit_summary_, choices.values()):
+        assert text.startswith(row["scoring"]) and ("searched allocation" in text) == (row["allocation"] == "searched")
+    assert describe_choices(loaded["max-prob (global)"]) == {}  # a baseline keeps no summary
+    assert describe_choices(exit_policy_from_config(eenet.get_config())) == {}  # nor a policy loaded with a model
+    eenet.fit_summary_ = [
+        {"budget": 0.5, "scoring": "regret (global)", "allocation": "searched", "solution_of_budget": 0.5},
+        {"budget": 0.8, "scoring": "max-prob (global)", "allocation": "learned", "solution_of_budget": 0.5},
+    ]
+    assert describe_choices(eenet) == {
+        0.5: "regret (global), searched allocation",
+        0.8: "max-prob (global) (the solution of budget 0.5)",
+    }
 
 
 def test_simulated_table_errors(data):

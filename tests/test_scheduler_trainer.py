@@ -76,6 +76,7 @@ def test_fitting_writes_table_and_policies_that_reproduce_the_table(fitted):
     assert "| eenet | simulated | 0.500 |" in open(os.path.join(output, "budget_table_dev.md")).read()
     policies = load_policies(output)
     assert list(policies) == list(trainer.policies)
+    assert policies["eenet"].fit_summary_ == trainer.policies["eenet"].fit_summary_  # what it chose per budget
     cached = trainer.cache_exit_outputs()
     again = simulated_budget_table(policies, **cached, exit_costs=model.config.exit_costs)
     assert again == rows

@@ -15,7 +15,7 @@ import torch
 from conftest import SHARED_DATA, tiny_bert_config
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from hf_eenet.evaluation import simulated_budget_table, synthetic_exit_outputs
+from hf_eenet.evaluation import describe_choices, load_policies, simulated_budget_table, synthetic_exit_outputs
 from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,9 +134,10 @@ def trained_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path_factory):
     return str(out)
 
 
-def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny_sst2, tmp_path):
+def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny_sst2, tmp_path, capsys):
     fitted = tmp_path / "fitted"
     rows = fit_scheduler.main([*common_args(trained_checkpoint, tiny_sst2, fitted, train=False), *SCHEDULER_FLAGS])
+    assert "Its choice per budget: 0.5: " in capsys.readouterr().out
     assert {row["policy"] for row in rows} >= {"eenet", "eenet-paper", "max-prob (global)", "oracle"}
     config = json.loads((fitted / "config.json").read_text())
     assert config["exit_policy"]["policy_type"] == "eenet" and config["exit_policy"]["budgets"] == [0.5, 0.8]
@@ -170,6 +171,8 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     )
     text = report.read_text()
     assert "| 0.50, tracked |" in text and "within 2 % of the budget (BudgetTracker) |" in text
+    chosen = describe_choices(load_policies(fitted)["eenet"])[0.5]  # EENet's choice, as its fit saved it
+    assert "eenet's choice (fitted on calibration) |" in text and f"| {chosen} |" in text
     assert (tmp_path / "report.png").is_file()
     with pytest.raises(ValueError, match=r"`tracked_policies` \['max-prob \(global\)'\] are not among the measured"):
         evaluate_budgets.main(
