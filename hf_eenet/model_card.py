@@ -65,6 +65,8 @@ class EENetModelCardData:
             left out of the model-index (the other splits are held-out results).
         plot_path (`str`, *optional*): a PNG of accuracy against cost, copied next to the card.
         training_hyperparameters, fitting_hyperparameters (`dict`, *optional*): shown as tables.
+        policy_choices (`dict[str, str]`, *optional*): what an EENet fit chose per budget (the budget as text: the
+            candidate, from [`~hf_eenet.evaluation.describe_choices`]), shown as a table.
         tags (`list[str]`, *optional*): extra tags.
         example_input (`str`, *optional*): the input of the usage snippet.
     """
@@ -84,6 +86,7 @@ class EENetModelCardData:
     plot_path: str | None = None
     training_hyperparameters: dict[str, Any] = field(default_factory=dict)
     fitting_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    policy_choices: dict[str, str] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     example_input: str | None = None
 
@@ -227,6 +230,7 @@ def render_model_card(model) -> ModelCard:
         plot_path=PLOT_FILE if data.plot_path else None,
         training_hyperparameters=data.training_hyperparameters,
         fitting_hyperparameters=fitting,
+        policy_choices=data.policy_choices if policy else {},
         framework_versions=_framework_versions(),
     )
 

@@ -989,6 +989,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         self.budget_table = rows
         self._record_card_table(model, "simulated", split, rows)
         model.model_card_data.calibration_split = split
+        model.model_card_data.policy_choices = {f"{budget:g}": text for budget, text in choices.items()}
         accuracies = compute_exit_accuracies(EvalPrediction(cached["exit_logits"].numpy(), cached["labels"].numpy()))
         metrics = {f"calibration_{key}": value for key, value in accuracies.items()}
         for row in rows:

@@ -56,6 +56,7 @@ def carded_model(tmp_path):
         plot_path=str(make_plot(tmp_path / "plot.png")),
         training_hyperparameters={"learning_rate": 5e-5, "exit_head_learning_rate": 1e-3},
         fitting_hyperparameters={"calibration split": "validation"},
+        policy_choices={"0.4": "max-prob (global)", "0.6": "regret (global), searched allocation"},
     )
     rows = [
         {"policy": "confidence-threshold", "budget": 0.4, "accuracy": 0.861, "cost": 0.398},
@@ -87,6 +88,7 @@ def test_card_renders_every_section_and_parses_back(carded_model, tmp_path):
     assert "| confidence-threshold | 0.40 | 86.10 % | 0.398 | 1.5 |" in text  # the measured row
     assert "![Accuracy against average cost for every policy](budget_plot.png)" in text
     assert "| learning_rate | 5e-05 |" in text and "| fitted budgets | 0.4, 0.6 |" in text
+    assert "| budget | choice |" in text and "| 0.6 | regret (global), searched allocation |" in text
 
     card.save(tmp_path / "README.md")
     parsed = ModelCard.load(tmp_path / "README.md")

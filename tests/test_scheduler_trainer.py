@@ -94,6 +94,8 @@ def test_save_load_reproduces_every_decision(fitted, tmp_path):
         assert torch.equal(expected.logits, actual.logits)
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "Simulated on dev" in card and "| eenet | 0.50 |" in card
+    chosen = trainer.policies["eenet"].fit_summary_[0]["scoring"]  # the fit's choice at 0.5, in the card
+    assert f"| 0.5 | {chosen}" in card
 
 
 def test_evaluate_budgets_simulated_and_measured_side_by_side(fitted):
