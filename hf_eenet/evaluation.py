@@ -278,8 +278,8 @@ def describe_choices(policy: ExitPolicy) -> dict[float, str]:
     [`save_policies`]): `{budget: "candidate"}`, the candidate named as in `fit_summary_` ("max-prob (global)" or
     another confidence rule, "basic (restart 0)" / "rich (restart 0)" for its trained scoring functions on the paper's
     or the richer features, "regret (global)", "gain (global)"), followed by ", searched allocation" when the
-    allocation search replaced the candidate's own exit fractions and by "(the solution of budget b)" when a smaller
-    budget's solution was kept. Empty for a policy without such a summary (a baseline, a policy loaded with the model).
+    allocation search replaced the candidate's own exit fractions and by ", kept from budget b" when a smaller budget's
+    solution was kept. Empty for a policy without such a summary (a baseline, a policy loaded with the model).
     """
     choices = {}
     for row in getattr(policy, "fit_summary_", None) or []:
@@ -287,7 +287,7 @@ def describe_choices(policy: ExitPolicy) -> dict[float, str]:
             return {}
         text = row["scoring"] + (", searched allocation" if row.get("allocation") == "searched" else "")
         if row.get("solution_of_budget", row["budget"]) != row["budget"]:
-            text += f" (the solution of budget {row['solution_of_budget']:g})"
+            text += f", kept from budget {row['solution_of_budget']:g}"
         choices[row["budget"]] = text
     return choices
 

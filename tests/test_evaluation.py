@@ -130,7 +130,7 @@ def test_saved_policies_keep_what_each_fit_chose(data, tmp_path):
     ]
     assert describe_choices(eenet) == {
         0.5: "regret (global), searched allocation",
-        0.8: "max-prob (global) (the solution of budget 0.5)",
+        0.8: "max-prob (global), kept from budget 0.5",
     }
 
 

@@ -89,6 +89,10 @@ def test_card_renders_every_section_and_parses_back(carded_model, tmp_path):
     assert "![Accuracy against average cost for every policy](budget_plot.png)" in text
     assert "| learning_rate | 5e-05 |" in text and "| fitted budgets | 0.4, 0.6 |" in text
     assert "| budget | choice |" in text and "| 0.6 | regret (global), searched allocation |" in text
+    carded_model.set_exit_policy(carded_model.exit_policy)  # a policy stored anew: the earlier fit's record goes
+    assert carded_model.model_card_data.policy_choices == {} and "| budget | choice |" not in str(
+        render_model_card(carded_model)
+    )
 
     card.save(tmp_path / "README.md")
     parsed = ModelCard.load(tmp_path / "README.md")

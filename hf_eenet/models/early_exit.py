@@ -148,11 +148,15 @@ class EarlyExitMixin:
     def set_exit_policy(self, policy: ExitPolicy | None) -> None:
         """
         Store a fitted exit policy in the model: its tensors join the weights and its description joins
-        `config.exit_policy`, so `save_pretrained` / `from_pretrained` keep it. `None` removes the policy.
+        `config.exit_policy`, so `save_pretrained` / `from_pretrained` keep it. `None` removes the policy. The model
+        card's record of what an earlier fit chose per budget is cleared (`ExitSchedulerTrainer` records the new one).
         """
+        card = getattr(self, "model_card_data", None)
         if policy is None:
             self.exit_policy = None
             self.config.exit_policy = None
+            if card is not None:
+                card.policy_choices = {}
             return
         if not isinstance(policy, ExitPolicy):
             raise TypeError(f"`policy` must be an ExitPolicy, got {type(policy).__name__}.")
@@ -167,6 +171,8 @@ class EarlyExitMixin:
             )
         self.exit_policy = policy.to(self.device)
         self.config.exit_policy = policy.get_config()
+        if card is not None:
+            card.policy_choices = {}
 
     # --- saving, loading, uploading (with the model card) ----------------------------------------------------------
     def save_pretrained(
