@@ -57,6 +57,7 @@ __all__ = [
     "exit_costs_from_measured_rows",
     "fit_policies",
     "format_budget_table",
+    "format_choices",
     "check_tracked_policies",
     "load_policies",
     "measured_budget_table",
@@ -290,6 +291,11 @@ def describe_choices(policy: ExitPolicy) -> dict[float, str]:
             text += f", kept from budget {row['solution_of_budget']:g}"
         choices[row["budget"]] = text
     return choices
+
+
+def format_choices(choices: Mapping[str, str]) -> str:
+    """The model card's `policy_choices` (from [`describe_choices`]) on one line: `"0.3: ...; 0.4: ..."`."""
+    return "; ".join(f"{budget}: {text}" for budget, text in choices.items())
 
 
 def oracle_exits(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -920,7 +920,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         Returns:
             `list[dict]`: the budget-table rows (see `hf_eenet.evaluation.simulated_budget_table`).
         """
-        from .evaluation import describe_choices, fit_policies, save_policies, simulated_budget_table
+        from .evaluation import describe_choices, fit_policies, format_choices, save_policies, simulated_budget_table
         from .models.exit_policies import default_budget_grid
 
         model = self.accelerator.unwrap_model(self.model)
@@ -969,11 +969,6 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                     f"({model.config.exit_costs[0]:.4f} of the full model's time): the policies are fitted without "
                     "them, and a call with such a budget is refused."
                 )
-        choices = describe_choices(self.policies[name])
-        if choices:
-            logger.info(
-                f"The {name} policy's choice per budget: " + "; ".join(f"{b:g}: {c}" for b, c in choices.items())
-            )
         exit_costs = model.exit_cost_model()
         default_budget = self._option("default_budget")
         if default_budget is not None:
@@ -989,7 +984,10 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         self.budget_table = rows
         self._record_card_table(model, "simulated", split, rows)
         model.model_card_data.calibration_split = split
-        model.model_card_data.policy_choices = {f"{budget:g}": text for budget, text in choices.items()}
+        choices = {f"{budget:g}": text for budget, text in describe_choices(self.policies[name]).items()}
+        model.model_card_data.policy_choices = choices
+        if choices:
+            logger.info(f"The {name} policy's choice per budget: " + format_choices(choices))
         accuracies = compute_exit_accuracies(EvalPrediction(cached["exit_logits"].numpy(), cached["labels"].numpy()))
         metrics = {f"calibration_{key}": value for key, value in accuracies.items()}
         for row in rows:

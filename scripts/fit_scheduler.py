@@ -26,7 +26,7 @@ import hf_eenet  # noqa: F401  (registers the EENet Auto classes)
 from hf_eenet.auto import is_eenet_config, load_eenet_model, load_processor
 from hf_eenet.cpu import tune_cpu_allocator
 from hf_eenet.data import DatasetArguments, load_processed_splits
-from hf_eenet.evaluation import describe_choices, format_budget_table
+from hf_eenet.evaluation import format_budget_table, format_choices
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, budget_table_path, end_distributed_run
 
 logger = logging.get_logger("hf_eenet.scripts.fit_scheduler")
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         stored = [row for row in rows if row["policy"] in (args.exit_policy, "oracle")]
         print(f"\nStored policy {args.exit_policy!r} on the calibration split (simulated):")
         print(format_budget_table(stored, format="text"))
-        choices = describe_choices(trainer.policies[args.exit_policy])
+        choices = model.model_card_data.policy_choices  # recorded by the trainer from the fit
         if choices:
-            print("Its choice per budget: " + "; ".join(f"{budget:g}: {text}" for budget, text in choices.items()))
+            print("Its choice per budget: " + format_choices(choices))
         table = budget_table_path(args.output_dir, data_args.calibration_split).with_suffix(".md")
         print(f"Every policy's rows: {table} (and .json)")
     return rows

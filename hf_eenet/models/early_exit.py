@@ -151,26 +151,23 @@ class EarlyExitMixin:
         `config.exit_policy`, so `save_pretrained` / `from_pretrained` keep it. `None` removes the policy. The model
         card's record of what an earlier fit chose per budget is cleared (`ExitSchedulerTrainer` records the new one).
         """
+        if policy is not None:
+            if not isinstance(policy, ExitPolicy):
+                raise TypeError(f"`policy` must be an ExitPolicy, got {type(policy).__name__}.")
+            if not policy.persistable or not policy.is_fitted:
+                raise ValueError(f"Only a fitted, persistable policy can be stored in a model; got {policy!r}.")
+            if policy.num_exits != self.config.num_exits:
+                raise ValueError(f"The policy has {policy.num_exits} exits but the model has {self.config.num_exits}.")
+            num_labels = policy.hyperparameters().get("num_labels")
+            if num_labels is not None and num_labels != self.config.num_labels:
+                raise ValueError(
+                    f"The policy was fitted on exits with {num_labels} classes but the model has "
+                    f"{self.config.num_labels}."
+                )
+            policy = policy.to(self.device)
+        self.exit_policy = policy
+        self.config.exit_policy = policy.get_config() if policy is not None else None
         card = getattr(self, "model_card_data", None)
-        if policy is None:
-            self.exit_policy = None
-            self.config.exit_policy = None
-            if card is not None:
-                card.policy_choices = {}
-            return
-        if not isinstance(policy, ExitPolicy):
-            raise TypeError(f"`policy` must be an ExitPolicy, got {type(policy).__name__}.")
-        if not policy.persistable or not policy.is_fitted:
-            raise ValueError(f"Only a fitted, persistable policy can be stored in a model; got {policy!r}.")
-        if policy.num_exits != self.config.num_exits:
-            raise ValueError(f"The policy has {policy.num_exits} exits but the model has {self.config.num_exits}.")
-        num_labels = policy.hyperparameters().get("num_labels")
-        if num_labels is not None and num_labels != self.config.num_labels:
-            raise ValueError(
-                f"The policy was fitted on exits with {num_labels} classes but the model has {self.config.num_labels}."
-            )
-        self.exit_policy = policy.to(self.device)
-        self.config.exit_policy = policy.get_config()
         if card is not None:
             card.policy_choices = {}
 
