@@ -656,7 +656,11 @@ class ExitSchedulerArguments(TrainingArguments):
         },
     )
     budgets: list[float] | None = field(
-        default=None, metadata={"help": "Budget grid the policies are fitted for (default: 0.2, 0.25, ..., 0.95)."}
+        default=None,
+        metadata={
+            "help": "Budget grid the policies are fitted for (default: 0.2, 0.25, ..., 0.95, from the cheapest "
+            "exit's cost up)."
+        },
     )
     fit_baselines: bool = field(
         default=True, metadata={"help": "Also fit every baseline policy so the budget table compares them."}
