@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 
 from transformers import AutoConfig, PretrainedConfig
@@ -13,7 +14,7 @@ from .models import (
     EENetViTForImageClassification,
 )
 
-__all__ = ["EENET_MODEL_FOR_BACKBONE", "eenet_model_class", "load_eenet_model"]
+__all__ = ["EENET_MODEL_FOR_BACKBONE", "checkpoint_config", "eenet_model_class", "load_eenet_model"]
 
 # Stock backbone model type -> the EENet class that loads its checkpoints (only exits and policy newly initialised).
 EENET_MODEL_FOR_BACKBONE: dict[str, type] = {
@@ -21,6 +22,19 @@ EENET_MODEL_FOR_BACKBONE: dict[str, type] = {
     "vit": EENetViTForImageClassification,
     "resnet": EENetResNetForImageClassification,
 }
+
+
+def checkpoint_config(pretrained_model_name_or_path: str, **hub_kwargs) -> PretrainedConfig:
+    """
+    `AutoConfig.from_pretrained`, with a clear error for a local path that does not exist (a path that cannot be a
+    Hub id: absolute, relative with `./` or `../`, `~`, or with more than one `/`), which transformers would otherwise
+    report as a malformed Hub repo id.
+    """
+    path = str(pretrained_model_name_or_path)
+    looks_local = path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or path in (".", "..")
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"No model directory at {path!r} (it is a local path, not a Hub id).")
+    return AutoConfig.from_pretrained(path, **hub_kwargs)
 
 
 def eenet_model_class(config: PretrainedConfig) -> type:
@@ -68,7 +82,7 @@ def load_eenet_model(pretrained_model_name_or_path: str, **kwargs):
         kwargs: config overrides and `from_pretrained` arguments (e.g. `num_labels`, `exit_pooling`).
     """
     hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+    config = checkpoint_config(pretrained_model_name_or_path, **hub_kwargs)
     cls = eenet_model_class(config)
     with _quiet_backbone_loading():
         return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -82,7 +96,7 @@ def load_processor(pretrained_model_name_or_path: str, **kwargs):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+    config = checkpoint_config(pretrained_model_name_or_path, **hub_kwargs)
     if eenet_model_class(config).main_input_name == "pixel_values":
         return AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
     return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)

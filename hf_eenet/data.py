@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,7 +260,13 @@ def load_raw_splits(args: DatasetArguments, roles: Sequence[str] = DATA_ROLES) -
         if args.shuffle_seed is not None:
             dataset = dataset.shuffle(seed=args.shuffle_seed)
         if row_slice is not None:
-            dataset = dataset.select(row_slice.rows(len(dataset)))
+            rows = row_slice.rows(len(dataset))
+            if len(rows) == 0:
+                raise ValueError(
+                    f"The {args.split_name(role)!r} split of {source} ({role} data) selects no rows: the {split!r} "
+                    f"split has {len(dataset)}."
+                )
+            dataset = dataset.select(rows)
         if len(dataset) == 0:
             raise ValueError(f"The {args.split_name(role)!r} split of {source} ({role} data) has no rows.")
         limit = getattr(args, f"max_{role}_samples")
@@ -311,6 +317,8 @@ def parse_split(split: str) -> tuple[str, RowSlice | None]:
             f"Cannot read the split {split!r}: use a split name, optionally with a row slice such as "
             "'validation[:50%]', 'validation[50%:]' or 'train[:2000]'."
         )
+    if any(bound.endswith("%") and abs(int(bound[:-1])) > 100 for bound in bounds):
+        raise ValueError(f"The row slice of {split!r} has a percentage beyond 100%; use -100% to 100%.")
     return match.group("name").strip(), RowSlice(*bounds)
 
 
@@ -470,6 +478,32 @@ def resolve_column(dataset: Dataset, column: str | int, *, what: str = "column",
     raise ValueError(f"The {what} {column!r} is not a column{location}; available columns (0-based): {names}.")
 
 
+def check_distinct_columns(dataset: Dataset, columns: Mapping[str, str | int | None], where: str) -> None:
+    """
+    Raise if two roles (e.g. `"text column"` and `"label column"`) name the same column of `dataset`, by name or by
+    index; roles given as `None` (guessed later) are skipped.
+    """
+    resolved = {
+        what: resolve_column(dataset, column, what=what, where=where)
+        for what, column in columns.items()
+        if column is not None
+    }
+    for what, name in resolved.items():
+        others = [other for other, other_name in resolved.items() if other != what and other_name == name]
+        if others:
+            shadowed = str(columns[what]) != str(columns[others[0]])  # a column named like an index, e.g. "0"
+            hint = (
+                f" {name!r} is a column name here, which wins over the index: is a first data row read as the "
+                "header? Pass `has_header=False` (`--no_has_header`) for files without one."
+                if shadowed
+                else ""
+            )
+            raise ValueError(
+                f"The {what} and the {others[0]} of {where} are the same column ({name!r}); each must be its own "
+                f"column (available, 0-based: {dataset.column_names}).{hint}"
+            )
+
+
 def encode_labels(
     splits: DatasetDict, label_column: str | int = "label", label_names: Sequence[str] | None = None
 ) -> ClassificationData:
@@ -508,6 +542,12 @@ def encode_labels(
         feature = dataset.features[resolved[role]]
         column = dataset[resolved[role]]
         values[role] = list(column)
+        if not isinstance(feature, ClassLabel) and resolved[role] in {str(value) for value in values[role]}:
+            raise ValueError(
+                f"The label column of the {role} split is named {resolved[role]!r}, which is also one of its labels: "
+                "is the first row of a file without a header read as its header? Pass `has_header=False` "
+                "(`--no_has_header`) for such files."
+            )
         missing = sum(value is None for value in values[role])
         if missing:
             raise ValueError(f"The {role} split has {missing} rows without a label in column {resolved[role]!r}.")
@@ -540,12 +580,29 @@ def encode_labels(
         values = {role: [int(v) for v in column] for role, column in values.items()}
         kind = "int"
     if kind == "str":
+        if (
+            label_names is None
+            and all(_is_int_string(v) for column in values.values() for v in column[1:])
+            and not all(_is_int_string(column[0]) for column in values.values() if column)
+        ):
+            first = next(column[0] for column in values.values() if column and not _is_int_string(column[0]))
+            raise ValueError(
+                f"The label column {label_column!r} holds class ids except in a first row ({first!r}): is a header "
+                "row read as data? Drop `has_header=False` (`--no_has_header`) for files with a header."
+            )
         if label_names is None and all(_is_int_string(v) for column in values.values() for v in column):
             values = {role: [int(v) for v in column] for role, column in values.items()}
             kind = "int"
         else:
             if label_names is None:
                 label_names = sorted({v for column in values.values() for v in column})
+                num_rows = sum(len(column) for column in values.values())
+                if num_rows >= 10 and len(label_names) > 0.9 * num_rows:
+                    raise ValueError(
+                        f"The label column {label_column!r} has {len(label_names)} distinct values in {num_rows} "
+                        f"rows (e.g. {label_names[0]!r}): class labels repeat across samples. Is it the text "
+                        "column? Pass `class_names` to name the classes explicitly."
+                    )
             index = {name: i for i, name in enumerate(label_names)}
             for role, column in values.items():
                 unknown = sorted({v for v in column if v not in index})
@@ -614,6 +671,22 @@ def _is_int_string(value: str) -> bool:
     return bool(re.fullmatch(r"\s*\d+\s*", value))
 
 
+def resolve_label_list(args: DatasetArguments, label_names: Sequence[str] | None) -> list[str] | None:
+    """
+    The label list to encode labels with: `label_names` (a model's labels, in class-id order) or `args.class_names`.
+    Both given must agree: a model's classifier, and the exits trained beside it, know their classes by id.
+    """
+    if label_names is None:
+        return args.class_names
+    label_names = [str(name) for name in label_names]
+    if args.class_names is not None and [str(name) for name in args.class_names] != label_names:
+        raise ValueError(
+            f"`class_names` {list(args.class_names)} differ from the model's labels {label_names} (in class-id "
+            "order): drop `class_names` to use the model's, or list them in the model's order."
+        )
+    return label_names
+
+
 # --- text ---------------------------------------------------------------------------------------------------------
 def prepare_text_columns(
     splits: DatasetDict, text_column: str | int | None = None, text_pair_column: str | int | None = None
@@ -679,8 +752,8 @@ def load_text_classification_data(
         args ([`DatasetArguments`]): the dataset, splits and columns.
         roles (`Sequence[str]`, *optional*): which of `"train"`, `"calibration"`, `"test"` to load.
         label_names (`Sequence[str]`, *optional*):
-            The label list to map labels through, e.g. a trained model's labels in class-id order; overrides
-            `args.class_names`.
+            The label list to map labels through, e.g. a trained model's labels in class-id order;
+            `args.class_names`, if given, must be the same list.
 
     Returns:
         [`ClassificationData`]: the splits keyed by role, and the label list.
@@ -695,10 +768,13 @@ def load_text_classification_data(
     ```
     """
     raw = load_raw_splits(args, roles)
-    names = label_names if label_names is not None else args.class_names
+    names = resolve_label_list(args, label_names)
     # labels first (while the columns still have their original positions), then the text columns
     label_column = args.label_column
     text_column, pair_column = args.text_column, args.text_pair_column
+    for role, ds in raw.items():
+        columns = {"text column": text_column, "text-pair column": pair_column, "label column": label_column}
+        check_distinct_columns(ds, columns, f"the {role} split")
     positions = {
         role: {
             "text": None
@@ -716,6 +792,24 @@ def load_text_classification_data(
         prepared = prepare_text_columns(DatasetDict({role: dataset}), positions[role]["text"], positions[role]["pair"])
         splits[role] = prepared[role]
     return ClassificationData(splits=splits, label_names=data.label_names)
+
+
+def check_max_seq_length(args: DatasetArguments, processor, config) -> None:
+    """
+    Raise early if texts would be longer than the model's position embeddings (`config.max_position_embeddings`):
+    `args.max_seq_length`, or without it the tokenizer's `model_max_length`, must not exceed them. Image processors
+    and models without a position limit pass.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or not isinstance(processor, PreTrainedTokenizerBase):
+        return
+    length = args.max_seq_length if args.max_seq_length is not None else processor.model_max_length
+    if length > limit:
+        source = "`max_seq_length`" if args.max_seq_length is not None else "the tokenizer's `model_max_length`"
+        raise ValueError(
+            f"{source} is {length}, but the model has {limit} position embeddings: texts would be truncated to "
+            f"{length} tokens and fail in the model; pass `max_seq_length` <= {limit}."
+        )
 
 
 def tokenize_text_splits(
@@ -779,7 +873,19 @@ def load_processed_splits(
         `tuple[ClassificationData, datasets.DatasetDict, Callable]`: the raw standardised data (label list
         included), the processed splits keyed by role, and the data collator.
     """
-    if isinstance(processor, PreTrainedTokenizerBase):
+    is_text = isinstance(processor, PreTrainedTokenizerBase)
+    other_modality = (
+        {"image_column": args.image_column, "augment_train": args.augment_train}
+        if is_text
+        else {"text_column": args.text_column, "text_pair_column": args.text_pair_column}
+    )
+    given = {name: value for name, value in other_modality.items() if value not in (None, False)}
+    if given and (is_text or isinstance(processor, BaseImageProcessor)):
+        raise ValueError(
+            f"{given} apply to {'image' if is_text else 'text'} data, but this model takes "
+            f"{'text' if is_text else 'images'}."
+        )
+    if is_text:
         data = load_text_classification_data(args, roles, label_names=label_names)
         splits = tokenize_text_splits(data.splits, processor, args.max_seq_length)
         return data, splits, text_data_collator(processor)
@@ -816,19 +922,23 @@ def load_image_classification_data(
         args ([`DatasetArguments`]): the dataset (Hub id, parquet files such as the Hub's layout, or an image folder),
             splits and columns.
         roles (`Sequence[str]`, *optional*): which of `"train"`, `"calibration"`, `"test"` to load.
-        label_names (`Sequence[str]`, *optional*): the label list in class-id order (e.g. a trained model's).
+        label_names (`Sequence[str]`, *optional*): the label list in class-id order (e.g. a trained model's);
+            `args.class_names`, if given, must be the same list.
 
     Returns:
         [`ClassificationData`]: the splits keyed by role, and the label list.
     """
     raw = load_raw_splits(args, roles)
+    for role, ds in raw.items():
+        columns = {"image column": args.image_column, "label column": args.label_column}
+        check_distinct_columns(ds, columns, f"the {role} split")
     image_columns = {
         role: resolve_column(ds, args.image_column, what="image column", where=f"the {role} split")
         if args.image_column is not None
         else _guess_image_column(ds, f"the {role} split")
         for role, ds in raw.items()
     }
-    data = encode_labels(raw, args.label_column, label_names if label_names is not None else args.class_names)
+    data = encode_labels(raw, args.label_column, resolve_label_list(args, label_names))
     splits = DatasetDict()
     for role, dataset in data.splits.items():
         column = image_columns[role]

@@ -262,8 +262,12 @@ def load_policies(directory: str | Path) -> dict[str, ExitPolicy]:
             "with `save_policies` when it fits the scheduler."
         )
     tensors = load_file(str(weights_file))
+    try:
+        entries = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({error}); save the policies again.") from error
     policies = {}
-    for index, entry in enumerate(json.loads(config_file.read_text())):
+    for index, entry in enumerate(entries):
         policy = exit_policy_from_config(entry["config"])
         prefix = f"{index}."
         policy.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from fit_scheduler import load_trained_model, model_label_names, prepare_for
 from train_exits import parse_script_arguments
 from transformers.utils import logging
 
 from hf_eenet.cpu import tune_cpu_allocator
-from hf_eenet.data import DatasetArguments, load_processed_splits
+from hf_eenet.data import DatasetArguments, check_max_seq_length, load_processed_splits
 from hf_eenet.evaluation import format_budget_table, load_policies, plot_accuracy_vs_cost
 from hf_eenet.model_card import write_model_card
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, end_distributed_run, split_file_stem
@@ -80,13 +81,65 @@ def parse_arguments(argv: list[str] | None = None):
     return parse_script_arguments((BudgetEvaluationArguments, DatasetArguments, ExitSchedulerArguments), argv)
 
 
+# `ExitSchedulerArguments` that only fitting uses: evaluating the fitted policies with any of them set would ignore it.
+FIT_ONLY_ARGUMENTS = (
+    "exit_policy",
+    "budgets",
+    "fit_baselines",
+    "default_budget",
+    "policy_kwargs",
+    "policy_seed",
+    "latency_costs_batch_size",
+    "latency_segment_costs",
+    "latency_costs_early_exit_batches",
+    "latency_costs_early_exit_rounds",
+)
+
+
+def check_no_fitting_arguments(args: ExitSchedulerArguments) -> None:
+    """Refuse the fitting flags: this script reports the policies fit_scheduler.py fitted, as they were fitted."""
+    fields = ExitSchedulerArguments.__dataclass_fields__
+    given = [
+        f"--{name} {getattr(args, name)!r}"
+        for name in FIT_ONLY_ARGUMENTS
+        if getattr(args, name) != fields[name].default
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: these flags apply to fitting (scripts/fit_scheduler.py); evaluate_budgets.py reports "
+            "the policies as they were fitted (`--measured_budgets` chooses which of their budgets are timed)."
+        )
+
+
+def same_policy(a, b) -> bool:
+    """Whether two fitted policies are the same: the same description and the same tensors."""
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return (
+        a.get_config() == b.get_config()
+        and state_a.keys() == state_b.keys()
+        and all(torch.equal(state_a[key].cpu(), state_b[key].cpu()) for key in state_a)
+    )
+
+
 def fitted_policies(model, eval_args: BudgetEvaluationArguments) -> dict:
     """The policies to report: those saved by fit_scheduler.py, or the model's stored policy alone."""
     directory = eval_args.policies_dir
     if directory is None and Path(eval_args.model_name_or_path, "exit_policies.json").is_file():
         directory = eval_args.model_name_or_path
     if directory is not None:
-        return load_policies(directory)
+        policies = load_policies(directory)
+        stored = model.exit_policy
+        if (
+            stored is not None
+            and stored.policy_type in policies
+            and not same_policy(policies[stored.policy_type], stored)
+        ):
+            raise ValueError(
+                f"The {stored.policy_type!r} policy saved in {directory!r} is not the one stored in "
+                f"{eval_args.model_name_or_path!r}: the saved policies were fitted for another model (or before the "
+                "model's policy was replaced). Fit them again with scripts/fit_scheduler.py."
+            )
+        return policies
     if model.exit_policy is None:
         raise ValueError(
             f"{eval_args.model_name_or_path!r} has no fitted exit policy and no saved policies; fit one first with "
@@ -99,8 +152,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Evaluate; save the tables, the plot and (optionally) the updated model card; return every row."""
     tune_cpu_allocator()  # keep large CPU tensors' memory in the process (glibc): see hf_eenet.cpu
     eval_args, data_args, args = parse_arguments(argv)
+    check_no_fitting_arguments(args)
     model, processor = load_trained_model(eval_args.model_name_or_path)
     prepare_for(args, processor)
+    check_max_seq_length(data_args, processor, model.config)
+    card = getattr(model, "model_card_data", None)
+    if card is not None and card.calibration_split is not None and card.calibration_split == data_args.test_split:
+        logger.warning(
+            f"The test split {data_args.test_split!r} is the one the scheduler was fitted on: its rows are in-sample, "
+            "not held-out results."
+        )
     policies = fitted_policies(model, eval_args)
     stored = (model.config.exit_policy or {}).get("policy_type")
     if stored is None or stored not in policies:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig, HfArgumentParser
+from transformers import HfArgumentParser
 
-from hf_eenet.auto import is_eenet_config, load_eenet_model, load_processor
+from hf_eenet.auto import checkpoint_config, is_eenet_config, load_eenet_model, load_processor
 from hf_eenet.onnx import DEFAULT_OPSET, EENetONNXModel, export_onnx
 
 
@@ -31,7 +31,7 @@ class ExportArguments:
 
 def main(argv: list[str] | None = None) -> EENetONNXModel | None:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
-    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    config = checkpoint_config(args.model_name_or_path)
     if not is_eenet_config(config):
         raise ValueError(
             f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint, not an EENet model; train its exits "

@@ -19,13 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from train_exits import parse_script_arguments
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
 import hf_eenet  # noqa: F401  (registers the EENet Auto classes)
-from hf_eenet.auto import is_eenet_config, load_eenet_model, load_processor
+from hf_eenet.auto import checkpoint_config, is_eenet_config, load_eenet_model, load_processor
 from hf_eenet.cpu import tune_cpu_allocator
-from hf_eenet.data import DatasetArguments, load_processed_splits
+from hf_eenet.data import DatasetArguments, check_max_seq_length, load_processed_splits
 from hf_eenet.evaluation import format_budget_table, format_choices
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, budget_table_path, end_distributed_run
 
@@ -41,7 +41,7 @@ class TrainedModelArguments:
 
 def load_trained_model(path: str):
     """The EENet model and its processor; a clear error for a checkpoint that is not an EENet model."""
-    config = AutoConfig.from_pretrained(path)
+    config = checkpoint_config(path)
     if not is_eenet_config(config):
         raise ValueError(
             f"{path!r} is a {config.model_type!r} checkpoint, not an EENet model with trained exits; train its exits "
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model_args, data_args, args = parse_arguments(argv)
     model, processor = load_trained_model(model_args.model_name_or_path)
     prepare_for(args, processor)
+    check_max_seq_length(data_args, processor, model.config)
     data, splits, collator = load_processed_splits(
         data_args, processor, roles=("calibration",), label_names=model_label_names(model)
     )

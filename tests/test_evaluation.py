@@ -123,6 +123,9 @@ def test_saved_policies_keep_what_each_fit_chose(data, tmp_path):
     for row, text in zip(eenet.fit_summary_, choices.values()):
         assert text.startswith(row["scoring"]) and ("searched allocation" in text) == (row["allocation"] == "searched")
     assert describe_choices(loaded["max-prob (global)"]) == {}  # a baseline keeps no summary
+    (tmp_path / "exit_policies.json").write_text("[{")
+    with pytest.raises(ValueError, match="exit_policies.json' is not valid JSON"):
+        load_policies(tmp_path)
     assert describe_choices(exit_policy_from_config(eenet.get_config())) == {}  # nor a policy loaded with a model
     eenet.fit_summary_ = [
         {"budget": 0.5, "scoring": "regret (global)", "allocation": "searched", "solution_of_budget": 0.5},

@@ -528,6 +528,16 @@ def test_every_storable_policy_round_trips_through_config_and_state_dict(synthet
             )
 
 
+def test_policy_configs_of_another_version_fail_clearly(synthetic, fitted):
+    config = fitted["eenet"].get_config()
+    with pytest.raises(ValueError, match=r"unknown hyperparameters \['newer_option'\].*EENetPolicy takes \["):
+        exit_policy_from_config({**config, "newer_option": 1})
+    with pytest.raises(ValueError, match=r"'patience' exit policy config has no \['num_exits'\]"):
+        exit_policy_from_config({"policy_type": "patience", "patience": 2})
+    with pytest.raises(ValueError, match="must be an index of the fitted budgets"):
+        fitted["eenet"].simulate(synthetic["exit_logits"], 0.5, synthetic["exit_features"])  # a budget, not an index
+
+
 def test_call_time_budget_uses_nearest_fitted_budget_not_above(fitted):
     policy = fitted["eenet"]
     assert policy.budget_index(0.5) == 1 and policy.budget_index(0.64) == 1 and policy.budget_index(0.99) == 3

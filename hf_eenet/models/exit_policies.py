@@ -26,7 +26,9 @@ The oracle (first correct exit) needs labels, so it is not a policy: see `hf_een
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -79,7 +81,20 @@ def exit_policy_from_config(config: dict) -> ExitPolicy:
     policy_type = config.pop("policy_type")
     if policy_type not in EXIT_POLICY_CLASSES:
         raise ValueError(f"Unknown exit policy type {policy_type!r}; known types: {sorted(EXIT_POLICY_CLASSES)}.")
-    return EXIT_POLICY_CLASSES[policy_type](**config)
+    cls = EXIT_POLICY_CLASSES[policy_type]
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without `self`
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    accepted = [p.name for p in named]
+    missing = [p.name for p in named if p.default is p.empty and p.name not in config]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    unknown = [] if takes_any else sorted(set(config) - set(accepted))
+    if unknown or missing:
+        problems = [f"unknown hyperparameters {unknown}"] * bool(unknown) + [f"no {missing}"] * bool(missing)
+        raise ValueError(
+            f"The {policy_type!r} exit policy config has {' and '.join(problems)} (a config from another hf_eenet "
+            f"version, or edited?); {cls.__name__} takes {accepted}."
+        )
+    return cls(**config)
 
 
 def default_budget_grid(
@@ -515,7 +530,12 @@ class ExitPolicy(nn.Module):
         if self.requires_budget:
             if not self.is_fitted:
                 raise ValueError(f"The {self.policy_type} exit policy has not been fitted: it has no budgets.")
-            if budget_index is None or not 0 <= budget_index < len(self.budgets):
+            if (
+                budget_index is None
+                or isinstance(budget_index, bool)
+                or not isinstance(budget_index, numbers.Integral)
+                or not 0 <= budget_index < len(self.budgets)
+            ):
                 raise ValueError(
                     f"`budget_index` must be an index of the fitted budgets, 0..{len(self.budgets) - 1}, got "
                     f"{budget_index} (`budget_index(budget)` gives the one of a budget)."
