@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, tiny_bert_config
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from hf_eenet.auto import load_eenet_model
 from hf_eenet.evaluation import describe_choices, load_policies, simulated_budget_table, synthetic_exit_outputs
@@ -209,6 +211,15 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     )  # fmt: skip
     text = report.read_text()
     assert "| onnxruntime early exit, budget 0.5 |" in text and "| 0.5 | 8 / 8 |" in text
+
+    # reporting the calibration split as test data is allowed, but said
+    logger = transformers_logging.get_logger("hf_eenet.scripts.evaluate_budgets")
+    with CaptureLogger(logger) as captured:
+        evaluate_budgets.main(
+            [*common_args(str(fitted), tiny_sst2, tmp_path / "in-sample", train=False), "--test_split", "dev",
+             "--measured_policies", "eenet", "--measured_budgets", "0.5", "--update_model_card", "False"]
+        )  # fmt: skip
+    assert "The test split 'dev' is the one the scheduler was fitted on" in captured.out
 
     # policies saved for another model (here: the stored policy replaced after the fit) are refused
     model = load_eenet_model(str(fitted))
