@@ -186,6 +186,10 @@ class DatasetArguments:
                 raise ValueError(f"`max_{role}_samples` must be >= 1 or None, got {limit}.")
         if self.max_seq_length is not None and self.max_seq_length < 1:
             raise ValueError(f"`max_seq_length` must be >= 1 or None, got {self.max_seq_length}.")
+        if self.shuffle_seed is not None and not 0 <= self.shuffle_seed < 2**32:
+            raise ValueError(
+                f"`shuffle_seed` must be an integer from 0 to 2**32 - 1 or None, got {self.shuffle_seed}."
+            )
 
     def split_name(self, role: str) -> str:
         """The split name given for a role (`"train"`, `"calibration"` or `"test"`)."""

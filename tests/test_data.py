@@ -356,6 +356,11 @@ def test_text_and_label_columns_must_be_distinct_and_not_swapped(tmp_path):
         load_text_classification_data(args, roles=["train"])
 
 
+def test_shuffle_seed_must_be_a_valid_seed():
+    with pytest.raises(ValueError, match="`shuffle_seed` must be an integer from 0 to 2\\*\\*32 - 1 or None, got -1"):
+        DatasetArguments("d", shuffle_seed=-1)
+
+
 def test_slices_beyond_the_split(tmp_path):
     folder = tmp_path / "d"
     write(folder / "train.csv", "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(8)))

@@ -315,6 +315,13 @@ def test_changing_the_exits_pooling_at_load_drops_the_stale_policy(tmp_path):
     assert "`exit_head_pooling` changed: the stored exit policy" in captured.out
 
 
+def test_a_config_with_num_exits_must_agree_with_its_exit_layers():
+    saved = tiny_bert_config(exit_layers=[1, 3]).to_dict()
+    assert EENetBertConfig.from_dict({**saved, "num_exits": 2}).num_exits == 2
+    with pytest.raises(ValueError, match=r"`num_exits` 3, but its `exit_layers` \[1, 3\] give 2 exits"):
+        EENetBertConfig.from_dict({**saved, "num_exits": 3})
+
+
 def test_config_is_stamped_with_the_oldest_format_that_describes_it():
     assert tiny_bert_config().eenet_format_version == 1  # readable by every hf_eenet that reads format 1
     assert tiny_bert_config(exit_head_pooling="attention").eenet_format_version == 2

@@ -224,13 +224,21 @@ class EENetConfigMixin:
         A stock checkpoint's `model_type` (e.g. `"vit"`) is replaced by this class's own.
         """
         config_dict = {key: value for key, value in config_dict.items() if key != "model_type"}
+        num_exits = config_dict.pop("num_exits", None)  # derived from `exit_layers`, never stored
         parameters = inspect.signature(cls.__init__).parameters
         own = {name for name, p in parameters.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
         if overrides:
             cls._drop_derived_fields(config_dict, overrides)
             config_dict.update(overrides)
-        return super().from_dict(config_dict, **kwargs)
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if num_exits is not None and num_exits != config.num_exits:
+            raise ValueError(
+                f"The config says `num_exits` {num_exits!r}, but its `exit_layers` {config.exit_layers} give "
+                f"{config.num_exits} exits; `num_exits` follows from `exit_layers`: edit those instead."
+            )
+        return loaded
 
     @classmethod
     def _drop_derived_fields(cls, config_dict: dict, overrides: dict) -> None:
