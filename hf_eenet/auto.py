@@ -14,7 +14,7 @@ from .models import (
     EENetViTForImageClassification,
 )
 
-__all__ = ["EENET_MODEL_FOR_BACKBONE", "checkpoint_config", "eenet_model_class", "load_eenet_model"]
+__all__ = ["EENET_MODEL_FOR_BACKBONE", "checkpoint_config", "eenet_model_class", "load_eenet_model", "local_or_hub"]
 
 # Stock backbone model type -> the EENet class that loads its checkpoints (only exits and policy newly initialised).
 EENET_MODEL_FOR_BACKBONE: dict[str, type] = {
@@ -24,17 +24,32 @@ EENET_MODEL_FOR_BACKBONE: dict[str, type] = {
 }
 
 
-def checkpoint_config(pretrained_model_name_or_path: str, **hub_kwargs) -> PretrainedConfig:
+def local_or_hub(pretrained_model_name_or_path: str) -> str:
     """
-    `AutoConfig.from_pretrained`, with a clear error for a local path that does not exist (a path that cannot be a
-    Hub id: absolute, relative with `./` or `../`, `~`, or with more than one `/`), which transformers would otherwise
-    report as a malformed Hub repo id.
+    A model reference as `from_pretrained` should get it: a local path with `~` expanded; a path that must be local
+    but does not exist (absolute, `./`/`../`, `~`, a backslash, more than one `/`, or `dir/name` whose `dir` exists
+    here) raises `FileNotFoundError`, which transformers would report as a malformed or unknown Hub repo id.
     """
     path = str(pretrained_model_name_or_path)
-    looks_local = path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or path in (".", "..")
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise FileNotFoundError(f"No model directory at {path!r} (it is a local path, not a Hub id).")
-    return AutoConfig.from_pretrained(path, **hub_kwargs)
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return local
+    first = path.split("/")[0]
+    must_be_local = (
+        path.startswith(("/", "./", "../", "~"))
+        or path in (".", "..")
+        or "\\" in path
+        or path.count("/") > 1
+        or ("/" in path and os.path.isdir(first))
+    )
+    if must_be_local:
+        raise FileNotFoundError(f"No model directory at {path!r} (a local path, not a Hub id).")
+    return path
+
+
+def checkpoint_config(pretrained_model_name_or_path: str, **hub_kwargs) -> PretrainedConfig:
+    """`AutoConfig.from_pretrained` of [`local_or_hub`]'s reference: a clear error for a missing local directory."""
+    return AutoConfig.from_pretrained(local_or_hub(pretrained_model_name_or_path), **hub_kwargs)
 
 
 def eenet_model_class(config: PretrainedConfig) -> type:
@@ -82,6 +97,7 @@ def load_eenet_model(pretrained_model_name_or_path: str, **kwargs):
         kwargs: config overrides and `from_pretrained` arguments (e.g. `num_labels`, `exit_pooling`).
     """
     hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+    pretrained_model_name_or_path = local_or_hub(pretrained_model_name_or_path)
     config = checkpoint_config(pretrained_model_name_or_path, **hub_kwargs)
     cls = eenet_model_class(config)
     with _quiet_backbone_loading():
@@ -96,6 +112,7 @@ def load_processor(pretrained_model_name_or_path: str, **kwargs):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+    pretrained_model_name_or_path = local_or_hub(pretrained_model_name_or_path)
     config = checkpoint_config(pretrained_model_name_or_path, **hub_kwargs)
     if eenet_model_class(config).main_input_name == "pixel_values":
         return AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -186,10 +186,8 @@ class DatasetArguments:
                 raise ValueError(f"`max_{role}_samples` must be >= 1 or None, got {limit}.")
         if self.max_seq_length is not None and self.max_seq_length < 1:
             raise ValueError(f"`max_seq_length` must be >= 1 or None, got {self.max_seq_length}.")
-        if self.shuffle_seed is not None and not 0 <= self.shuffle_seed < 2**32:
-            raise ValueError(
-                f"`shuffle_seed` must be an integer from 0 to 2**32 - 1 or None, got {self.shuffle_seed}."
-            )
+        if self.shuffle_seed is not None and self.shuffle_seed < 0:
+            raise ValueError(f"`shuffle_seed` must be a non-negative integer or None, got {self.shuffle_seed}.")
 
     def split_name(self, role: str) -> str:
         """The split name given for a role (`"train"`, `"calibration"` or `"test"`)."""
@@ -601,7 +599,8 @@ def encode_labels(
             if label_names is None:
                 label_names = sorted({v for column in values.values() for v in column})
                 num_rows = sum(len(column) for column in values.values())
-                if num_rows >= 10 and len(label_names) > 0.9 * num_rows:
+                phrases = sum(len(name.split()) > 1 for name in label_names)  # labels that read like text
+                if num_rows >= 10 and len(label_names) > 0.9 * num_rows and phrases > len(label_names) / 2:
                     raise ValueError(
                         f"The label column {label_column!r} has {len(label_names)} distinct values in {num_rows} "
                         f"rows (e.g. {label_names[0]!r}): class labels repeat across samples. Is it the text "

@@ -121,31 +121,30 @@ def same_policy(a, b) -> bool:
     )
 
 
-def fitted_policies(model, eval_args: BudgetEvaluationArguments) -> dict:
-    """The policies to report: those saved by fit_scheduler.py, or the model's stored policy alone."""
+def fitted_policies(model, eval_args: BudgetEvaluationArguments) -> tuple[dict, str]:
+    """
+    The policies to report (those saved by fit_scheduler.py, or the model's stored policy alone) and the name, among
+    them, of the policy stored in the model (saved policies are named for display, e.g. "max-prob (global)").
+    """
+    if model.exit_policy is None:
+        raise ValueError(
+            f"{eval_args.model_name_or_path!r} has no fitted exit policy; fit one first with scripts/fit_scheduler.py."
+        )
     directory = eval_args.policies_dir
     if directory is None and Path(eval_args.model_name_or_path, "exit_policies.json").is_file():
         directory = eval_args.model_name_or_path
-    if directory is not None:
-        policies = load_policies(directory)
-        stored = model.exit_policy
-        if (
-            stored is not None
-            and stored.policy_type in policies
-            and not same_policy(policies[stored.policy_type], stored)
-        ):
-            raise ValueError(
-                f"The {stored.policy_type!r} policy saved in {directory!r} is not the one stored in "
-                f"{eval_args.model_name_or_path!r}: the saved policies were fitted for another model (or before the "
-                "model's policy was replaced). Fit them again with scripts/fit_scheduler.py."
-            )
-        return policies
-    if model.exit_policy is None:
+    if directory is None:
+        name = model.exit_policy.policy_type
+        return {name: model.exit_policy}, name
+    policies = load_policies(directory)
+    name = next((name for name, policy in policies.items() if same_policy(policy, model.exit_policy)), None)
+    if name is None:
         raise ValueError(
-            f"{eval_args.model_name_or_path!r} has no fitted exit policy and no saved policies; fit one first with "
-            "scripts/fit_scheduler.py."
+            f"None of the policies saved in {str(directory)!r} is the {model.exit_policy.policy_type!r} policy stored "
+            f"in {eval_args.model_name_or_path!r}: they were fitted for another model (or before its policy was "
+            "replaced). Fit them again with scripts/fit_scheduler.py."
         )
-    return {model.config.exit_policy["policy_type"]: model.exit_policy}
+    return policies, name
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -162,12 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"The test split {data_args.test_split!r} is the one the scheduler was fitted on: its rows are in-sample, "
             "not held-out results."
         )
-    policies = fitted_policies(model, eval_args)
-    stored = (model.config.exit_policy or {}).get("policy_type")
-    if stored is None or stored not in policies:
-        raise ValueError(
-            f"The model's stored policy ({stored!r}) is not among the policies to report ({list(policies)})."
-        )
+    policies, stored = fitted_policies(model, eval_args)
     args.exit_policy = stored
     _, splits, collator = load_processed_splits(
         data_args, processor, roles=("test",), label_names=model_label_names(model)

@@ -124,12 +124,12 @@ def is_sentence_transformers_checkpoint(path: str) -> bool:
     return Path(path, "modules.json").is_file() or "sentence-transformers" in path
 
 
-def checkpoint_classifier_labels(model_args: ModelArguments, path: str, retrofit: bool) -> list[str] | None:
+def checkpoint_classifier_labels(model_args: ModelArguments, config, retrofit: bool) -> list[str] | None:
     """
-    The labels, in class-id order, of the classifier a checkpoint already has (`*ForSequenceClassification` /
-    `*ForImageClassification`), which the data's labels must be mapped onto (unnamed ones, `LABEL_0`, ..., are
-    returned too: the data names them); `None` without one (a base model, training from `config_name`, or
-    `--ignore_mismatched_sizes`, which replaces it).
+    The labels, in class-id order, of the classifier a checkpoint (its `config`) already has
+    (`*ForSequenceClassification` / `*ForImageClassification`), which the data's labels must be mapped onto (unnamed
+    ones, `LABEL_0`, ..., are returned too: the data names them); `None` without one (a base model, training from
+    `config_name`, or `--ignore_mismatched_sizes`, which replaces it).
     """
     if model_args.config_name is not None:
         return None
@@ -138,7 +138,6 @@ def checkpoint_classifier_labels(model_args: ModelArguments, path: str, retrofit
             "`ignore_mismatched_sizes` replaces the checkpoint's classifier with a new one, which `retrofit` would "
             "keep frozen untrained: use one or the other."
         )
-    config = checkpoint_config(path)
     has_classifier = any(name.endswith(CLASSIFIER_SUFFIXES) for name in config.architectures or ())
     if not has_classifier or model_args.ignore_mismatched_sizes:
         return None
@@ -153,9 +152,14 @@ def is_unnamed(labels: list[str]) -> bool:
 def build_model(model_args: ModelArguments, path: str, overrides: dict):
     """The EENet model: from scratch from `config_name`, or loaded from the checkpoint at `path`."""
     if model_args.config_name is None:
-        if model_args.ignore_mismatched_sizes:
-            overrides = {**overrides, "ignore_mismatched_sizes": True}
-        return load_eenet_model(path, **overrides)
+        if not model_args.ignore_mismatched_sizes:
+            return load_eenet_model(path, **overrides)
+        model = load_eenet_model(path, ignore_mismatched_sizes=True, **overrides)
+        # transformers keeps the tensors whose shapes match: renew the classifier and the exit heads of the old classes
+        for module in [*model.classifier.modules(), *model.exit_heads.modules()]:
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        return model
     config = AutoConfig.from_pretrained(model_args.config_name, **overrides)
     model_class = eenet_model_class(config)
     if not is_eenet_config(config):
@@ -172,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(argv)
     path, base_model = model_args.resolved_path()
     processor = load_processor(model_args.processor_name or path)
-    classifier_labels = checkpoint_classifier_labels(model_args, path, training_args.retrofit)
+    config = AutoConfig.from_pretrained(path) if model_args.config_name else checkpoint_config(path)
+    check_max_seq_length(data_args, processor, config)  # before the data is tokenized
+    classifier_labels = checkpoint_classifier_labels(model_args, config, training_args.retrofit)
     label_names = None if classifier_labels is None or is_unnamed(classifier_labels) else classifier_labels
     try:
         data, splits, collator = load_processed_splits(
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         value is not None
         for value in (model_args.exit_pooling, model_args.exit_head_pooling, model_args.exit_layer_unit)
     ):
-        model_type = checkpoint_config(path).model_type
+        model_type = config.model_type
         is_resnet = model_type in ("resnet", "eenet-resnet")
         if model_args.exit_head_pooling is not None and model_type not in ("bert", "eenet-bert"):
             raise ValueError(
@@ -223,7 +229,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if model_args.exit_layer_unit is not None:
         overrides["exit_layer_unit"] = model_args.exit_layer_unit
     model = build_model(model_args, path, overrides)
-    check_max_seq_length(data_args, processor, model.config)
     if not is_text:
         training_args.remove_unused_columns = False  # images become pixel_values on access: keep the image column
 

@@ -354,10 +354,14 @@ def test_text_and_label_columns_must_be_distinct_and_not_swapped(tmp_path):
     args = make_args(folder, tmp_path, text_column="label", label_column="sentence")
     with pytest.raises(ValueError, match="12 distinct values in 12 rows.*Is it the text column"):
         load_text_classification_data(args, roles=["train"])
+    # many classes, each seen once in a small slice, are labels all the same
+    write(folder / "dev.tsv", "sentence\tlabel\n" + "".join(f"sentence number {i}\tintent_{i}\n" for i in range(12)))
+    args = make_args(folder, tmp_path, calibration_split="dev")
+    assert len(load_text_classification_data(args, roles=["calibration"]).label_names) == 12
 
 
 def test_shuffle_seed_must_be_a_valid_seed():
-    with pytest.raises(ValueError, match="`shuffle_seed` must be an integer from 0 to 2\\*\\*32 - 1 or None, got -1"):
+    with pytest.raises(ValueError, match="`shuffle_seed` must be a non-negative integer or None, got -1"):
         DatasetArguments("d", shuffle_seed=-1)
 
 

@@ -507,6 +507,8 @@ def test_config_and_weights_of_different_saves_fail_to_load(tmp_path):
     (unfitted_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="describes a fitted '[a-z-]+' exit policy, but its weights have no tensors"):
         EENetBertForSequenceClassification.from_pretrained(unfitted_dir)
+    with pytest.raises(ValueError, match="describes a fitted"):  # the Auto classes pass the config they read
+        AutoModelForSequenceClassification.from_pretrained(unfitted_dir)
 
     # exit tensors the (edited) config does not describe: the attention scorers would be dropped
     del config["exit_head_pooling"]

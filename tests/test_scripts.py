@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
-from hf_eenet.auto import load_eenet_model
+from hf_eenet.auto import load_eenet_model, local_or_hub
 from hf_eenet.evaluation import describe_choices, load_policies, simulated_budget_table, synthetic_exit_outputs
 from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy
 
@@ -226,7 +226,7 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     policy = model.exit_policy
     policy.thresholds.add_(0.01)
     arguments, *_ = evaluate_budgets.parse_arguments(common_args(str(fitted), tiny_sst2, fitted, train=False))
-    with pytest.raises(ValueError, match="'eenet' policy saved in .* is not the one stored in"):
+    with pytest.raises(ValueError, match="None of the policies saved in .* is the 'eenet' policy stored in"):
         evaluate_budgets.fitted_policies(model, arguments)
 
 
@@ -312,7 +312,7 @@ def test_hindsight_max_prob_bounds_the_max_prob_rules_fitted_on_the_same_samples
 
 
 def test_evaluate_budgets_needs_a_fitted_model(trained_checkpoint, tiny_sst2, tmp_path):
-    with pytest.raises(ValueError, match="no fitted exit policy"):
+    with pytest.raises(ValueError, match="has no fitted exit policy; fit one first"):
         evaluate_budgets.main(common_args(trained_checkpoint, tiny_sst2, tmp_path / "out", train=False))
     with pytest.raises(ValueError, match="`measured_warmup_batches` must be >= 0, got -1"):
         evaluate_budgets.parse_arguments(
@@ -322,6 +322,30 @@ def test_evaluate_budgets_needs_a_fitted_model(trained_checkpoint, tiny_sst2, tm
                 "-1",
             ]
         )
+
+
+def test_a_model_storing_a_baseline_is_evaluated_under_its_name(trained_checkpoint, tiny_sst2, tmp_path):
+    fitted = tmp_path / "max-prob"
+    fit_scheduler.main(
+        [*common_args(trained_checkpoint, tiny_sst2, fitted, train=False), "--budgets", "0.5", "0.8",
+         "--exit_policy", "max-prob (global)", "--fit_baselines", "False"]
+    )  # fmt: skip
+    rows = evaluate_budgets.main(
+        [*common_args(str(fitted), tiny_sst2, fitted, train=False), "--measured_budgets", "0.5"]
+    )
+    assert {row["policy"] for row in rows if row["mode"] == "measured"} == {"full model", "max-prob (global)"}
+
+
+def test_model_references_that_must_be_local_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "model").mkdir(parents=True)
+    assert local_or_hub("outputs/model") == "outputs/model"
+    assert local_or_hub("org/name") == "org/name" and local_or_hub("bert-base-uncased") == "bert-base-uncased"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert local_or_hub("~/outputs/model") == str(tmp_path / "outputs" / "model")
+    for missing in ("outputs/modle", "./model", "~/model", "/no/such/model", "models\\x", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="No model directory at"):
+            local_or_hub(missing)
 
 
 def test_evaluate_budgets_refuses_fitting_flags_and_missing_paths(trained_checkpoint, tiny_sst2, tmp_path):
@@ -351,6 +375,14 @@ def test_exits_of_a_classifier_keep_its_labels(tiny_checkpoint, tiny_sst2, tmp_p
         train_exits.main([*arguments, "--retrofit", "--class_names", "positive", "negative"])
     with pytest.raises(ValueError, match="`retrofit` would keep frozen untrained"):
         train_exits.main([*arguments, "--retrofit", "--ignore_mismatched_sizes"])
+    # a new classifier, even of the same size (transformers would keep the old weights under the new names)
+    model_args = train_exits.ModelArguments(model_name_or_path=str(checkpoint), ignore_mismatched_sizes=True)
+    renamed = {"num_labels": 2, "id2label": {0: "positive", 1: "negative"}, "label2id": {"positive": 0, "negative": 1}}
+    renewed = train_exits.build_model(model_args, str(checkpoint), renamed)
+    stock = BertForSequenceClassification.from_pretrained(checkpoint)
+    assert not torch.equal(renewed.classifier.weight, stock.classifier.weight)
+    assert torch.equal(renewed.bert.embeddings.word_embeddings.weight, stock.bert.embeddings.word_embeddings.weight)
+
     # a classifier with unnamed labels (LABEL_0, LABEL_1) takes the data's names, but not more classes
     unnamed = [*common_args(tiny_checkpoint, tiny_sst2, tmp_path / "out3"), "--max_steps", "1"]
     unnamed[unnamed.index("--class_names") : unnamed.index("--class_names") + 3] = ["--class_names", "a", "b", "c"]

@@ -80,6 +80,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# The config fields that decide which exit tensors a model has (changing one at load drops or adds tensors on purpose).
+EXIT_DESCRIPTION_KEYS = ("exit_layers", "exit_layer_unit", "exit_pooling", "exit_head_pooling", "exit_policy")
+# `from_pretrained` arguments that say where a saved config is read from.
+HUB_LOADING_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
 class EarlyExitMixin:
     r"""
     Mixed into a `PreTrainedModel` whose config is an [`EENetConfigMixin`]; provides `early_exit_forward`, policy
@@ -212,17 +218,29 @@ class EarlyExitMixin:
         `PreTrainedModel.from_pretrained`, plus the model card data saved with the model (if any). A config and
         weights of different saves are an error where the exits would silently change: a fitted exit policy whose
         tensors the weights lack (it would run freshly initialised), or exit tensors the config does not describe
-        (they would be dropped); exits changed at load on purpose (`exit_*` config overrides, or `config=`) are not.
+        (they would be dropped); exits changed at load on purpose (`exit_*` overrides, or a `config=` that describes
+        other exits than the saved one) are not.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        if not any(key == "config" or key.startswith("exit_") for key in kwargs):  # else exits changed on purpose
+        if model._exits_as_saved(pretrained_model_name_or_path, kwargs):
             model._check_exits_loaded(pretrained_model_name_or_path, loading_info)
         if cls.hub_integration is not None and pretrained_model_name_or_path is not None:
             cls.hub_integration.load_card_data(model, pretrained_model_name_or_path, **kwargs)
         return (model, loading_info) if output_loading_info else model
+
+    def _exits_as_saved(self, source, kwargs: dict) -> bool:
+        """
+        Whether the model's exits are those its saved config describes (every exit field the saved config has holds
+        the same value), as when loading through the `Auto` classes or `pipeline`; not when exits were changed at load.
+        """
+        if source is None:
+            return False
+        hub_kwargs = {key: kwargs[key] for key in HUB_LOADING_KWARGS if key in kwargs}
+        saved, _ = self.config_class.get_config_dict(source, **hub_kwargs)
+        return all(saved[key] == getattr(self.config, key, None) for key in EXIT_DESCRIPTION_KEYS if key in saved)
 
     def _check_exits_loaded(self, source, loading_info: dict) -> None:
         """Raise if the weights loaded from `source` hold exit tensors the config lacks, or lack the policy's."""
