@@ -22,7 +22,7 @@ from train_exits import parse_script_arguments
 from transformers.utils import logging
 
 from hf_eenet.cpu import tune_cpu_allocator
-from hf_eenet.data import DatasetArguments, check_max_seq_length, load_processed_splits
+from hf_eenet.data import SPLIT_ALIASES, DatasetArguments, check_max_seq_length, load_processed_splits, parse_split
 from hf_eenet.evaluation import format_budget_table, load_policies, plot_accuracy_vs_cost
 from hf_eenet.model_card import write_model_card
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, end_distributed_run, split_file_stem
@@ -111,6 +111,17 @@ def check_no_fitting_arguments(args: ExitSchedulerArguments) -> None:
         )
 
 
+def same_rows(split: str, other: str) -> bool:
+    """
+    Whether two split names select the same rows: the same split (or an alias, e.g. "dev" and "validation") and the
+    same row slice, or one without a slice. Different slices of one split (e.g. "validation[:50%]" and
+    "validation[50%:]") are taken to be the disjoint halves they usually are.
+    """
+    (name, rows), (other_name, other_rows) = parse_split(split), parse_split(other)
+    same_split = name == other_name or other_name in SPLIT_ALIASES.get(name, ())
+    return same_split and (rows is None or other_rows is None or rows == other_rows)
+
+
 def same_policy(a, b) -> bool:
     """Whether two fitted policies are the same: the same description and the same tensors."""
     state_a, state_b = a.state_dict(), b.state_dict()
@@ -156,7 +167,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prepare_for(args, processor)
     check_max_seq_length(data_args, processor, model.config)
     card = getattr(model, "model_card_data", None)
-    if card is not None and card.calibration_split is not None and card.calibration_split == data_args.test_split:
+    if (
+        card is not None
+        and card.calibration_split is not None
+        and same_rows(card.calibration_split, data_args.test_split)
+    ):
         logger.warning(
             f"The test split {data_args.test_split!r} is the one the scheduler was fitted on: its rows are in-sample, "
             "not held-out results."

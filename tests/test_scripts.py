@@ -336,6 +336,13 @@ def test_a_model_storing_a_baseline_is_evaluated_under_its_name(trained_checkpoi
     assert {row["policy"] for row in rows if row["mode"] == "measured"} == {"full model", "max-prob (global)"}
 
 
+def test_in_sample_splits_are_recognised_through_aliases_and_slices():
+    same_rows = evaluate_budgets.same_rows
+    assert same_rows("dev", "dev") and same_rows("dev", "validation") and same_rows("validation", "dev[:50%]")
+    assert same_rows("train[90%:]", "train[90%:]") and not same_rows("validation[:50%]", "validation[50%:]")
+    assert not same_rows("dev", "test") and not same_rows("train[90%:]", "test")
+
+
 def test_model_references_that_must_be_local_directories(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs" / "model").mkdir(parents=True)
