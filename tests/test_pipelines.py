@@ -177,3 +177,9 @@ def test_budget_on_a_model_without_policy_fails_early(tokenizer):
     model = EENetBertForSequenceClassification(labelled_config(tokenizer)).eval()
     with pytest.raises(ValueError, match="needs a fitted exit policy"):
         pipeline("text-classification", model=model, tokenizer=tokenizer, budget=0.5)
+
+
+def test_an_empty_list_of_texts_fails_clearly(eenet_model, tokenizer):
+    clf = pipeline("text-classification", model=eenet_model, tokenizer=tokenizer, budget=0.5)
+    with pytest.raises(ValueError, match="called with an empty list: nothing to classify"):
+        clf([])

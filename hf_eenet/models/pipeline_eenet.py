@@ -44,6 +44,13 @@ class BudgetedPipelineMixin:
         self.model._resolve_policy(target, None)  # unreachable or unfitted budgets fail now, not mid-batch
         return {"budget": budget}
 
+    def __call__(self, inputs, *args, **kwargs):
+        if self.is_early_exit_model and isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+            raise ValueError(
+                f"{type(self).__name__} was called with an empty {type(inputs).__name__}: nothing to classify."
+            )
+        return super().__call__(inputs, *args, **kwargs)
+
     def _sanitize_parameters(self, budget=None, **kwargs):
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
         forward_params.update(self._budget_forward_params(budget))
