@@ -13,6 +13,7 @@ from .models import (
     EENetResNetForImageClassification,
     EENetViTForImageClassification,
 )
+from .models.early_exit import hub_loading_kwargs
 
 __all__ = ["EENET_MODEL_FOR_BACKBONE", "checkpoint_config", "eenet_model_class", "load_eenet_model", "local_or_hub"]
 
@@ -96,9 +97,8 @@ def load_eenet_model(pretrained_model_name_or_path: str, **kwargs):
         pretrained_model_name_or_path (`str`): Hub id or local directory.
         kwargs: config overrides and `from_pretrained` arguments (e.g. `num_labels`, `exit_pooling`).
     """
-    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
     pretrained_model_name_or_path = local_or_hub(pretrained_model_name_or_path)
-    config = checkpoint_config(pretrained_model_name_or_path, **hub_kwargs)
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_loading_kwargs(kwargs))
     cls = eenet_model_class(config)
     with _quiet_backbone_loading():
         return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -111,9 +111,8 @@ def load_processor(pretrained_model_name_or_path: str, **kwargs):
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
     pretrained_model_name_or_path = local_or_hub(pretrained_model_name_or_path)
-    config = checkpoint_config(pretrained_model_name_or_path, **hub_kwargs)
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_loading_kwargs(kwargs))
     if eenet_model_class(config).main_input_name == "pixel_values":
         return AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
     return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -86,6 +86,11 @@ EXIT_DESCRIPTION_KEYS = ("exit_layers", "exit_layer_unit", "exit_pooling", "exit
 HUB_LOADING_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
+def hub_loading_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The `from_pretrained` arguments among `kwargs` that say where a saved config is read from."""
+    return {key: kwargs[key] for key in HUB_LOADING_KWARGS if key in kwargs}
+
+
 class EarlyExitMixin:
     r"""
     Mixed into a `PreTrainedModel` whose config is an [`EENetConfigMixin`]; provides `early_exit_forward`, policy
@@ -238,8 +243,7 @@ class EarlyExitMixin:
         """
         if source is None:
             return False
-        hub_kwargs = {key: kwargs[key] for key in HUB_LOADING_KWARGS if key in kwargs}
-        saved, _ = self.config_class.get_config_dict(source, **hub_kwargs)
+        saved, _ = self.config_class.get_config_dict(source, **hub_loading_kwargs(kwargs))
         return all(saved[key] == getattr(self.config, key, None) for key in EXIT_DESCRIPTION_KEYS if key in saved)
 
     def _check_exits_loaded(self, source, loading_info: dict) -> None:
