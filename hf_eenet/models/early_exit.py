@@ -16,6 +16,7 @@ multi-exit loss, latency calibration and the output.
 from __future__ import annotations
 
 import statistics
+import textwrap
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -30,7 +31,7 @@ from .exit_cost_model import ExitCostModel
 from .exit_policies import ExitPolicy, exit_policy_from_config
 from .modeling_outputs import EarlyExitClassifierOutput
 
-__all__ = ["EarlyExitMixin", "multi_exit_loss"]
+__all__ = ["EarlyExitMixin", "add_early_exit_forward_docstring", "multi_exit_loss"]
 
 logger = logging.get_logger(__name__)
 
@@ -89,6 +90,46 @@ HUB_LOADING_KWARGS = ("cache_dir", "force_download", "local_files_only", "token"
 def hub_loading_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The `from_pretrained` arguments among `kwargs` that say where a saved config is read from."""
     return {key: kwargs[key] for key in HUB_LOADING_KWARGS if key in kwargs}
+
+
+def add_early_exit_forward_docstring(inputs: str, *, unit: str, features_receiver: str, extra: str = ""):
+    r"""
+    Give a backbone's `forward` its docstring: the `Args:` entries of the backbone's own inputs, then those of the
+    arguments every early-exit model shares, then `extra` (more backbone-specific ones).
+
+    Args:
+        inputs (`str`): `Args:` entries of the backbone's inputs, in any common indentation.
+        unit (`str`): what one sample is called in the docs ("sample", "image").
+        features_receiver (`str`): the part of an exit that receives the pooled features ("exit head", ...).
+        extra (`str`, *optional*): further `Args:` entries, like `inputs`.
+    """
+    shared = f"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices. Every exit is computed and the multi-exit loss is returned.
+        budget (`float` or [`BudgetTracker`], *optional*):
+            Allowed average cost per {unit} relative to the full model. `None` uses `config.default_budget`
+            (and the full model when that is `None`); `>= 1.0` runs the plain full model; below 1.0 the fitted
+            exit policy decides, using its nearest fitted budget not above `budget`. Budgets below the cheapest
+            exit, or on a model without a fitted policy, raise a `ValueError`. A [`BudgetTracker`] keeps the
+            average cost per {unit} at its budget over the calls it is passed to.
+        exit_policy (`ExitPolicy`, *optional*):
+            A policy to use for this call instead of the stored one (e.g. a `ForcedExitPolicy`).
+        output_all_exits (`bool`, *optional*):
+            Compute every exit for every {unit} and return `all_exit_logits`.
+        output_exit_features (`bool`, *optional*):
+            With all exits computed, also return the pooled features each {features_receiver} received.
+        return_dict (`bool`, *optional*):
+            Return an [`EarlyExitClassifierOutput`] (default) or a tuple.
+    """
+    entries = "".join(
+        textwrap.indent(textwrap.dedent(part).strip("\n") + "\n", " " * 12) for part in (inputs, shared, extra) if part
+    )
+
+    def decorate(forward):
+        forward.__doc__ = "\n        Args:\n" + entries + " " * 8
+        return forward
+
+    return decorate
 
 
 class EarlyExitMixin:

@@ -9,7 +9,7 @@ from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedMode
 
 from .budget_tracking import BudgetTracker
 from .configuration_eenet import EENetBertConfig
-from .early_exit import EarlyExitMixin
+from .early_exit import EarlyExitMixin, add_early_exit_forward_docstring
 from .exit_policies import ExitPolicy
 from .modeling_outputs import EarlyExitClassifierOutput
 
@@ -134,6 +134,15 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
         return self.classifier(self.dropout(pooler.activation(pooler.dense(features))))
 
     # --- forward --------------------------------------------------------------------------------------------------
+    @add_early_exit_forward_docstring(
+        """
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds:
+                As for [`BertForSequenceClassification`]. Padding must be on the right (BERT tokenizers' default)
+                for padding trimming.
+        """,
+        unit="sample",
+        features_receiver="exit head",
+    )
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -148,28 +157,6 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
         output_exit_features: bool | None = None,
         return_dict: bool | None = None,
     ) -> EarlyExitClassifierOutput | tuple:
-        r"""
-        Args:
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds:
-                As for [`BertForSequenceClassification`]. Padding must be on the right (BERT tokenizers' default)
-                for padding trimming.
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Class indices. Every exit is computed and the multi-exit loss is returned.
-            budget (`float` or [`BudgetTracker`], *optional*):
-                Allowed average cost per sample relative to the full model. `None` uses `config.default_budget`
-                (and the full model when that is `None`); `>= 1.0` runs the plain full model; below 1.0 the fitted
-                exit policy decides, using its nearest fitted budget not above `budget`. Budgets below the cheapest
-                exit, or on a model without a fitted policy, raise a `ValueError`. A [`BudgetTracker`] keeps the
-                average cost per sample at its budget over the calls it is passed to.
-            exit_policy (`ExitPolicy`, *optional*):
-                A policy to use for this call instead of the stored one (e.g. a `ForcedExitPolicy`).
-            output_all_exits (`bool`, *optional*):
-                Compute every exit for every sample and return `all_exit_logits`.
-            output_exit_features (`bool`, *optional*):
-                With all exits computed, also return the pooled features each exit head received.
-            return_dict (`bool`, *optional*):
-                Return an [`EarlyExitClassifierOutput`] (default) or a tuple.
-        """
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -8,7 +8,7 @@ from transformers.models.vit.modeling_vit import ViTModel, ViTPreTrainedModel
 
 from .budget_tracking import BudgetTracker
 from .configuration_eenet import EENetViTConfig
-from .early_exit import EarlyExitMixin
+from .early_exit import EarlyExitMixin, add_early_exit_forward_docstring
 from .exit_policies import ExitPolicy
 from .modeling_outputs import EarlyExitClassifierOutput
 
@@ -96,6 +96,19 @@ class EENetViTForImageClassification(EarlyExitMixin, ViTPreTrainedModel):
         return self.classifier(features)
 
     # --- forward --------------------------------------------------------------------------------------------------
+    @add_early_exit_forward_docstring(
+        """
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Images, as the model's image processor returns them.
+        """,
+        unit="image",
+        features_receiver="exit's classifier",
+        extra="""
+            interpolate_pos_encoding (`bool`, *optional*):
+                Interpolate the position embeddings to the images' resolution, as in [`ViTModel`]. The FLOPs-based
+                exit costs stay those of `config.image_size`.
+        """,
+    )
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -107,30 +120,6 @@ class EENetViTForImageClassification(EarlyExitMixin, ViTPreTrainedModel):
         return_dict: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
     ) -> EarlyExitClassifierOutput | tuple:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                Images, as the model's image processor returns them.
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Class indices. Every exit is computed and the multi-exit loss is returned.
-            budget (`float` or [`BudgetTracker`], *optional*):
-                Allowed average cost per image relative to the full model. `None` uses `config.default_budget`
-                (and the full model when that is `None`); `>= 1.0` runs the plain full model; below 1.0 the fitted
-                exit policy decides, using its nearest fitted budget not above `budget`. Budgets below the cheapest
-                exit, or on a model without a fitted policy, raise a `ValueError`. A [`BudgetTracker`] keeps the
-                average cost per image at its budget over the calls it is passed to.
-            exit_policy (`ExitPolicy`, *optional*):
-                A policy to use for this call instead of the stored one (e.g. a `ForcedExitPolicy`).
-            output_all_exits (`bool`, *optional*):
-                Compute every exit for every image and return `all_exit_logits`.
-            output_exit_features (`bool`, *optional*):
-                With all exits computed, also return the pooled features each exit's classifier received.
-            return_dict (`bool`, *optional*):
-                Return an [`EarlyExitClassifierOutput`] (default) or a tuple.
-            interpolate_pos_encoding (`bool`, *optional*):
-                Interpolate the position embeddings to the images' resolution, as in [`ViTModel`]. The FLOPs-based
-                exit costs stay those of `config.image_size`.
-        """
         inputs = {"pixel_values": pixel_values, "interpolate_pos_encoding": interpolate_pos_encoding}
         return self.early_exit_forward(
             inputs,
