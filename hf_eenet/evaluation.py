@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -471,8 +472,12 @@ def measured_budget_table(
     batches = list(batches)
     if not batches:
         raise ValueError("`batches` is empty: nothing to measure.")
-    if num_warmup_batches < 0:
-        raise ValueError(f"`num_warmup_batches` must be >= 0, got {num_warmup_batches}.")
+    if (
+        isinstance(num_warmup_batches, bool)
+        or not isinstance(num_warmup_batches, numbers.Integral)
+        or num_warmup_batches < 0
+    ):
+        raise ValueError(f"`num_warmup_batches` must be a whole number >= 0, got {num_warmup_batches!r}.")
     if isinstance(batches_per_turn, bool) or not isinstance(batches_per_turn, int) or batches_per_turn < 1:
         raise ValueError(f"`batches_per_turn` must be a positive integer, got {batches_per_turn!r}.")
     if policies is None:

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .models.exit_policies import ExitPolicy
+from .models.exit_policies import BUDGET_TOLERANCE, ExitPolicy
 
 __all__ = [
     "EENetModelCardMixin",
@@ -391,6 +391,13 @@ class EarlyExitTrainer(EENetModelCardMixin, Trainer):
             self._retrofit_eval_modules = modules
         for module in self._retrofit_eval_modules:
             module.eval()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """
+        As [`~transformers.Trainer.prediction_step`], but the predictions keep every output field (the config's
+        `keys_to_ignore_at_inference` trims them to the logits for a plain `Trainer`).
+        """
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys or [])
 
     # --- loss -----------------------------------------------------------------------------------------------------
     def compute_loss(
@@ -949,9 +956,9 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         def fit():
             exit_costs = model.exit_cost_model()
             budgets = self._option("budgets") or default_budget_grid(exit_costs)
-            if budgets[0] < exit_costs.cheapest - 1e-9:
+            if min(budgets) < exit_costs.cheapest - BUDGET_TOLERANCE:
                 raise ValueError(
-                    f"The smallest budget {budgets[0]} is below the cost of the cheapest exit "
+                    f"The smallest budget {min(budgets)} is below the cost of the cheapest exit "
                     f"({exit_costs.cheapest:.4f})."
                 )
             logger.info(f"Fitting {len(self.policies)} exit policies for budgets {budgets} on {len(labels)} samples.")
@@ -977,7 +984,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         default_budget = self._option("default_budget")
         if default_budget is not None:
             smallest = model.exit_policy.budgets[0]
-            if default_budget < 1 and default_budget < smallest - 1e-9:
+            if default_budget < 1 and default_budget < smallest - BUDGET_TOLERANCE:
                 raise ValueError(
                     f"`default_budget` {default_budget} is below the smallest fitted budget {smallest} (the cheapest "
                     f"exit costs {exit_costs.cheapest:.4f}): a plain call would be refused. Use a budget of at least "
@@ -1181,7 +1188,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             )
             previous = model.config.exit_costs
             costs = exit_costs_from_measured_rows(rows, model.exit_cost_model())
-            if budgets and budgets[0] < costs[0] - 1e-9:
+            if budgets and min(budgets) < costs[0] - BUDGET_TOLERANCE:
                 raise ValueError(
                     f"Refitted on the early-exit path, the cheapest exit costs {costs[0]:.4f} of the full model's time "
                     f"(was {previous[0]:.4f}), above the smallest of `budgets` {budgets}: this device cannot meet "

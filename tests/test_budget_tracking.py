@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_text_batch, tiny_bert_config
@@ -81,6 +82,7 @@ def test_tracker_misuse_is_refused():
     for horizon in (0, 2.5, True):
         with pytest.raises(ValueError, match="`horizon` must be a positive number of samples"):
             BudgetTracker(0.5, horizon=horizon)
+    assert BudgetTracker(0.5, horizon=np.int64(32)).horizon == 32  # any whole number, e.g. from numpy
     assert is_budget_tracker(tracker) and not is_budget_tracker(0.5) and not is_budget_tracker(None)
     with pytest.raises(TypeError, match="must be a sequence of policy names, got the string 'eenet'"):
         check_tracked_policies("eenet", ["eenet"])

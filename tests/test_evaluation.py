@@ -229,8 +229,9 @@ def test_measured_table_errors():
         measured_budget_table(model, [])
     with pytest.raises(ValueError, match="no stored exit policy"):
         measured_budget_table(model, [random_text_batch(2)])
-    with pytest.raises(ValueError, match="`num_warmup_batches` must be >= 0, got -1"):
-        measured_budget_table(model, [random_text_batch(2)], num_warmup_batches=-1)
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match=f"`num_warmup_batches` must be a whole number >= 0, got {bad}"):
+            measured_budget_table(model, [random_text_batch(2)], num_warmup_batches=bad)
     with pytest.raises(ValueError, match="`batches_per_turn` must be a positive integer, got 0"):
         measured_budget_table(model, [random_text_batch(2)], batches_per_turn=0)
     unfitted = {"max-prob": ConfidenceThresholdPolicy(model.config.num_exits)}

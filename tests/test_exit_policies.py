@@ -748,3 +748,63 @@ def test_a_budget_above_the_last_exits_cost_sends_everything_there(make):
     assert torch.equal(geometric_exit_fractions([0.2, 0.4, 0.6], 0.8), geometric_exit_fractions([0.2, 0.4, 0.6], 0.6))
     with pytest.raises(ValueError, match="budget 0.1 is below the cheapest exit's cost 0.2000"):
         geometric_exit_fractions([0.2, 0.4, 0.6], 0.1)
+
+
+def test_budgets_are_matched_at_six_decimals(synthetic):
+    """
+    A float32 budget (a tensor's 0.7 is 0.69999999) is the fitted 0.7, not the budget below it; a budget at an exit's
+    exact cost stays meetable whichever way six decimals round it.
+    """
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    grid = torch.tensor([0.35, 0.45, 0.5, 0.7, 0.9])  # float32: 0.35, 0.45, 0.7 and 0.9 round down
+    policy = ConfidenceThresholdPolicy(4).fit(logits, labels, costs, grid)
+    assert policy.budgets == [0.35, 0.45, 0.5, 0.7, 0.9]
+    for index, budget in enumerate(grid):
+        assert policy.budget_index(budget.item()) == index
+        assert policy.budget_index(float(budget) - 1e-7) == index  # within half a unit of the sixth decimal
+    assert policy.budget_index(0.7 - 1e-5) == 2  # a real step below is the budget below
+    for cheapest in (0.2601119255, 0.2601114):  # six decimals round these up and down
+        exact = [cheapest, *costs[1:]]
+        policy = ConfidenceThresholdPolicy(4).fit(logits, labels, exact, [cheapest, 0.5])
+        assert policy.budgets[0] >= cheapest - 5e-7 and policy.budget_index(cheapest) == 0
+
+
+def test_fit_refuses_probabilities_and_budgets_that_are_not_a_list_of_numbers(synthetic):
+    logits, labels, costs = synthetic["exit_logits"], synthetic["labels"], synthetic["exit_costs"]
+    for policy in (ConfidenceThresholdPolicy(4), EENetPolicy(4, **FAST)):
+        with pytest.raises(ValueError, match="look like probabilities .* take the exits' logits"):
+            policy.fit(logits.softmax(-1), labels, costs, [0.5])
+    policy = ConfidenceThresholdPolicy(4).fit(logits.log_softmax(-1), labels, costs, [0.5])  # log-probabilities work
+    with pytest.raises(ValueError, match="look like probabilities"):
+        policy.simulate(logits.softmax(-1), 0)
+    with pytest.raises(TypeError, match=r"`budgets` must be a sequence of budgets .* got float: 0\.5"):
+        ConfidenceThresholdPolicy(4).fit(logits, labels, costs, 0.5)
+    with pytest.raises(TypeError, match="`budgets` must be a number .* got str: '0.5'"):
+        ConfidenceThresholdPolicy(4).fit(logits, labels, costs, ["0.5"])
+    with pytest.raises(ValueError, match=r"`budgets` must lie in \(0, 1\]"):
+        ConfidenceThresholdPolicy(4).fit(logits, labels, costs, [0.5, 1.5])
+
+
+def test_default_budget_grid_never_passes_stop():
+    assert default_budget_grid([0.1, 0.4, 0.7, 1.02], 0.2, 0.95, 0.1) == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert default_budget_grid([0.1, 0.4, 0.7, 1.02], 0.2, 0.9, 0.25) == [0.2, 0.45, 0.7]
+    assert default_budget_grid([0.1, 0.4, 0.7, 1.0])[-1] == 0.95
+
+
+def test_decisions_ignore_the_callers_autocast(synthetic, fitted):
+    """Policies decide in float32 as fitted, also when the caller runs under `torch.autocast`."""
+    logits, features = synthetic["exit_logits"], synthetic["exit_features"]
+    policy = fitted["eenet"]
+    plain = policy.simulate(logits, 1, features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(policy.simulate(logits, 1, features), plain)
+    model = EENetBertForSequenceClassification(tiny_bert_config()).eval()
+    confidence = ConfidenceThresholdPolicy(model.config.num_exits)
+    fit_on_model(model, confidence, [random_text_batch(16, seed=s) for s in range(2)], budgets=(0.6,))
+    model.set_exit_policy(confidence)
+    seen = []
+    decide = model.exit_policy.decide
+    model.exit_policy.decide = lambda *args: seen.append(torch.is_autocast_enabled("cpu")) or decide(*args)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**random_text_batch(8), budget=0.6)
+    assert seen and not any(seen)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_text_batch, tiny_bert_config
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification, BertModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+)
 
 from hf_eenet import (
     ConfidenceThresholdPolicy,
@@ -492,6 +499,10 @@ def test_config_from_an_incompatible_version_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format 99"):
         EENetBertConfig.from_pretrained(tmp_path)
+    config["eenet_format_version"] = "x"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="`eenet_format_version` must be a whole number .* got 'x'"):
+        EENetBertConfig.from_pretrained(tmp_path)
 
 
 def test_config_and_weights_of_different_saves_fail_to_load(tmp_path):
@@ -520,3 +531,80 @@ def test_config_and_weights_of_different_saves_fail_to_load(tmp_path):
         fitted_dir, exit_head_pooling="mean", output_loading_info=True
     )
     assert reloaded.exit_policy is None and any("attention_scorer" in key for key in info["unexpected_keys"])
+
+
+def test_left_padding_is_refused_on_the_early_exit_path():
+    """Trimming keeps a batch's first positions: a left-padded mask would lose the survivors' tokens."""
+    model = tiny_model(exit_pooling="mean")
+    batch = random_text_batch(6, seed=3)
+    lengths = batch["attention_mask"].sum(1)
+    left = {
+        name: torch.stack([row.roll(int(row.numel() - n)) for row, n in zip(value, lengths)])
+        for name, value in batch.items()
+    }
+    targets = torch.tensor([0, 0, 2, 1, 2, 2])
+    with torch.no_grad():
+        model(**left, output_all_exits=True)  # every exit on every sample: no trimming, as stock BERT
+        with pytest.raises(ValueError, match="padding on the left in some rows .*padding_side"):
+            model(**left, exit_policy=ForcedExitPolicy(targets))
+
+
+def test_exit_layers_given_at_load_keep_each_layers_trained_head(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    model = tiny_model(num_hidden_layers=4, exit_layers=[1, 3, 4], exit_pooling="mean")
+    batch = random_text_batch(16, seed=2)
+    model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (16,))))
+    model.save_pretrained(tmp_path)
+
+    def same(head, other):
+        return all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), other.state_dict().values()))
+
+    as_saved = EENetBertForSequenceClassification.from_pretrained(tmp_path, exit_layers=[1, 3, 4])
+    assert as_saved.exit_policy is not None and as_saved.config.exit_costs == model.config.exit_costs
+    logger = transformers_logging.get_logger("hf_eenet.models.configuration_eenet")
+    with CaptureLogger(logger) as captured:
+        fewer = EENetBertForSequenceClassification.from_pretrained(tmp_path, exit_layers=[3, 4])
+    assert "`exit_layers` changed from [1, 3, 4] to [3, 4]" in captured.out and fewer.exit_policy is None
+    assert same(fewer.exit_heads[0], model.exit_heads[1])  # layer 3's head, not layer 1's (the first saved one)
+    more = EENetBertForSequenceClassification.from_pretrained(tmp_path, exit_layers=[1, 2, 3, 4])
+    assert same(more.exit_heads[0], model.exit_heads[0]) and same(more.exit_heads[2], model.exit_heads[1])
+    assert not same(more.exit_heads[1], model.exit_heads[1])  # layer 2 had no head: a new one
+    with torch.no_grad():
+        saved_exits = model.eval()(**batch, output_all_exits=True).all_exit_logits
+        torch.testing.assert_close(fewer.eval()(**batch, output_all_exits=True).all_exit_logits, saved_exits[:, 1:])
+
+
+def test_backbone_size_given_at_load_reaches_the_exits(tmp_path):
+    sizes = {name: getattr(tiny_bert_config(), name) for name in ("vocab_size", "hidden_size", "intermediate_size")}
+    stock = BertConfig(**sizes, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+    BertForSequenceClassification(stock).save_pretrained(tmp_path / "stock")
+    truncated = EENetBertForSequenceClassification.from_pretrained(tmp_path / "stock", num_hidden_layers=2)
+    assert len(truncated.bert.encoder.layer) == 2 and truncated.config.exit_layers == [1, 2]
+    assert len(truncated.config.exit_costs) == 2 == len(truncated.exit_heads) + 1
+    tiny_model(num_hidden_layers=4, exit_layers=[2, 4]).save_pretrained(tmp_path / "eenet")
+    with pytest.raises(ValueError, match=r"`exit_layers` must end with the number of backbone blocks \(2\)"):
+        EENetBertForSequenceClassification.from_pretrained(tmp_path / "eenet", num_hidden_layers=2)
+
+
+def test_a_new_class_count_at_load_drops_the_policy(tmp_path):
+    model = tiny_model(exit_pooling="mean", exit_layers=[1, 3])
+    batch = random_text_batch(16, seed=2)
+    model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (16,))))
+    model.save_pretrained(tmp_path)
+    for change in ({"num_labels": 5}, {"id2label": {i: f"c{i}" for i in range(5)}}):
+        reloaded = EENetBertForSequenceClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True, **change)
+        assert reloaded.config.num_labels == 5 and reloaded.exit_policy is None
+
+
+def test_a_plain_trainer_predicts_the_logits_alone(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model()
+    batch = random_text_batch(8, seed=3)
+    data = Dataset.from_dict({**{k: v.tolist() for k, v in batch.items()}, "labels": [0, 1, 2, 0, 1, 2, 0, 1]})
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+    predictions = Trainer(model=model, args=args).predict(data).predictions
+    assert isinstance(predictions, np.ndarray) and predictions.shape == (8, 3)  # as for a stock classifier

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -69,9 +70,9 @@ class BudgetTracker:
 
     def __init__(self, budget: float, horizon: int = 64):
         self.budget = validate_budget(budget)
-        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        if isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral) or horizon < 1:
             raise ValueError(f"`horizon` must be a positive number of samples, got {horizon!r}.")
-        self.horizon = horizon
+        self.horizon = int(horizon)
         self.reset()
 
     def reset(self) -> None:

@@ -10,8 +10,9 @@ import inspect
 import itertools
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
-from transformers import BertConfig, ResNetConfig, ViTConfig
+from transformers import BertConfig, PreTrainedConfig, ResNetConfig, ViTConfig
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -75,6 +76,15 @@ class EENetConfigMixin:
             Configs written in a newer layout than this version reads are refused.
     """
 
+    # A plain `Trainer` evaluating with labels predicts the logits alone, as for a stock classifier (`EarlyExitTrainer`
+    # keeps every field, for per-exit metrics).
+    keys_to_ignore_at_inference: ClassVar[list[str]] = [
+        "exit_index",
+        "exit_cost",
+        "all_exit_logits",
+        "all_exit_features",
+    ]
+
     def _init_early_exit_fields(
         self,
         *,
@@ -89,7 +99,14 @@ class EENetConfigMixin:
         exit_segment_costs: Sequence[float] | None = None,
         exit_cost_batch_size: int | None = None,
     ) -> None:
-        if eenet_format_version is not None and int(eenet_format_version) > EENET_CONFIG_FORMAT:
+        if eenet_format_version is not None and (
+            isinstance(eenet_format_version, bool) or not isinstance(eenet_format_version, int)
+        ):
+            raise ValueError(
+                f"`eenet_format_version` must be a whole number (the early-exit config format, up to "
+                f"{EENET_CONFIG_FORMAT}), got {eenet_format_version!r}: the config was edited or is not an EENet config."
+            )
+        if eenet_format_version is not None and eenet_format_version > EENET_CONFIG_FORMAT:
             raise ValueError(
                 f"This config was written with early-exit config format {eenet_format_version}, but hf_eenet "
                 f"{EENET_VERSION} reads formats up to {EENET_CONFIG_FORMAT}. Upgrade hf_eenet to load it."
@@ -218,19 +235,28 @@ class EENetConfigMixin:
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """
-        As `PreTrainedConfig.from_dict`, but early-exit arguments given as keyword arguments (e.g.
-        `from_pretrained(path, exit_layers=[4, 8, 12])`) reach `__init__`, so they are validated and the fields derived
-        from them (FLOPs-based costs, ...) are recomputed; transformers would set them afterwards, leaving those stale.
+        As `PreTrainedConfig.from_dict`, but early-exit and backbone arguments given as keyword arguments (e.g.
+        `from_pretrained(path, exit_layers=[4, 8, 12])` or `num_hidden_layers=6`) reach `__init__`, so they are
+        validated and the fields derived from them (default exits, FLOPs-based costs, ...) are recomputed; transformers
+        would set them afterwards, leaving those stale. A changed exit layout or class count drops the stored exit
+        policy, with a warning.
         A stock checkpoint's `model_type` (e.g. `"vit"`) is replaced by this class's own.
         """
         config_dict = {key: value for key, value in config_dict.items() if key != "model_type"}
         num_exits = config_dict.pop("num_exits", None)  # derived from `exit_layers`, never stored
-        parameters = inspect.signature(cls.__init__).parameters
-        own = {name for name, p in parameters.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
-        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in cls._init_argument_names()}
         if overrides:
             cls._drop_derived_fields(config_dict, overrides)
             config_dict.update(overrides)
+        num_labels = kwargs.get("num_labels") or len(kwargs.get("id2label") or {}) or None
+        if num_labels is not None and config_dict.get("exit_policy") is not None:
+            saved_labels = len(config_dict.get("id2label") or {}) or None
+            if saved_labels is not None and num_labels != saved_labels:
+                logger.warning(
+                    f"`num_labels` changed from {saved_labels} to {num_labels}: the stored exit policy was fitted on "
+                    f"{saved_labels} classes and is dropped. Train the exits and fit the scheduler again."
+                )
+                config_dict.pop("exit_policy")
         loaded = super().from_dict(config_dict, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
         if num_exits is not None and num_exits != config.num_exits:
@@ -241,9 +267,34 @@ class EENetConfigMixin:
         return loaded
 
     @classmethod
+    def _init_argument_names(cls) -> set[str]:
+        """
+        The arguments `__init__` validates and derives fields from: the early-exit ones and the backbone's (e.g.
+        `num_hidden_layers`, which the default `exit_layers` and the FLOPs-based costs follow), not those of every
+        `PreTrainedConfig` (transformers sets those itself).
+        """
+        names = set()
+        for klass in cls.__mro__:
+            if klass is PreTrainedConfig:
+                break
+            if "__init__" in vars(klass):
+                parameters = inspect.signature(klass.__init__).parameters.items()
+                names |= {name for name, p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return names - set(inspect.signature(PreTrainedConfig.__init__).parameters)
+
+    @classmethod
     def _drop_derived_fields(cls, config_dict: dict, overrides: dict) -> None:
         """Remove the saved fields that `overrides` invalidate, so `__init__` derives them again."""
+        if "exit_layers" in overrides and "exit_layers" in config_dict:
+            if list(overrides["exit_layers"] or ()) == list(config_dict["exit_layers"]):
+                overrides.pop("exit_layers")  # the saved exits: nothing to derive again
         if "exit_layers" in overrides:  # per-exit fields of another exit layout no longer apply
+            if config_dict.get("exit_policy") is not None and "exit_policy" not in overrides:
+                logger.warning(
+                    f"`exit_layers` changed from {config_dict.get('exit_layers')} to {list(overrides['exit_layers'])}: "
+                    "the stored exit policy and exit costs were fitted for the saved exits and are dropped. Train the "
+                    "new exits and fit the scheduler again."
+                )
             for key in (
                 "exit_costs",
                 "exit_cost_source",

@@ -28,7 +28,7 @@ from transformers.utils import logging
 from .budget_tracking import BudgetTracker, is_budget_tracker
 from .configuration_eenet import strictly_increasing, validate_budget
 from .exit_cost_model import ExitCostModel
-from .exit_policies import ExitPolicy, exit_policy_from_config
+from .exit_policies import BUDGET_TOLERANCE, ExitPolicy, exit_policy_from_config
 from .modeling_outputs import EarlyExitClassifierOutput
 
 __all__ = ["EarlyExitMixin", "add_early_exit_forward_docstring", "multi_exit_loss"]
@@ -265,27 +265,66 @@ class EarlyExitMixin:
         weights of different saves are an error where the exits would silently change: a fitted exit policy whose
         tensors the weights lack (it would run freshly initialised), or exit tensors the config does not describe
         (they would be dropped); exits changed at load on purpose (`exit_*` overrides, or a `config=` that describes
-        other exits than the saved one) are not.
+        other exits than the saved one) are not, and then each early exit gets the trained head of its own layer where
+        the saved model had one (the weights would load by position).
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        if model._exits_as_saved(pretrained_model_name_or_path, kwargs):
+        saved = model._saved_config_dict(pretrained_model_name_or_path, kwargs)
+        if saved is not None and model._exits_as_saved(saved):
             model._check_exits_loaded(pretrained_model_name_or_path, loading_info)
+        elif saved is not None:
+            model._load_exit_heads_by_layer(saved, pretrained_model_name_or_path, kwargs)
         if cls.hub_integration is not None and pretrained_model_name_or_path is not None:
             cls.hub_integration.load_card_data(model, pretrained_model_name_or_path, **kwargs)
         return (model, loading_info) if output_loading_info else model
 
-    def _exits_as_saved(self, source, kwargs: dict) -> bool:
+    def _saved_config_dict(self, source, kwargs: dict) -> dict | None:
+        """The config dict saved at `source` (`None` for a model loaded from a state dict alone)."""
+        if source is None:
+            return None
+        return self.config_class.get_config_dict(source, **hub_loading_kwargs(kwargs))[0]
+
+    def _exits_as_saved(self, saved: dict) -> bool:
         """
         Whether the model's exits are those its saved config describes (every exit field the saved config has holds
         the same value), as when loading through the `Auto` classes or `pipeline`; not when exits were changed at load.
         """
-        if source is None:
-            return False
-        saved, _ = self.config_class.get_config_dict(source, **hub_loading_kwargs(kwargs))
         return all(saved[key] == getattr(self.config, key, None) for key in EXIT_DESCRIPTION_KEYS if key in saved)
+
+    def _load_exit_heads_by_layer(self, saved: dict, source, kwargs: dict) -> None:
+        """
+        Exits changed at load (e.g. `from_pretrained(path, exit_layers=[2, 3])` of a model saved with `[1, 2, 3]`): the
+        weights load by position, so an early exit would get the head trained for another layer. Give each early exit
+        the saved head of its own layer where the saved model had one (and the same head layout), and a freshly
+        initialised head elsewhere.
+        """
+        saved_layers = saved.get("exit_layers")
+        same_unit = saved.get("exit_layer_unit") == getattr(self.config, "exit_layer_unit", None)
+        if not saved_layers or not same_unit or len(saved_layers) < 2:
+            return  # a stock checkpoint (no trained exit heads), or exits counted in other units
+        saved_index = {layer: j for j, layer in enumerate(saved_layers[:-1])}
+        layers = self.config.exit_layers[:-1]
+        if all(saved_index.get(layer) == i for i, layer in enumerate(layers)):
+            return  # every early exit is where it was saved
+        trained = type(self).from_pretrained(source, **hub_loading_kwargs(kwargs)).exit_heads  # the heads as saved
+        for i, layer in enumerate(layers):
+            head, state = self.exit_heads[i], None
+            if layer in saved_index:
+                state = trained[saved_index[layer]].state_dict()
+                if {key: value.shape for key, value in state.items()} != {
+                    key: value.shape for key, value in head.state_dict().items()
+                }:
+                    state = None  # the head is laid out otherwise now (e.g. another pooling)
+            if state is not None:
+                head.load_state_dict(state)
+            else:
+                for tensor in head.state_dict(keep_vars=True).values():
+                    tensor._is_hf_initialized = False  # loaded tensors are marked as initialised, and kept as they are
+                head.apply(self._init_weights)
+                logger.info(f"Exit {i} (after {layer} {self.config.exit_layer_units_name}) has a new head.")
 
     def _check_exits_loaded(self, source, loading_info: dict) -> None:
         """Raise if the weights loaded from `source` hold exit tensors the config lacks, or lack the policy's."""
@@ -353,7 +392,7 @@ class EarlyExitMixin:
         policy, _ = self._resolve_policy(tracker.budget, exit_policy)  # the target itself must be servable
         if policy is None:
             return [1.0]
-        cheapest = self.config.exit_costs[0] - 1e-9
+        cheapest = self.config.exit_costs[0] - BUDGET_TOLERANCE
         return [budget for budget in policy.budgets if cheapest <= budget < 1.0] + [1.0]
 
     @staticmethod
@@ -390,10 +429,10 @@ class EarlyExitMixin:
         if budget is None or budget >= 1.0:
             return None, None
         policy = exit_policy if exit_policy is not None else self.exit_policy
-        if budget < costs[0] - 1e-9:
+        if budget < costs[0] - BUDGET_TOLERANCE:
             smallest = f"{costs[0]:.4f}"
             if policy is not None and policy.requires_budget and policy.is_fitted:
-                meetable = [fitted for fitted in policy.budgets if fitted >= costs[0] - 1e-9]
+                meetable = [fitted for fitted in policy.budgets if fitted >= costs[0] - BUDGET_TOLERANCE]
                 smallest = f"{meetable[0]:g} (the smallest fitted budget at or above it)" if meetable else "none"
             raise ValueError(
                 f"budget {budget} is below the cost of the cheapest exit ({costs[0]:.4f} of the full model); the "
@@ -507,15 +546,24 @@ class EarlyExitMixin:
             exit_index.index_fill_(0, active, k)
             if k == last:
                 break
-            leave, policy_state = policy.decide(k, logits, features, policy_state, budget_index)
+            with torch.autocast(device.type, enabled=False):  # the policy computes as it was fitted, in float32
+                leave, policy_state = policy.decide(k, logits, features, policy_state, budget_index)
             # Every running sample recorded this exit above; those that stay overwrite it at a later exit. Then a
             # single device-to-host copy per exit: how many stay and, with padding, the longest of them.
             stay = ~leave
             counts = [stay.sum()]
             if self.padding_mask_name is not None:
-                lengths = state[self.padding_mask_name].sum(1, dtype=torch.long)
-                counts.append(torch.where(stay, lengths, 0).amax())
+                mask = state[self.padding_mask_name]
+                counts.append(torch.where(stay, mask.sum(1, dtype=torch.long), 0).amax())
+                if k == 0:  # trimming keeps the first positions: a one after a zero would be cut off
+                    counts.append((mask[:, 1:] > mask[:, :-1]).any().long())
             num_staying, *longest = torch.stack(counts).tolist()
+            if k == 0 and self.padding_mask_name is not None and longest.pop():
+                raise ValueError(
+                    f"`{self.padding_mask_name}` has padding on the left in some rows (a 0 before a 1), but the "
+                    "early-exit forward trims padding on the right: tokenize with right padding "
+                    '(`tokenizer.padding_side = "right"`, the default of BERT tokenizers).'
+                )
             if num_staying == 0:
                 break
             if num_staying == active.numel():

@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configuration_eenet import validate_budget
 from .exit_cost_model import ExitCostModel
+
+# Budgets are kept to six decimals (`fit` rounds them: a float32 0.7 is 0.699999988): two budgets closer than half a
+# unit of the sixth decimal are the same budget.
+BUDGET_DECIMALS = 6
+BUDGET_TOLERANCE = 0.5 * 10**-BUDGET_DECIMALS
 
 __all__ = [
     "EXIT_POLICY_CLASSES",
@@ -109,9 +115,9 @@ def default_budget_grid(
     costs = ExitCostModel.of(exit_costs)
     if not (math.isfinite(step) and step > 0) or not (0 < start <= stop <= 1):
         raise ValueError(f"Need 0 < start <= stop <= 1 and step > 0, got start={start}, stop={stop}, step={step}.")
-    count = int(round((stop - start) / step)) + 1
-    grid = [round(start + i * step, 6) for i in range(count)]
-    feasible = [b for b in grid if costs.cheapest - 1e-9 <= b <= costs.deepest + 1e-9]
+    count = math.floor((stop - start) / step + 1e-9) + 1  # never past `stop`
+    grid = [round(start + i * step, BUDGET_DECIMALS) for i in range(count)]
+    feasible = [b for b in grid if costs.cheapest - BUDGET_TOLERANCE <= b <= costs.deepest + BUDGET_TOLERANCE]
     if not feasible:
         raise ValueError(
             f"No budget in {grid} lies between the cheapest exit's cost ({costs.cheapest:.3f}) and the cost of "
@@ -148,7 +154,7 @@ def geometric_exit_fractions(exit_costs: ExitCostModel | Sequence[float], budget
     that cost: every allocation meets it).
     """
     costs = ExitCostModel.of(exit_costs)
-    if budget < costs.cheapest - 1e-9:
+    if budget < costs.cheapest - BUDGET_TOLERANCE:
         raise ValueError(f"budget {budget} is below the cheapest exit's cost {costs.cheapest:.4f}.")
     budget = min(float(budget), costs.deepest)
     return tilt_exit_fractions(torch.ones(len(costs), dtype=torch.float64), costs, budget).to(torch.float32)
@@ -300,6 +306,15 @@ def check_class_labels(labels, num_samples: int, num_labels: int) -> None:
         )
 
 
+def looks_like_probabilities(exit_logits: torch.Tensor) -> bool:
+    """Whether `exit_logits` `(N, K, C)`, with `C >= 2`, are softmax outputs (rows in [0, 1] summing to 1)."""
+    if exit_logits.shape[-1] < 2 or exit_logits.numel() == 0:
+        return False
+    values = exit_logits.detach().float()
+    in_unit_interval = bool(((values >= 0) & (values <= 1)).all())
+    return in_unit_interval and bool(torch.allclose(values.sum(-1), torch.ones((), device=values.device), atol=1e-3))
+
+
 def _check_is_budget_grid(budgets) -> None:
     if any(not (0 < b <= 1) for b in budgets):
         raise ValueError(
@@ -391,9 +406,10 @@ class ExitPolicy(nn.Module):
             )
         if not self.is_fitted:
             raise ValueError(f"The {self.policy_type} exit policy has not been fitted: it has no budgets.")
+        budget = validate_budget(budget)
         index = -1
         for i, fitted in enumerate(self.budgets):
-            if fitted <= budget + 1e-9:
+            if fitted <= budget + BUDGET_TOLERANCE:
                 index = i
         if index < 0:
             raise ValueError(
@@ -436,6 +452,12 @@ class ExitPolicy(nn.Module):
             raise ValueError(
                 f"`exit_logits` must have shape (num_samples, {self.num_exits}, num_labels), got {shape}."
             )
+        if looks_like_probabilities(exit_logits):
+            raise ValueError(
+                "`exit_logits` look like probabilities (every row lies in [0, 1] and sums to 1), but exit policies take "
+                "the exits' logits (or log-probabilities): they apply the softmax themselves. Pass the logits, or "
+                "`probabilities.log()`."
+            )
         if exit_features is None:
             return
         if len(exit_features) != self.num_exits:
@@ -471,18 +493,26 @@ class ExitPolicy(nn.Module):
         self, exit_logits, labels, exit_costs, budgets, exit_features=None
     ) -> tuple[ExitCostModel, list[float]]:
         costs = self._check_calibration_data(exit_logits, labels, exit_costs, exit_features)
-        # to 6 decimals: a float32 tensor's 0.4 is 0.4000000059604645, and `budget_index(0.4)` would refuse it
-        budgets = sorted(round(float(b), 6) for b in budgets)
+        if hasattr(budgets, "tolist"):  # a tensor or an array
+            budgets = budgets.tolist()
+        if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence):
+            raise TypeError(
+                f"`budgets` must be a sequence of budgets (e.g. [0.3, 0.5]), got {type(budgets).__name__}: {budgets!r}."
+            )
+        budgets = [validate_budget(budget, name="budgets") for budget in budgets]
         if not budgets:
             raise ValueError("`budgets` must hold at least one budget.")
         _check_is_budget_grid(budgets)
+        if min(budgets) < costs.cheapest - BUDGET_TOLERANCE:
+            raise ValueError(
+                f"budget {min(budgets)} is below the cheapest exit's cost {costs.cheapest:.4f}: no policy can meet "
+                f"it; the smallest budget allowed is {costs.cheapest:.4f}."
+            )
+        # to six decimals, never below the cheapest exit's cost (a budget at that cost stays meetable)
+        budgets = sorted(max(round(float(b), BUDGET_DECIMALS), costs.cheapest) for b in budgets)
+        _check_is_budget_grid(budgets)
         if len(set(budgets)) != len(budgets):
             raise ValueError(f"`budgets` must not repeat a budget, got {budgets}.")
-        if budgets[0] < costs.cheapest - 1e-9:
-            raise ValueError(
-                f"budget {budgets[0]} is below the cheapest exit's cost {costs.cheapest:.4f}: no policy can meet it; "
-                f"the smallest budget allowed is {costs.cheapest:.4f}."
-            )
         return costs, budgets
 
     # --- inference --------------------------------------------------------------------------------------------------
@@ -550,7 +580,8 @@ class ExitPolicy(nn.Module):
         state = self.initial_state(num_samples, exit_logits.device)
         for k in range(self.num_exits - 1):
             features = exit_features[k] if exit_features is not None else None
-            leave, state = self.decide(k, exit_logits[:, k], features, state, budget_index)
+            with torch.autocast(exit_logits.device.type, enabled=False):  # as the engine decides: in float32
+                leave, state = self.decide(k, exit_logits[:, k], features, state, budget_index)
             leave = leave & active
             exits[leave] = k
             active &= ~leave
@@ -2022,7 +2053,7 @@ def _standardisation(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     `(mean, scale, used)` of features `inputs` `(N, ..., F)` over the samples: `scale` is the standard deviation, at
     least `_MIN_FEATURE_SCALE`; `used` marks the features that vary at all (a constant one tells no sample apart).
     """
-    std = inputs.std(0)
+    std = inputs.std(0) if inputs.shape[0] > 1 else torch.zeros_like(inputs[0])  # one sample: nothing varies
     return inputs.mean(0), std.clamp_min(_MIN_FEATURE_SCALE), std > 1e-6
 
 
