@@ -99,18 +99,18 @@ class EENetConfigMixin:
         exit_segment_costs: Sequence[float] | None = None,
         exit_cost_batch_size: int | None = None,
     ) -> None:
-        if eenet_format_version is not None and (
-            isinstance(eenet_format_version, bool) or not isinstance(eenet_format_version, int)
-        ):
-            raise ValueError(
-                f"`eenet_format_version` must be a whole number (the early-exit config format, up to "
-                f"{EENET_CONFIG_FORMAT}), got {eenet_format_version!r}: the config was edited or is not an EENet config."
-            )
-        if eenet_format_version is not None and eenet_format_version > EENET_CONFIG_FORMAT:
-            raise ValueError(
-                f"This config was written with early-exit config format {eenet_format_version}, but hf_eenet "
-                f"{EENET_VERSION} reads formats up to {EENET_CONFIG_FORMAT}. Upgrade hf_eenet to load it."
-            )
+        if eenet_format_version is not None:
+            if isinstance(eenet_format_version, bool) or not isinstance(eenet_format_version, int):
+                raise ValueError(
+                    f"`eenet_format_version` must be a whole number (the early-exit config format, up to "
+                    f"{EENET_CONFIG_FORMAT}), got {eenet_format_version!r}: the config was edited or is not an EENet "
+                    "config."
+                )
+            if eenet_format_version > EENET_CONFIG_FORMAT:
+                raise ValueError(
+                    f"This config was written with early-exit config format {eenet_format_version}, but hf_eenet "
+                    f"{EENET_VERSION} reads formats up to {EENET_CONFIG_FORMAT}. Upgrade hf_eenet to load it."
+                )
         self.hf_eenet_version = EENET_VERSION
 
         exit_layers = list(range(1, num_blocks + 1)) if exit_layers is None else [int(x) for x in exit_layers]

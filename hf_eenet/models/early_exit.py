@@ -555,10 +555,11 @@ class EarlyExitMixin:
             if self.padding_mask_name is not None:
                 mask = state[self.padding_mask_name]
                 counts.append(torch.where(stay, mask.sum(1, dtype=torch.long), 0).amax())
-                if k == 0:  # trimming keeps the first positions: a one after a zero would be cut off
+                if k == 0:  # trimming keeps the first positions: a 1 after a 0 (left padding) would be cut off
                     counts.append((mask[:, 1:] > mask[:, :-1]).any().long())
-            num_staying, *longest = torch.stack(counts).tolist()
-            if k == 0 and self.padding_mask_name is not None and longest.pop():
+            num_staying, *padding = torch.stack(counts).tolist()  # [longest survivor, left padding seen at exit 0]
+            longest = padding[0] if padding else None
+            if any(padding[1:]):
                 raise ValueError(
                     f"`{self.padding_mask_name}` has padding on the left in some rows (a 0 before a 1), but the "
                     "early-exit forward trims padding on the right: tokenize with right padding "
@@ -570,10 +571,8 @@ class EarlyExitMixin:
                 continue
             staying = torch.argsort(leave.to(torch.uint8), stable=True)[:num_staying]  # the staying, in order
             active = active[staying]
-            if longest:  # trim the padding to the longest survivor
-                state = self.select_samples(state, staying, max(longest[0], 1))
-            else:
-                state = self.select_samples(state, staying)
+            # with padding, trim it to the longest survivor
+            state = self.select_samples(state, staying, None if longest is None else max(longest, 1))
             policy_state = {name: value.index_select(0, staying) for name, value in policy_state.items()}
         return EarlyExitClassifierOutput(
             logits=logits_out,

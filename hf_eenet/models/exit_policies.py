@@ -510,7 +510,6 @@ class ExitPolicy(nn.Module):
             )
         # to six decimals, never below the cheapest exit's cost (a budget at that cost stays meetable)
         budgets = sorted(max(round(float(b), BUDGET_DECIMALS), costs.cheapest) for b in budgets)
-        _check_is_budget_grid(budgets)
         if len(set(budgets)) != len(budgets):
             raise ValueError(f"`budgets` must not repeat a budget, got {budgets}.")
         return costs, budgets
