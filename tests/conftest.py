@@ -44,6 +44,15 @@ def random_text_batch(batch_size: int, max_length: int = 16, vocab_size: int = 9
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def left_padded(batch: dict) -> dict:
+    """The same rows padded on the left instead of the right (as a tokenizer with `padding_side="left"`)."""
+    lengths = batch["attention_mask"].sum(1)
+    return {
+        name: torch.stack([row.roll(int(row.numel() - n)) for row, n in zip(value, lengths)])
+        for name, value in batch.items()
+    }
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

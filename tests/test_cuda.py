@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import random_text_batch, tiny_bert_config
+from conftest import left_padded, random_text_batch, tiny_bert_config
 from test_exit_policies import FAST, fit_on_model
 from test_modeling_eenet_vision import BACKBONES, exit_patterns, random_images
 from test_scheduler_trainer import scheduler_args
@@ -184,3 +184,37 @@ def test_a_policy_passed_at_call_time_follows_the_model_to_cuda():
         all_exits = model(**batch, output_all_exits=True, output_exit_features=True)
         expected = policy.simulate(all_exits.all_exit_logits, 1, all_exits.all_exit_features)
     assert torch.equal(out.exit_index, expected)
+
+
+def test_left_padding_is_refused_on_cuda():
+    """The left-padding check rides on the engine's one device-to-host copy after exit 0: it must hold on a GPU too."""
+    model, batch = bert_case(6, seed=3)
+    left = left_padded(batch)
+    model, left = model.to(CUDA), on_cuda(left)
+    with torch.no_grad():
+        model(**left, output_all_exits=True)  # every exit on every sample: no trimming, as stock BERT
+        with pytest.raises(ValueError, match="padding on the left in some rows .*padding_side"):
+            model(**left, exit_policy=ForcedExitPolicy(torch.tensor([0, 0, 2, 1, 2, 2])))
+
+
+@by_backbone
+def test_decisions_ignore_a_cuda_autocast(name):
+    """Under the caller's half-precision autocast the blocks run in bfloat16, but the policy decides in float32."""
+    model, _ = CASES[name](1, seed=0)
+    batches = [on_cuda(CASES[name](32, seed=seed)[1]) for seed in range(3)]
+    model = model.to(CUDA)
+    model.set_exit_policy(fitted_eenet(model, batches))
+    policy, seen = model.exit_policy, []
+    decide = policy.decide
+    policy.decide = lambda *args: seen.append(torch.is_autocast_enabled(CUDA.type)) or decide(*args)
+    with torch.no_grad(), torch.autocast(CUDA.type, dtype=torch.bfloat16):
+        for budget in policy.budgets:
+            out = model(**batches[0], budget=budget)
+            assert out.exit_index.device.type == CUDA.type
+        all_exits = model(**batches[0], output_all_exits=True, output_exit_features=True)
+        features = all_exits.all_exit_features
+        assert torch.equal(
+            policy.simulate(all_exits.all_exit_logits, 1, features),
+            policy.simulate(all_exits.all_exit_logits.float(), 1, [f.float() for f in features]),
+        )
+    assert seen and not any(seen)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import random_text_batch, tiny_bert_config
+from conftest import left_padded, random_text_batch, tiny_bert_config
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -537,11 +537,7 @@ def test_left_padding_is_refused_on_the_early_exit_path():
     """Trimming keeps a batch's first positions: a left-padded mask would lose the survivors' tokens."""
     model = tiny_model(exit_pooling="mean")
     batch = random_text_batch(6, seed=3)
-    lengths = batch["attention_mask"].sum(1)
-    left = {
-        name: torch.stack([row.roll(int(row.numel() - n)) for row, n in zip(value, lengths)])
-        for name, value in batch.items()
-    }
+    left = left_padded(batch)
     targets = torch.tensor([0, 0, 2, 1, 2, 2])
     with torch.no_grad():
         model(**left, output_all_exits=True)  # every exit on every sample: no trimming, as stock BERT
