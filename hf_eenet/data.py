@@ -16,6 +16,8 @@ The pipeline is split so that the vision path can reuse the generic parts:
 from __future__ import annotations
 
 import csv
+import dataclasses
+import os
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -247,8 +249,13 @@ def load_raw_splits(args: DatasetArguments, roles: Sequence[str] = DATA_ROLES) -
         args.split_name(role)  # validates the role
     path = Path(args.dataset_name).expanduser()
     if path.exists():
-        available = _load_local(path, args)
+        if args.dataset_config_name is not None:
+            raise ValueError(
+                f"`dataset_config_name` {args.dataset_config_name!r} names a configuration of a Hub dataset, but "
+                f"{args.dataset_name!r} is a local path: point `dataset_name` at the configuration's files instead."
+            )
         source = str(path)
+        available = _load_local(path, args)
     else:
         if _looks_like_a_path(args.dataset_name):
             raise FileNotFoundError(f"No such file or directory: {args.dataset_name!r}.")
@@ -256,26 +263,53 @@ def load_raw_splits(args: DatasetArguments, roles: Sequence[str] = DATA_ROLES) -
         source = args.dataset_name + (f" ({args.dataset_config_name})" if args.dataset_config_name else "")
     result = DatasetDict()
     for role in roles:
-        name, row_slice = parse_split(args.split_name(role))
-        split = _match_split(name, list(available), source, role)
-        dataset = available[split]
-        if args.shuffle_seed is not None:
-            dataset = dataset.shuffle(seed=args.shuffle_seed)
-        if row_slice is not None:
-            rows = row_slice.rows(len(dataset))
-            if len(rows) == 0:
-                raise ValueError(
-                    f"The {args.split_name(role)!r} split of {source} ({role} data) selects no rows: the {split!r} "
-                    f"split has {len(dataset)}."
-                )
-            dataset = dataset.select(rows)
-        if len(dataset) == 0:
-            raise ValueError(f"The {args.split_name(role)!r} split of {source} ({role} data) has no rows.")
-        limit = getattr(args, f"max_{role}_samples")
-        if limit is not None and limit < len(dataset):
-            dataset = dataset.select(range(limit))
-        result[role] = dataset
+        split = _match_split(parse_split(args.split_name(role))[0], list(available), source, role)
+        result[role] = _select_rows(available[split], args, role, source)
     return result
+
+
+def _select_rows(dataset: Dataset, args: DatasetArguments, role: str, source: str) -> Dataset:
+    """The rows of a whole stored split that `args` select for `role`: shuffled, sliced, cut to `max_<role>_samples`."""
+    split_name = args.split_name(role)
+    name, row_slice = parse_split(split_name)
+    if args.shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=args.shuffle_seed)
+    if row_slice is not None:
+        rows = row_slice.rows(len(dataset))
+        if len(rows) == 0:
+            raise ValueError(
+                f"The {split_name!r} split of {source} ({role} data) selects no rows: the {name!r} split has "
+                f"{len(dataset)}."
+            )
+        dataset = dataset.select(rows)
+    if len(dataset) == 0:
+        raise ValueError(f"The {split_name!r} split of {source} ({role} data) has no rows.")
+    limit = getattr(args, f"max_{role}_samples")
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.select(range(limit))
+    return dataset
+
+
+def shared_rows(args: DatasetArguments, role: str, other_args: DatasetArguments, other_role: str) -> int:
+    """
+    How many rows the `role` data of `args` and the `other_role` data of `other_args` share: `0` unless both come
+    from the same dataset and the same stored split (e.g. training on `train[:90%]` and calibrating on `train[90%:]`),
+    where slices of different shuffles (`shuffle_seed`) or overlapping slices of one shuffle share rows.
+    """
+    same_dataset = (
+        Path(args.dataset_name).expanduser().resolve() == Path(other_args.dataset_name).expanduser().resolve()
+    )
+    if not same_dataset or args.dataset_config_name != other_args.dataset_config_name:
+        return 0
+    name, other_name = parse_split(args.split_name(role))[0], parse_split(other_args.split_name(other_role))[0]
+    if name != other_name and other_name not in SPLIT_ALIASES.get(name, ()):
+        return 0
+    whole = dataclasses.replace(args, **{f"{role}_split": name, f"max_{role}_samples": None, "shuffle_seed": None})
+    num_rows = len(load_raw_splits(whole, roles=(role,))[role])
+    row_ids = Dataset.from_dict({"row": list(range(num_rows))})
+    rows = _select_rows(row_ids, args, role, args.dataset_name)["row"]
+    other_rows = _select_rows(row_ids, other_args, other_role, other_args.dataset_name)["row"]
+    return len(set(rows) & set(other_rows))
 
 
 _SPLIT_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>[^:\]]*):(?P<stop>[^:\]]*)\]$")
@@ -290,13 +324,16 @@ class RowSlice:
     stop: str = ""
 
     def rows(self, num_rows: int) -> range:
-        """The row indices this slice selects from a split of `num_rows` rows (percentages rounded down)."""
+        """
+        The row indices this slice selects from a split of `num_rows` rows (a percentage to the nearest row, as
+        `datasets` rounds it: `[:50%]` of 15 rows is 8 rows).
+        """
 
         def resolve(bound: str) -> int | None:
             if not bound:
                 return None
             if bound.endswith("%"):
-                return int(bound[:-1]) * num_rows // 100
+                return round(int(bound[:-1]) * num_rows / 100)
             return int(bound)
 
         return range(num_rows)[resolve(self.start) : resolve(self.stop)]
@@ -389,12 +426,18 @@ def _local_data_files(path: Path) -> dict[str, list[Path]]:
     return by_split
 
 
-def _check_not_empty(file: Path) -> None:
+def _check_not_empty(file: Path, header_rows: int = 0) -> None:
+    """Refuse a data file without data rows: empty, only whitespace, or (csv/tsv) only its header row."""
     size = file.stat().st_size
     if size == 0:
         raise ValueError(f"The data file {str(file)!r} is empty.")
-    if file.suffix.lower() != ".parquet" and size < 1 << 16 and not file.read_bytes().strip():
+    if file.suffix.lower() == ".parquet" or size >= 1 << 16:
+        return
+    lines = [line for line in file.read_bytes().splitlines() if line.strip()]
+    if not lines:
         raise ValueError(f"The data file {str(file)!r} is empty (only whitespace).")
+    if len(lines) <= header_rows:
+        raise ValueError(f"The data file {str(file)!r} holds a header row but no data rows.")
 
 
 def _is_image_folder(path: Path) -> bool:
@@ -406,33 +449,58 @@ def _is_image_folder(path: Path) -> bool:
     )
 
 
-def _load_local(path: Path, args: DatasetArguments) -> DatasetDict:
+def _load_local(path: Path, args: DatasetArguments) -> Mapping[str, Dataset]:
     """Local files: csv/tsv (with or without header), json/jsonl, parquet, or an image folder."""
     if _is_image_folder(path):
         return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=args.cache_dir)
-    by_split = _local_data_files(path)
-    first = next(iter(by_split.values()))[0]
-    suffix = first.suffix.lower()
-    builder = LOCAL_FORMATS[suffix]
-    for files in by_split.values():
-        for file in files:
-            _check_not_empty(file)
-    kwargs: dict = {}
-    if builder == "csv":
-        delimiter = args.delimiter if args.delimiter is not None else ("\t" if suffix == ".tsv" else ",")
-        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
-        kwargs = {"sep": delimiter, "quoting": quoting}
-        if not args.has_header:
-            kwargs["header"] = None
-            kwargs["column_names"] = [f"column_{i}" for i in range(_count_fields(first, delimiter, quoting))]
-    data_files = {split: [str(f) for f in files] for split, files in by_split.items()}
+    return _LocalSplits(path, args)
+
+
+class _LocalSplits(Mapping):
+    """
+    The splits of local data files by name, each read on first access and on its own, so that a split that is not
+    used, or has other columns (such as GLUE's unlabelled `test.tsv` beside `train.tsv` and `dev.tsv`), does not stop
+    the others from loading.
+    """
+
+    def __init__(self, path: Path, args: DatasetArguments):
+        self.path, self.args, self.files = path, args, _local_data_files(path)
+        first = next(iter(self.files.values()))[0]
+        suffix = first.suffix.lower()
+        self.builder, self.kwargs = LOCAL_FORMATS[suffix], {}
+        if self.builder == "csv":
+            delimiter = args.delimiter if args.delimiter is not None else ("\t" if suffix == ".tsv" else ",")
+            quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+            self.kwargs = {"sep": delimiter, "quoting": quoting}
+            if not args.has_header:
+                self.kwargs["header"] = None
+                self.kwargs["column_names"] = [f"column_{i}" for i in range(_count_fields(first, delimiter, quoting))]
+        self.loaded: dict[str, Dataset] = {}
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, split: str) -> Dataset:
+        if split not in self.loaded:
+            files = self.files[split]
+            for file in files:
+                _check_not_empty(file, header_rows=1 if self.builder == "csv" and self.args.has_header else 0)
+            self.loaded[split] = _load_local_split(
+                self.path, self.builder, split, [str(f) for f in files], self.args, self.kwargs
+            )
+        return self.loaded[split]
+
+
+def _load_local_split(path: Path, builder: str, split: str, files: list[str], args: DatasetArguments, kwargs: dict):
+    """One split's local files through the `datasets` builder, with a clear error when they cannot be read."""
     try:
-        return datasets.load_dataset(builder, data_files=data_files, cache_dir=args.cache_dir, **kwargs)
+        return datasets.load_dataset(builder, data_files={split: files}, cache_dir=args.cache_dir, **kwargs)[split]
     except Exception as error:  # pandas/pyarrow parse errors: say which files could not be read
-        no_rows = re.search(r'Instruction "(.+?)" corresponds to no data', str(error))
-        if no_rows and no_rows.group(1) in data_files:
-            split = no_rows.group(1)
-            raise ValueError(f"The {split!r} split of {path} has no rows ({data_files[split]}).") from error
+        if re.search(r'Instruction "(.+?)" corresponds to no data', str(error)):
+            raise ValueError(f"The {split!r} split of {path} has no rows ({files}).") from error
         hint, chain, cause = "", [], error
         while cause is not None and len(chain) < 10:  # datasets wraps the cast error in a generation error
             chain.append(str(cause))
@@ -444,7 +512,8 @@ def _load_local(path: Path, args: DatasetArguments) -> DatasetDict:
                 "row, pass `--no_has_header` (`has_header=False`) and name columns by index."
             )
         raise ValueError(
-            f"Could not read the {builder} files {data_files} ({type(error).__name__}: {error}).{hint}"
+            f"Could not read the {builder} files of the {split!r} split {files} ({type(error).__name__}: {error})."
+            f"{hint}"
         ) from error
 
 
@@ -582,6 +651,12 @@ def encode_labels(
         values = {role: [int(v) for v in column] for role, column in values.items()}
         kind = "int"
     if kind == "str":
+        values = {role: [v.strip() for v in column] for role, column in values.items()}  # "pos " is "pos"
+        spelled_ids = all(_is_int_string(v) for column in values.values() for v in column)
+        if label_names is not None and spelled_ids and not any(v in label_names for c in values.values() for v in c):
+            label_names_given, label_names = label_names, None  # class ids stored as text, named by `label_names`
+        else:
+            label_names_given = None
         if (
             label_names is None
             and all(_is_int_string(v) for column in values.values() for v in column[1:])
@@ -592,9 +667,9 @@ def encode_labels(
                 f"The label column {label_column!r} holds class ids except in a first row ({first!r}): is a header "
                 "row read as data? Drop `has_header=False` (`--no_has_header`) for files with a header."
             )
-        if label_names is None and all(_is_int_string(v) for column in values.values() for v in column):
+        if label_names is None and spelled_ids:
             values = {role: [int(v) for v in column] for role, column in values.items()}
-            kind = "int"
+            kind, label_names = "int", label_names_given
         else:
             if label_names is None:
                 label_names = sorted({v for column in values.values() for v in column})
@@ -630,6 +705,13 @@ def encode_labels(
             raise ValueError(f"Label id {largest} is out of range for the {len(label_names)} labels {label_names}.")
     if len(label_names) < 2:
         logger.warning(f"Only one class ({label_names}) was found: a classifier needs at least two.")
+    if "train" in values:
+        unseen = sorted(set(range(len(label_names))) - set(values["train"]))
+        if unseen:
+            logger.warning(
+                f"The train split has no rows of the classes {[label_names[i] for i in unseen]} (of {label_names}): "
+                "their classifier rows and exit heads learn nothing for them."
+            )
 
     feature = ClassLabel(names=label_names)
     result = DatasetDict()
@@ -949,9 +1031,38 @@ def load_image_classification_data(
         if column != "image":
             dataset = dataset.rename_column(column, "image")
         if not isinstance(dataset.features["image"], datasets.Image):
+            dataset = _resolve_image_paths(dataset, args, role)
             dataset = dataset.cast_column("image", datasets.Image())  # e.g. file paths or encoded bytes
         splits[role] = dataset
     return ClassificationData(splits=splits, label_names=data.label_names)
+
+
+def _resolve_image_paths(dataset: Dataset, args: DatasetArguments, role: str) -> Dataset:
+    """
+    Image file paths of local data files: a relative path is read against the data files' folder where the file is
+    there (so that a dataset folder can move), else against the working directory (as `datasets` reads it). The first
+    row's file must exist, so that a wrong path fails here rather than at the first batch of training.
+    """
+    first = dataset[0]["image"]
+    if not isinstance(first, str) or first.startswith(("http://", "https://", "hf://")):
+        return dataset
+    local = Path(args.dataset_name).expanduser()
+    base = next(iter(_local_data_files(local).values()))[0].parent if local.exists() else None
+    candidates = [Path(first)] if Path(first).is_absolute() or base is None else [base / first, Path(first)]
+    found = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"The image file {first!r} of the first row of the {role} split does not exist (looked for "
+            f"{' and '.join(repr(str(c)) for c in candidates)}); relative paths are read against the data files' "
+            "folder or the working directory."
+        )
+    if base is None or found != base / first:
+        return dataset
+    return dataset.map(
+        lambda batch: {"image": [p if os.path.isabs(p) else str(base / p) for p in batch["image"]]},
+        batched=True,
+        desc="Resolving image paths",
+    )
 
 
 def augment_image(image, rng: random.Random | None = None):

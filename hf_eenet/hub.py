@@ -1,7 +1,6 @@
 """What `import hf_eenet` adds to every EENet model's `save_pretrained` / `from_pretrained` / `push_to_hub`:
-the generated model card and the optional remote-code export (installed as `EarlyExitMixin.hub_integration`)."""
+the generated model card, the remote-code export and uploads with both (installed as `EarlyExitMixin.hub_integration`)."""
 
-from .model_card import load_card_data, push_to_hub, write_model_card
-from .remote_code import save_remote_code
+from .model_card import load_card_data, push_to_hub, save_pretrained
 
-__all__ = ["load_card_data", "push_to_hub", "save_remote_code", "write_model_card"]
+__all__ = ["load_card_data", "push_to_hub", "save_pretrained"]

@@ -5,7 +5,8 @@
 (library, pipeline tag, tags, base model, datasets, model-index), usage with `pipeline(..., budget=...)` and the Auto
 classes, the exits table, the budget → accuracy/cost tables (each labelled simulated or measured), the plot, the
 training and fitting hyperparameters and the framework versions. The card data travel with the model as
-`eenet_card_data.json`, so a model loaded and saved again keeps its card.
+`eenet_card_data.json`, so a model loaded and saved again keeps its card. A push renders the card with the repo it
+pushes to (and its `tags`) without storing them in the card data.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .models.configuration_eenet import EENET_VERSION
+from .models.early_exit import hub_loading_kwargs
+from .remote_code import save_remote_code, ships_remote_code
 
-__all__ = ["EENetModelCardData", "load_card_data", "push_to_hub", "render_model_card", "write_model_card"]
+__all__ = [
+    "EENetModelCardData",
+    "load_card_data",
+    "push_to_hub",
+    "render_model_card",
+    "save_pretrained",
+    "write_model_card",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +60,8 @@ class EENetModelCardData:
     What the model card says beyond what the model itself knows (its config gives exits, costs and the policy).
 
     Args:
-        model_id (`str`, *optional*): Hub id shown in the usage snippets (set by `push_to_hub`).
+        model_id (`str`, *optional*): Hub id shown in the usage snippets of a local save (a push shows the repo it
+            pushes to).
         model_name (`str`, *optional*): title of the card.
         base_model (`str`, *optional*): checkpoint the backbone was initialised from.
         language, license (*optional*): card metadata.
@@ -65,6 +76,9 @@ class EENetModelCardData:
             left out of the model-index (the other splits are held-out results).
         plot_path (`str`, *optional*): a PNG of accuracy against cost, copied next to the card.
         training_hyperparameters, fitting_hyperparameters (`dict`, *optional*): shown as tables.
+        training_data (`dict`, *optional*): which rows trained the exits (`train_exits.py` records its dataset
+            arguments: `dataset_name`, `dataset_config_name`, `train_split`, `shuffle_seed`, `max_train_samples`), so
+            that fitting the scheduler can tell whether its calibration rows were training rows.
         policy_choices (`dict[str, str]`, *optional*): what an EENet fit chose per budget (the budget as text: the
             candidate, from [`~hf_eenet.evaluation.describe_choices`]), shown as a table.
         tags (`list[str]`, *optional*): extra tags.
@@ -86,6 +100,7 @@ class EENetModelCardData:
     plot_path: str | None = None
     training_hyperparameters: dict[str, Any] = field(default_factory=dict)
     fitting_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    training_data: dict[str, Any] | None = None
     policy_choices: dict[str, str] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     example_input: str | None = None
@@ -126,16 +141,33 @@ def _framework_versions() -> dict[str, str]:
     return versions
 
 
-def render_model_card(model) -> ModelCard:
-    """Render the model card of an EENet model from its config and `model.model_card_data`."""
+def render_model_card(
+    model, model_id: str | None = None, tags: list[str] | None = None, remote_code: bool | None = None
+) -> ModelCard:
+    """
+    Render the model card of an EENet model from its config and `model.model_card_data`.
+
+    Args:
+        model: an EENet model.
+        model_id (`str`, *optional*): the Hub id the usage snippets load (defaults to the card data's `model_id`, else
+            a placeholder path).
+        tags (`list[str]`, *optional*): tags added to the card data's.
+        remote_code (`bool`, *optional*): whether the model code ships with the card (`save_pretrained(...,
+            remote_code=True)`): the snippets then pass `trust_remote_code=True` and run without hf_eenet. Defaults
+            to what the model's config says ([`~hf_eenet.remote_code.ships_remote_code`]).
+    """
     data, config = _card_data(model), model.config
     is_text = model.main_input_name == "input_ids"
     pipeline_tag = "text-classification" if is_text else "image-classification"
     policy = config.exit_policy or {}
     budgets = policy.get("budgets", [])
     policy_type = policy.get("policy_type")
+    # "budgeted": a fitted budget grid; "unbudgeted": a stored policy that decides its own cost (patience, static)
+    # and runs on calls without a budget; "none": no policy, only the full model
+    budget_mode = "none" if not policy else ("budgeted" if model.exit_policy.requires_budget else "unbudgeted")
     example_budget = 1.0 if not budgets else (0.5 if budgets[0] <= 0.5 else budgets[0])
-    model_id = data.model_id or "path/to/this-model"
+    model_id = model_id or data.model_id or "path/to/this-model"
+    remote_code = ships_remote_code(model) if remote_code is None else remote_code
 
     eval_results = []
     held_out = [t for t in data.budget_tables if t["split"] != data.calibration_split]
@@ -161,7 +193,7 @@ def render_model_card(model) -> ModelCard:
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=["hf_eenet", "early-exit", "eenet", "budgeted-inference", *data.tags],
+        tags=list(dict.fromkeys(["hf_eenet", "early-exit", "eenet", "budgeted-inference", *data.tags, *(tags or [])])),
         base_model=data.base_model,
         datasets=[data.dataset_id] if data.dataset_id else None,
         metrics=["accuracy"],
@@ -198,7 +230,9 @@ def render_model_card(model) -> ModelCard:
         }
         for table in data.budget_tables
     ]
-    fitting = {"policy": policy_type, "fitted budgets": ", ".join(f"{b:g}" for b in budgets)} if policy else {}
+    fitting = {"policy": policy_type} if policy else {}
+    if budgets:
+        fitting["fitted budgets"] = ", ".join(f"{b:g}" for b in budgets)
     fitting.update({k: v for k, v in sorted(policy.items()) if k not in ("policy_type", "budgets", "num_exits")})
     fitting.update(data.fitting_hyperparameters)
     example_input = data.example_input or ("I loved this film." if is_text else "image.png")
@@ -214,12 +248,16 @@ def render_model_card(model) -> ModelCard:
         policy_description=_POLICIES.get(policy_type, policy_type) if policy_type else "none fitted yet",
         base_model=data.base_model,
         pipeline_tag=pipeline_tag,
+        is_text=is_text,
+        remote_code=remote_code,
+        budget_mode=budget_mode,
         example_budget=example_budget,
+        budget_argument="" if budget_mode == "unbudgeted" else f", budget={example_budget}",
         example_input=json.dumps(example_input) if is_text else "Image.open(" + json.dumps(example_input) + ")",
         auto_class="AutoModelForSequenceClassification" if is_text else "AutoModelForImageClassification",
         processor_class="AutoTokenizer" if is_text else "AutoImageProcessor",
         processor_kwargs="padding=True, " if is_text else "",
-        min_budget=f"{budgets[0]:g}" if budgets else "1.0 (no exit policy is fitted)",
+        min_budget=f"{budgets[0]:g}" if budgets else None,
         cost_source=config.exit_cost_source,
         segment_cost_batch_size=config.exit_cost_batch_size,
         exits=exits,
@@ -243,10 +281,19 @@ def _exit_pooling(config) -> list[str] | None:
     return [getattr(config, "head_pooling", last)] * (config.num_exits - 1) + [last]
 
 
-def write_model_card(model, directory: str | Path, overwrite: bool = False) -> Path | None:
+def write_model_card(
+    model,
+    directory: str | Path,
+    overwrite: bool = False,
+    model_id: str | None = None,
+    tags: list[str] | None = None,
+    remote_code: bool | None = None,
+) -> Path | None:
     """
     Write `README.md`, the card data and the plot into `directory`. An existing README that hf_eenet did not
-    generate is kept unless `overwrite=True`. Returns the README path, or `None` when an existing one was kept.
+    generate is kept unless `overwrite=True`. `model_id`, `tags` and `remote_code` are those of
+    [`render_model_card`] (they change the README, not the card data). Returns the README path, or `None` when an
+    existing one was kept.
     """
     directory = Path(directory)
     data = _card_data(model)
@@ -264,26 +311,21 @@ def write_model_card(model, directory: str | Path, overwrite: bool = False) -> P
     if readme.exists() and not overwrite and GENERATED_MARKER not in readme.read_text(errors="replace"):
         logger.info("Keeping the existing %s (not generated by hf_eenet); pass overwrite=True to replace it.", readme)
         return None
-    render_model_card(model).save(readme)
+    render_model_card(model, model_id=model_id, tags=tags, remote_code=remote_code).save(readme)
     return readme
 
 
 def load_card_data(model, pretrained_model_name_or_path, **hub_kwargs) -> None:
-    """Attach the card data saved with a model (if any) to the loaded model."""
+    """Attach the card data saved with a model (if any; in `subfolder` if given) to the loaded model."""
     from transformers.utils import cached_file
 
-    path = Path(str(pretrained_model_name_or_path))
-    if path.is_dir():
-        data_file = path / CARD_DATA_FILE
-        data_file = data_file if data_file.is_file() else None
-    else:
-        data_file = cached_file(
-            str(pretrained_model_name_or_path),
-            CARD_DATA_FILE,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **{k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "revision", "token", "local_files_only")},
-        )
+    data_file = cached_file(
+        str(pretrained_model_name_or_path),
+        CARD_DATA_FILE,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_loading_kwargs(hub_kwargs),
+    )
     if data_file is None:
         return
     data = EENetModelCardData.from_dict(json.loads(Path(data_file).read_text()))
@@ -293,38 +335,117 @@ def load_card_data(model, pretrained_model_name_or_path, **hub_kwargs) -> None:
     model.model_card_data = data
 
 
+def _modification_times(directory: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mtime_ns for path in directory.iterdir() if path.is_file()}
+
+
+def save_pretrained(
+    model,
+    save_model_files,
+    save_directory: str | Path,
+    *args,
+    model_card: bool = True,
+    overwrite_model_card: bool = False,
+    remote_code: bool | None = None,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
+    **kwargs,
+):
+    """
+    `save_pretrained` of an EENet model with hf_eenet installed: the model files (`save_model_files`, the stock
+    `PreTrainedModel.save_pretrained`, given `*args` and `**kwargs`), the model card ([`write_model_card`], unless
+    `model_card=False`) and the model code ([`~hf_eenet.remote_code.save_remote_code`]; `remote_code=None` ships it
+    iff the model's config carries hf_eenet's `auto_map`).
+
+    With `push_to_hub=True` the files this save wrote are then uploaded, as transformers does: to `repo_id` (created
+    if needed; defaults to the directory's name), with `commit_message`, `commit_description`, `private`, `token`,
+    `create_pr` and `revision` (a branch, created if needed). The card names the repo and carries `tags`. An existing
+    README on the Hub is kept unless `overwrite_model_card=True`.
+
+    Returns:
+        What `save_model_files` returns; with `push_to_hub=True`, the upload's `CommitInfo`.
+    """
+    save_directory = Path(save_directory)
+    remote_code = ships_remote_code(model) if remote_code is None else remote_code
+    main_process = kwargs.get("is_main_process", True)
+    push_to_hub = push_to_hub and main_process
+    if push_to_hub:
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id or save_directory.name, private=private, exist_ok=True).repo_id
+        if revision is not None and not create_pr and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        before = _modification_times(save_directory)
+    result = save_model_files(save_directory, *args, **kwargs)
+    if not main_process:
+        return result
+    if model_card:
+        card_id = repo_id if push_to_hub else None
+        write_model_card(
+            model, save_directory, overwrite=overwrite_model_card, model_id=card_id, tags=tags, remote_code=remote_code
+        )
+    save_remote_code(model, save_directory, remote_code)
+    if not push_to_hub:
+        return result
+    written = [name for name, time in _modification_times(save_directory).items() if before.get(name) != time]
+    keep_remote_card = not overwrite_model_card and api.file_exists(repo_id, "README.md", revision=revision)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=save_directory,
+        commit_message=commit_message or "Upload EENet model",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+        allow_patterns=written,
+        ignore_patterns=["README.md"] if keep_remote_card else None,
+    )
+
+
 def push_to_hub(
     model,
     repo_id: str,
     *,
     commit_message: str | None = None,
+    commit_description: str | None = None,
     private: bool | None = None,
     token: bool | str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
-    overwrite_model_card: bool = False,
     max_shard_size: int | str | None = "50GB",
-    **save_kwargs,
+    tags: list[str] | None = None,
+    overwrite_model_card: bool = False,
+    remote_code: bool | None = None,
 ):
     """
     Upload a model with its card: create the repo, save everything to a temporary folder, upload the folder.
 
-    An existing `README.md` on the Hub is kept unless `overwrite_model_card=True` (stock `push_to_hub` would replace
-    it with a generic card).
+    Takes the arguments of transformers' `PushToHubMixin.push_to_hub` (`tags` join the card's tags, a `revision`
+    branch is created if needed) and `remote_code` of `save_pretrained`. An existing `README.md` on the Hub is kept
+    unless `overwrite_model_card=True` (stock `push_to_hub` would replace it with a generic card).
+
+    Returns:
+        `CommitInfo`: the upload's commit.
     """
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    data = _card_data(model)
-    if data.model_id is None:
-        data.model_id = repo_id
-    keep_remote_card = not overwrite_model_card and api.file_exists(repo_id, "README.md", revision=revision)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, **save_kwargs)
-        return api.upload_folder(
+        return model.save_pretrained(
+            tmp,
+            push_to_hub=True,
             repo_id=repo_id,
-            folder_path=tmp,
-            commit_message=commit_message or "Upload EENet model",
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
             revision=revision,
             create_pr=create_pr,
-            ignore_patterns=["README.md"] if keep_remote_card else None,
+            max_shard_size=max_shard_size,
+            tags=tags,
+            overwrite_model_card=overwrite_model_card,
+            remote_code=remote_code,
         )

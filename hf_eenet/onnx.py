@@ -39,6 +39,7 @@ from .models.configuration_eenet import EENET_VERSION
 from .models.early_exit import EarlyExitMixin
 from .models.exit_policies import ExitPolicy
 from .models.modeling_outputs import EarlyExitClassifierOutput
+from .remote_code import config_without_remote_code
 
 __all__ = ["MANIFEST_FILE", "ONNX_FORMAT_VERSION", "EENetONNXModel", "ONNXExitPolicy", "export_onnx"]
 
@@ -166,11 +167,15 @@ def export_onnx(
 
     Returns:
         `Path`: the directory.
+
+    The manifest is written last and an earlier export's manifest is removed first, so an export that fails leaves
+    no directory [`EENetONNXModel`] would load (not a mix of two exports' graphs).
     """
     if not isinstance(model, EarlyExitMixin) or not hasattr(model, "config"):
         raise TypeError(f"export_onnx needs an EENet model, got {type(model).__name__}.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST_FILE).unlink(missing_ok=True)
     model.sync_exit_policy_config()
     was_training, device, dtype = model.training, model.device, model.dtype
     model.eval().to("cpu", torch.float32)
@@ -183,7 +188,7 @@ def export_onnx(
             manifest = _export_graphs(model, directory, inputs, opset)
     finally:
         model.to(device, dtype).train(was_training)
-    model.config.save_pretrained(directory)
+    config_without_remote_code(model.config).save_pretrained(directory)  # the export ships no model code
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory
 
@@ -420,6 +425,12 @@ class EENetONNXModel(EarlyExitMixin):
     def eval(self) -> EENetONNXModel:
         return self
 
+    def train(self, mode: bool = True) -> EENetONNXModel:
+        """Inference only: `train(False)` (as `calibrate_exit_costs` and `cache_exit_outputs` call it) does nothing."""
+        if mode:
+            raise ValueError("An EENetONNXModel runs inference only; it cannot be put in training mode.")
+        return self
+
     def can_generate(self) -> bool:
         return False
 
@@ -442,6 +453,7 @@ class EENetONNXModel(EarlyExitMixin):
         budget: float | BudgetTracker | None = None,
         exit_policy: ExitPolicy | None = None,
         output_all_exits: bool | None = None,
+        output_exit_features: bool | None = None,
         return_dict: bool | None = None,
         labels: torch.Tensor | None = None,
         **inputs,
@@ -449,7 +461,8 @@ class EENetONNXModel(EarlyExitMixin):
         """
         The torch model's call: model inputs by name (torch tensors, numpy arrays or lists), `budget` (a float or a
         [`BudgetTracker`]), `exit_policy` (a torch policy of the same model, e.g. a baseline), `output_all_exits`,
-        `return_dict` and `labels` (then every exit runs and the multi-exit loss is returned).
+        `output_exit_features` (the exit graphs' pooled features), `return_dict` and `labels` (then every exit runs
+        and the multi-exit loss is returned).
         """
         if isinstance(exit_policy, ExitPolicy) and not isinstance(exit_policy, ONNXExitPolicy):
             exit_policy = exit_policy.to("cpu")
@@ -459,6 +472,7 @@ class EENetONNXModel(EarlyExitMixin):
             budget=budget,
             exit_policy=exit_policy,
             output_all_exits=output_all_exits,
+            output_exit_features=output_exit_features,
             return_dict=return_dict,
         )
 

@@ -213,6 +213,20 @@ def compute_exit_accuracies(eval_prediction) -> dict[str, float]:
     return metrics
 
 
+def refuse_full_eval_casts(args: TrainingArguments, consequence: str) -> None:
+    """
+    Refuse `fp16_full_eval` / `bf16_full_eval`, with which the Trainer casts the model's weights to half precision in
+    place to evaluate; `consequence` says what that would break.
+    """
+    for flag in ("fp16_full_eval", "bf16_full_eval"):
+        if getattr(args, flag, False):
+            raise ValueError(
+                f"`{flag}=True` makes the Trainer cast the model's weights to half precision in place for "
+                f"evaluation: {consequence}. Evaluate with mixed precision (`fp16` / `bf16`) or in float32, or load "
+                "the model in half precision (`from_pretrained(..., dtype=torch.bfloat16)`)."
+            )
+
+
 def _check_distributed_launch(args: TrainingArguments) -> None:
     """
     A clear error when several processes were launched (`torchrun`, `accelerate launch`) but the arguments do not run
@@ -263,9 +277,9 @@ class EENetModelCardMixin:
         if tags is not None:
             extra = [tags] if isinstance(tags, str) else list(tags)
             data.tags = list(dict.fromkeys([*data.tags, *extra]))
-        data.model_id = data.model_id or getattr(self, "hub_model_id", None)
         model.model_card_data = data
-        write_model_card(model, self.args.output_dir, overwrite=True)
+        # the repo the Trainer pushes to, named in the card without being stored in its data (as `push_to_hub` does)
+        write_model_card(model, self.args.output_dir, overwrite=True, model_id=getattr(self, "hub_model_id", None))
 
 
 class EarlyExitTrainer(EENetModelCardMixin, Trainer):
@@ -337,6 +351,22 @@ class EarlyExitTrainer(EENetModelCardMixin, Trainer):
         self._retrofit_eval_modules: list[nn.Module] | None = None
         if self._option("retrofit"):
             self._freeze_for_retrofit(unwrapped)
+
+    def train(self, *args, **kwargs):
+        """
+        [`~transformers.Trainer.train`]. An exit policy stored in the model (and its `default_budget`) is dropped first,
+        with a warning: it was fitted on the exits as they were, and training changes them. Fit the scheduler again
+        afterwards ([`ExitSchedulerTrainer`]).
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model, "exit_policy", None) is not None:
+            logger.warning(
+                f"The model's stored {model.exit_policy.policy_type!r} exit policy was fitted on its exits before this "
+                "training, which changes them: it is dropped (with `default_budget`). Fit the scheduler again."
+            )
+            model.set_exit_policy(None)
+            model.config.default_budget = None
+        return super().train(*args, **kwargs)
 
     @property
     def _head_param_ids(self) -> set[int]:
@@ -581,7 +611,14 @@ def _warn_if_sorted_by_label(labels: torch.Tensor, split: str) -> None:
 
 
 def split_file_stem(split: str) -> str:
-    """A split name (possibly with a row slice such as `train[90%:]`) made safe for file names (`train_90pct_`)."""
+    """
+    A split name made safe for file names, keeping a row slice's two bounds apart: `train[90%:]` becomes
+    `train_from_90pct_to_end` and `train[:90%]` `train_from_start_to_90pct`, so complementary slices never share a file.
+    """
+    sliced = re.fullmatch(r"(.*?)\[\s*([^:\]]*?)\s*:\s*([^:\]]*?)\s*\]", split)
+    if sliced:
+        name, start, end = sliced.groups()
+        split = f"{name}_from_{start or 'start'}_to_{end or 'end'}"
     return re.sub(r"[^\w.-]+", "_", split.replace("%", "pct"))
 
 
@@ -820,6 +857,8 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 "ExitSchedulerTrainer fits the scheduler on the calibration split: pass it as `eval_dataset` (a "
                 "held-out labelled split that looks like deployment data, not the training split)."
             )
+        if args is not None:
+            refuse_full_eval_casts(args, "the model would be fitted, measured and saved with its weights rounded")
         super().__init__(model=model, args=args, **kwargs)
         _check_distributed_launch(self.args)
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -1112,8 +1151,15 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         dataset = dataset if dataset is not None else self.eval_dataset
 
         def measure():
-            batch = next(iter(self._plain_dataloader(dataset, self._option("latency_costs_batch_size"))))
+            batch_size = self._option("latency_costs_batch_size")
+            batch = next(iter(self._plain_dataloader(dataset, batch_size)))
             inputs = {name: value for name, value in batch.items() if name not in ("labels", "label")}
+            size = len(next(iter(inputs.values())))
+            if batch_size is not None and size < batch_size:
+                logger.warning(
+                    f"The calibration split has {size} samples, fewer than `latency_costs_batch_size` {batch_size}: the "
+                    f"exit costs are timed, and stored, for batches of {size}."
+                )
             previous = model.config.exit_costs
             costs = model.calibrate_exit_costs(inputs, segment_costs=self._option("latency_segment_costs"))
             segments = model.config.exit_segment_costs
@@ -1178,6 +1224,11 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 batches.append({key: value for key, value in batch.items() if key != "label"})
                 if len(batches) == num_batches:
                     break
+            if len(batches) < num_batches:
+                logger.warning(
+                    f"The calibration split holds {len(batches)} batch(es) of {batch_size or 'the evaluation batch size'}"
+                    f", fewer than the {num_batches} asked (`latency_costs_early_exit_batches`): timing those."
+                )
             rows = measured_budget_table(
                 model,
                 batches,

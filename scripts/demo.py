@@ -10,14 +10,16 @@ Where `../shared/data/sst2` exists it reads it (dev to calibrate, the labelled t
 (`HF_HUB_OFFLINE=1` unless the variable is set: `HF_HUB_OFFLINE=0` to pass a Hub `--dataset_name` there); without
 local data it reads the Hub's `nyu-mll/glue` (`sst2`), whose test labels are withheld, so it calibrates on the first
 half of validation and reports on the second. About 2-5 minutes on 2 CPU cores. Any flag that is not the demo's own
-goes to the training step (every `train_exits.py` flag, `TrainingArguments`' included), after the demo's settings,
-which it overrides. Example:
+goes, after the demo's settings, which it overrides, to every step if it is a dataset flag (`DatasetArguments`:
+`--shuffle_seed`, `--max_calibration_samples`, `--max_test_samples`, ...) and to the training step otherwise (every
+`train_exits.py` flag, `TrainingArguments`' included). Example:
 
     python scripts/demo.py --output_dir outputs/demo --max_train_samples 8000 --num_train_epochs 2
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ import fit_scheduler  # noqa: E402
 import train_exits  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
+from hf_eenet.data import DatasetArguments  # noqa: E402
 from hf_eenet.evaluation import ORACLE_NAME  # noqa: E402
 
 
@@ -66,14 +69,27 @@ def data_arguments(args: DemoArguments) -> list[str]:
     return flags + (["--dataset_config_name", args.dataset_config_name] if args.dataset_config_name else [])
 
 
+def split_dataset_flags(flags: list[str]) -> tuple[list[str], list[str]]:
+    """The flags of `DatasetArguments` (each with its values), which every step takes, and the others."""
+    names = {f"--{field.name}" for field in dataclasses.fields(DatasetArguments)}
+    dataset_flags, others, target = [], [], None
+    for flag in flags:
+        if flag.startswith("--"):
+            target = dataset_flags if flag.split("=", 1)[0] in names else others
+        (target if target is not None else others).append(flag)
+    return dataset_flags, others
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args, training_flags = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
     output = Path(args.output_dir)
+    dataset_flags, training_flags = split_dataset_flags(training_flags)
     data = data_arguments(args) + [
         "--class_names", "negative", "positive",
         "--max_seq_length", str(args.max_seq_length),
+        *dataset_flags,
     ]  # fmt: skip
     common = ["--report_to", "none", "--seed", str(args.seed), "--per_device_eval_batch_size", "64"]
     print(f"[1/3] Training the exits of all-MiniLM-L6-v2 on {args.max_train_samples} SST-2 training samples")

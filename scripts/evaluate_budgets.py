@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_model_card(model, output_dir, overwrite=True)
     print(f"\nBudget table on {split}:")
     print(format_budget_table(rows, format="text"))
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"Budget evaluation on {split}")
     return rows
 
 

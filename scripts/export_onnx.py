@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> EENetONNXModel | None:
             f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint, not an EENet model; train its exits "
             "first (scripts/train_exits.py)."
         )
+    processor = load_processor(args.model_name_or_path)  # before exporting: a checkpoint without one fails first
     model = load_eenet_model(args.model_name_or_path).eval()
     export_onnx(model, args.output_dir, opset=args.opset)
-    load_processor(args.model_name_or_path).save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
     print(f"Exported {config.num_exits} segments, exits and policy decisions to {args.output_dir}")
     return EENetONNXModel(args.output_dir) if args.check else None
 

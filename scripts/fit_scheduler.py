@@ -16,6 +16,7 @@ Online, `--dataset_name nyu-mll/glue --dataset_config_name sst2 --calibration_sp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from train_exits import parse_script_arguments
@@ -25,7 +26,7 @@ from transformers.utils import logging
 import hf_eenet  # noqa: F401  (registers the EENet Auto classes)
 from hf_eenet.auto import checkpoint_config, is_eenet_config, load_eenet_model, load_processor
 from hf_eenet.cpu import tune_cpu_allocator
-from hf_eenet.data import DatasetArguments, check_max_seq_length, load_processed_splits
+from hf_eenet.data import DatasetArguments, check_max_seq_length, load_processed_splits, shared_rows
 from hf_eenet.evaluation import format_budget_table, format_choices
 from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, budget_table_path, end_distributed_run
 
@@ -61,6 +62,28 @@ def model_label_names(model) -> list[str]:
     return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
+def warn_if_calibrating_on_training_rows(model, data_args: DatasetArguments, num_rows: int) -> None:
+    """
+    Warn when calibration rows were training rows of the exits (as `train_exits.py` recorded them in the card data):
+    e.g. training on `train[:90%]` and calibrating on `train[90%:]` with another (or no) `shuffle_seed`. Exits are
+    more often right on their training rows, so a scheduler fitted on them exits too early on new data.
+    """
+    card = getattr(model, "model_card_data", None)
+    training = getattr(card, "training_data", None)
+    if not training:
+        return
+    training_args = dataclasses.replace(data_args, **training)
+    shared = shared_rows(training_args, "train", data_args, "calibration")
+    if shared:
+        logger.warning(
+            f"{shared} of the {num_rows} calibration rows ({data_args.calibration_split!r}, shuffle_seed "
+            f"{data_args.shuffle_seed}) trained the exits ({training['train_split']!r}, shuffle_seed "
+            f"{training['shuffle_seed']}): exits are more often right on their training rows, so a scheduler fitted "
+            "on them exits too early on new data. Calibrate on held-out rows: another split, or a disjoint slice "
+            "with the same `shuffle_seed`."
+        )
+
+
 def parse_arguments(argv: list[str] | None = None):
     return parse_script_arguments((TrainedModelArguments, DatasetArguments, ExitSchedulerArguments), argv)
 
@@ -75,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data, splits, collator = load_processed_splits(
         data_args, processor, roles=("calibration",), label_names=model_label_names(model)
     )
+    warn_if_calibrating_on_training_rows(model, data_args, len(splits["calibration"]))
     trainer = ExitSchedulerTrainer(
         model=model,
         args=args,

@@ -25,12 +25,13 @@ from transformers.utils import logging
 from hf_eenet.auto import checkpoint_config, eenet_model_class, is_eenet_config, load_eenet_model, load_processor
 from hf_eenet.cpu import tune_cpu_allocator
 from hf_eenet.data import DatasetArguments, check_max_seq_length, load_processed_splits
-from hf_eenet.model_card import EENetModelCardData
+from hf_eenet.model_card import EENetModelCardData, write_model_card
 from hf_eenet.trainer import (
     EarlyExitTrainer,
     EarlyExitTrainingArguments,
     compute_exit_accuracies,
     end_distributed_run,
+    refuse_full_eval_casts,
 )
 
 logger = logging.get_logger("hf_eenet.scripts.train_exits")
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train the exits; save the model, processor, card and metrics to `output_dir`; return the evaluation metrics."""
     tune_cpu_allocator()  # keep large CPU tensors' memory in the process (glibc): see hf_eenet.cpu
     model_args, data_args, training_args = parse_arguments(argv)
+    refuse_full_eval_casts(training_args, "the trained float32 weights would be lost before they are saved")
     path, base_model = model_args.resolved_path()
     processor = load_processor(model_args.processor_name or path)
     config = AutoConfig.from_pretrained(path) if model_args.config_name else checkpoint_config(path)
@@ -241,28 +243,46 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=processor,
         compute_metrics=compute_exit_accuracies,
     )
-    train_result = trainer.train()
-    metrics = trainer.evaluate()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    summary = training_summary(training_args, data_args, train_result.global_step, len(splits["train"]), is_text)
     card = model.model_card_data = EENetModelCardData(
         base_model=base_model,
         dataset_id=None if Path(data_args.dataset_name).exists() else data_args.dataset_name,
         dataset_name=Path(data_args.dataset_name).name,
         dataset_config=data_args.dataset_config_name,
-        exit_accuracies=[metrics[f"eval_exit_{k}_accuracy"] for k in range(model.config.num_exits)],
-        exit_accuracy_split=data_args.calibration_split,
-        training_hyperparameters=training_summary(training_args, data_args, train_result.global_step, is_text),
+        training_hyperparameters=summary,
+        training_data={
+            "dataset_name": data_args.dataset_name,
+            "dataset_config_name": data_args.dataset_config_name,
+            "train_split": data_args.train_split,
+            "shuffle_seed": data_args.shuffle_seed,
+            "max_train_samples": data_args.max_train_samples,
+        },
     )
-    trainer.save_model()
+    trainer.save_model()  # before the evaluation, so that nothing it does reaches the saved model
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
-    if trainer.is_world_process_zero():
-        Path(training_args.output_dir, "exit_accuracies.json").write_text(
-            json.dumps({"split": data_args.calibration_split, "accuracies": card.exit_accuracies}, indent=2) + "\n"
-        )
+    accuracy_keys = [f"eval_exit_{k}_accuracy" for k in range(model.config.num_exits)]
+    if all(key in metrics for key in accuracy_keys):  # not with `prediction_loss_only`
+        card.exit_accuracies = [metrics[key] for key in accuracy_keys]
+        card.exit_accuracy_split = data_args.calibration_split
+        if trainer.is_world_process_zero():
+            write_model_card(model, training_args.output_dir)
+            Path(training_args.output_dir, "exit_accuracies.json").write_text(
+                json.dumps({"split": data_args.calibration_split, "accuracies": card.exit_accuracies}, indent=2) + "\n"
+            )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="End of exit training")
     return metrics
 
 
-def training_summary(training_args, data_args, steps: int, is_text: bool = True) -> dict[str, object]:
+def training_summary(
+    training_args, data_args, steps: int, train_samples: int, is_text: bool = True
+) -> dict[str, object]:
     """The hyperparameters shown on the model card (those that do not apply are left out)."""
     summary = {
         "learning_rate": training_args.learning_rate,
@@ -277,7 +297,7 @@ def training_summary(training_args, data_args, steps: int, is_text: bool = True)
         "retrofit": training_args.retrofit,
         "max_seq_length": data_args.max_seq_length if is_text else None,
         "augment_train": data_args.augment_train or None,
-        "train_samples": data_args.max_train_samples or "all",
+        "train_samples": train_samples,
         "seed": training_args.seed,
     }
     return {name: value for name, value in summary.items() if value is not None}

@@ -18,6 +18,7 @@ from hf_eenet.data import (  # noqa: E402
     load_raw_splits,
     load_text_classification_data,
     parse_split,
+    shared_rows,
     text_data_collator,
     tokenize_text_splits,
 )
@@ -71,8 +72,21 @@ def test_headerless_files_read_as_headers_suggest_no_has_header(tmp_path):
     write(folder / "train.csv", "1,a good film\n0,bad\n")
     write(folder / "validation.csv", "0,not good\n1,very good\n")
     args = make_args(folder, tmp_path, text_column="1", label_column="0")
-    with pytest.raises(ValueError, match="no header row, pass `--no_has_header`"):
+    with pytest.raises(ValueError, match=r"first data row read as the header\? Pass `has_header=False`"):
         load_text_classification_data(args, roles=["train", "calibration"])
+
+
+def test_glue_folder_with_an_unlabelled_test_file(tmp_path):
+    """GLUE's own download: `test.tsv` has other columns (`index, sentence`); train and dev still load."""
+    folder = tmp_path / "SST-2"
+    write(folder / "train.tsv", "sentence\tlabel\na good film\t1\nbad\t0\n")
+    write(folder / "dev.tsv", "sentence\tlabel\nnot good\t0\nvery good\t1\n")
+    write(folder / "test.tsv", "index\tsentence\n0\tfine\n1\tdull\n")
+    args = make_args(folder, tmp_path, text_column="sentence", label_column="label")
+    data = load_text_classification_data(args, roles=["train", "calibration"])
+    assert data.splits["calibration"]["text"] == ["not good", "very good"]
+    with pytest.raises(ValueError, match="label column 'label' .*test split"):
+        load_text_classification_data(args, roles=["train", "test"])
 
 
 def test_headerless_csv_with_string_labels_and_label_names(tmp_path):
@@ -160,6 +174,13 @@ def test_split_slices_in_datasets_syntax(tmp_path):
         load_raw_splits(make_args(folder, tmp_path, test_split="validation[9:2]"), roles=["test"])
 
 
+@pytest.mark.parametrize("num_rows", [7, 15, 33])
+@pytest.mark.parametrize("split", ["train[:50%]", "train[50%:]", "train[10%:90%]", "train[-30%:]", "train[:-25%]"])
+def test_percent_slices_select_the_rows_datasets_selects(split, num_rows):
+    instruction = datasets.ReadInstruction.from_spec(split).to_absolute({"train": num_rows})[0]
+    assert list(parse_split(split)[1].rows(num_rows)) == list(range(instruction.from_, instruction.to))
+
+
 @pytest.mark.parametrize("split", ["dev[a:]", "dev[:5", "dev[1:2:3]", "[1:2]", "dev[1.5:]"])
 def test_bad_split_slices(split):
     with pytest.raises(ValueError, match="Cannot read the split"):
@@ -207,7 +228,7 @@ def test_empty_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="is empty"):
         load_raw_splits(make_args(blank, tmp_path), roles=["train"])
     header_only = write(tmp_path / "header" / "train.csv", "text,label\n")
-    with pytest.raises(ValueError, match=r"'train' split of .* has no rows"):
+    with pytest.raises(ValueError, match=r"train.csv' holds a header row but no data rows"):
         load_raw_splits(make_args(header_only, tmp_path), roles=["train"])
 
 
@@ -395,3 +416,53 @@ def test_flags_of_the_other_modality_and_too_long_texts_are_refused(tmp_path, to
     check_max_seq_length(make_args(file, tmp_path, max_seq_length=64), tokenizer, config)
     with pytest.raises(ValueError, match="`max_seq_length` is 65, but the model has 64 position embeddings"):
         check_max_seq_length(make_args(file, tmp_path, max_seq_length=65), tokenizer, config)
+
+
+def test_label_text_is_stripped_and_class_ids_stored_as_text_take_class_names(tmp_path):
+    folder = tmp_path / "ids"
+    write(folder / "train.csv", "text,label\ngood,1\nbad,0\nfine,1\n")
+    write(folder / "dev.csv", "text,label\nok,1 \nmeh, 0\n")
+    args = make_args(folder, tmp_path, class_names=["negative", "positive"])
+    data = load_text_classification_data(args, roles=["train", "calibration"])
+    assert data.label_names == ["negative", "positive"] and data.splits["calibration"]["label"] == [1, 0]
+    named = tmp_path / "named"
+    write(named / "train.csv", "text,label\ngood,pos\nbad,neg\n")
+    write(named / "dev.csv", "text,label\nok,pos \nmeh,neg\n")
+    data = load_text_classification_data(make_args(named, tmp_path), roles=["train", "calibration"])
+    assert data.label_names == ["neg", "pos"] and data.splits["calibration"]["label"] == [1, 0]
+
+
+def test_classes_without_training_rows_are_reported(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+
+    folder = tmp_path / "unseen"
+    write(folder / "train.csv", "text,label\na,neg\nb,pos\nc,neg\n")
+    write(folder / "dev.csv", "text,label\nd,neutral\ne,pos\n")
+    with CaptureLogger(data_module.logger) as captured:
+        data = load_text_classification_data(make_args(folder, tmp_path), roles=["train", "calibration"])
+    assert data.label_names == ["neg", "neutral", "pos"]
+    assert "The train split has no rows of the classes ['neutral']" in captured.out
+
+
+def test_a_hub_configuration_of_local_files_is_refused(tmp_path):
+    file = write(tmp_path / "train.csv", "text,label\na,0\nb,1\n")
+    with pytest.raises(ValueError, match="`dataset_config_name` 'sst2' names a configuration of a Hub dataset"):
+        load_raw_splits(make_args(file, tmp_path, dataset_config_name="sst2"), roles=["train"])
+
+
+def test_shared_rows_between_training_and_calibration_selections(tmp_path):
+    folder = tmp_path / "d"
+    write(folder / "train.csv", "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(40)))
+    write(folder / "dev.csv", "text,label\nd,0\ne,1\n")
+
+    def selection(split, seed=None, **limits):
+        return make_args(folder, tmp_path, train_split=split, calibration_split=split, shuffle_seed=seed, **limits)
+
+    assert shared_rows(selection("train[:90%]", 0), "train", selection("train[90%:]", 0), "calibration") == 0
+    assert shared_rows(selection("train[:90%]", 0), "train", selection("train[80%:]", 0), "calibration") == 4
+    reshuffled = shared_rows(selection("train[:90%]", 0), "train", selection("train[90%:]", 1), "calibration")
+    unshuffled = shared_rows(selection("train[:90%]", 0), "train", selection("train[90%:]"), "calibration")
+    assert 0 < reshuffled <= 4 and 0 < unshuffled <= 4
+    limited = selection("train", 0, max_train_samples=10)
+    assert shared_rows(limited, "train", selection("train[25%:]", 0), "calibration") == 0
+    assert shared_rows(selection("train"), "train", selection("dev"), "calibration") == 0

@@ -191,3 +191,18 @@ def test_image_dataset_is_a_datasets_image_feature(image_folder, tmp_path):
     args = DatasetArguments(str(image_folder), cache_dir=str(tmp_path / "cache"))
     data = load_image_classification_data(args, roles=("test",))
     assert isinstance(data.splits["test"].features["image"], datasets.Image)
+
+
+def test_image_paths_in_a_csv_are_read_against_its_folder(tmp_path, monkeypatch):
+    root = tmp_path / "pets"
+    (root / "imgs").mkdir(parents=True)
+    for i in range(4):
+        colour_image("red" if i % 2 else "blue", seed=i).save(root / "imgs" / f"{i}.png")
+    (root / "train.csv").write_text("image,label\n" + "".join(f"imgs/{i}.png,{i % 2}\n" for i in range(4)))
+    monkeypatch.chdir(tmp_path)  # elsewhere than the csv's folder
+    args = DatasetArguments(str(root / "train.csv"), image_column="image", cache_dir=str(tmp_path / "cache"))
+    data = load_image_classification_data(args, roles=["train"])
+    assert data.splits["train"][3]["image"].size == (16, 16)
+    (root / "train.csv").write_text("image,label\nimgs/missing.png,0\nimgs/0.png,1\n")
+    with pytest.raises(FileNotFoundError, match="'imgs/missing.png' of the first row of the train split"):
+        load_image_classification_data(args, roles=["train"])

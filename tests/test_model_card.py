@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 from conftest import random_text_batch, tiny_bert_config
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.utils import filter_repo_objects
 
 from hf_eenet import (
     ConfidenceThresholdPolicy,
@@ -18,7 +21,8 @@ from hf_eenet import (
     EENetResNetConfig,
     EENetResNetForImageClassification,
 )
-from hf_eenet.model_card import EENetModelCardData, render_model_card
+from hf_eenet.model_card import CARD_DATA_FILE, EENetModelCardData, render_model_card
+from hf_eenet.models.exit_policies import PatiencePolicy, StaticExitPolicy
 
 matplotlib.use("Agg")
 
@@ -165,23 +169,33 @@ class FakeHub:
     """Stands in for the Hub at the HTTP boundary of `HfApi`: records what would be created and uploaded."""
 
     def __init__(self, monkeypatch, remote_readme: bool):
-        self.uploads = []
+        self.repos, self.branches, self.uploads = [], [], []
         hub = self
 
         def create_repo(api, repo_id, **kwargs):
+            hub.repos.append({"repo_id": repo_id, **kwargs})
             return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"user/{repo_id}")
+
+        def create_branch(api, repo_id, *, branch, exist_ok=False, **kwargs):
+            hub.branches.append({"repo_id": repo_id, "branch": branch, "exist_ok": exist_ok})
 
         def file_exists(api, repo_id, filename, **kwargs):
             return remote_readme and filename == "README.md"
 
-        def upload_folder(api, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
-            files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
-            for pattern in ignore_patterns or []:
-                files.pop(pattern, None)
+        def upload_folder(api, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+            names = [p.name for p in Path(folder_path).iterdir() if p.is_file()]
+            names = filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+            files = {name: (Path(folder_path) / name).read_bytes() for name in names}
             hub.uploads.append({"repo_id": repo_id, "files": files, **kwargs})
-            return SimpleNamespace(commit_url=f"https://example.invalid/{repo_id}")
+            commit = SimpleNamespace(commit_url=f"https://example.invalid/{repo_id}")
+            if not kwargs.get("run_as_future"):
+                return commit
+            future = Future()  # the Trainer pushes its checkpoints in the background
+            future.set_result(commit)
+            return future
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "create_branch", create_branch)
         monkeypatch.setattr(HfApi, "file_exists", file_exists)
         monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
 
@@ -206,6 +220,121 @@ def test_push_to_hub_keeps_an_existing_remote_card_unless_asked(carded_model, mo
     assert "README.md" in hub.uploads[1]["files"]
 
 
+def test_each_push_names_its_own_repo_and_stores_no_repo_id(carded_model, monkeypatch, tmp_path):
+    hub = FakeHub(monkeypatch, remote_readme=False)
+    carded_model.push_to_hub("org/a")
+    downloaded = tmp_path / "a"  # what a user of org/a gets, loaded and pushed elsewhere
+    downloaded.mkdir()
+    for name, content in hub.uploads[0]["files"].items():
+        (downloaded / name).write_bytes(content)
+    EENetBertForSequenceClassification.from_pretrained(downloaded).push_to_hub("someone-else/b")
+    carded_model.push_to_hub("org/c")
+    assert [upload["repo_id"] for upload in hub.uploads] == ["org/a", "someone-else/b", "org/c"]
+    for upload in hub.uploads:
+        assert f'model="{upload["repo_id"]}"' in upload["files"]["README.md"].decode()
+        assert json.loads(upload["files"][CARD_DATA_FILE])["model_id"] is None
+    assert carded_model.model_card_data.model_id is None
+    carded_model.save_pretrained(tmp_path / "local")
+    assert 'model="path/to/this-model"' in (tmp_path / "local" / "README.md").read_text()
+
+
+def test_push_to_hub_takes_the_stock_arguments(carded_model, monkeypatch):
+    hub = FakeHub(monkeypatch, remote_readme=False)
+    carded_model.push_to_hub(
+        "org/eenet-tiny", tags=["my-tag"], commit_description="details", revision="v2", private=True
+    )
+    (upload,) = hub.uploads
+    assert upload["commit_description"] == "details" and upload["revision"] == "v2" and not upload["create_pr"]
+    assert hub.repos[0]["private"] is True
+    assert hub.branches == [{"repo_id": "org/eenet-tiny", "branch": "v2", "exist_ok": True}]
+    card = ModelCard(upload["files"]["README.md"].decode())
+    assert {"my-tag", "hf_eenet"} <= set(card.data.tags) and "my-tag" not in carded_model.model_card_data.tags
+    carded_model.push_to_hub("org/eenet-tiny", revision="v3", create_pr=True)  # a pull request: no branch
+    assert len(hub.branches) == 1 and hub.uploads[1]["create_pr"] and hub.uploads[1]["revision"] == "v3"
+    with pytest.raises(TypeError, match="commit_desc"):
+        carded_model.push_to_hub("org/eenet-tiny", commit_desc="a typo is not swallowed")
+
+
+def test_save_pretrained_push_to_hub_uploads_what_the_save_wrote(carded_model, monkeypatch, tmp_path):
+    hub = FakeHub(monkeypatch, remote_readme=False)
+    out = tmp_path / "eenet-tiny"
+    out.mkdir()
+    (out / "notes.txt").write_text("written before the save: not part of it")
+    carded_model.save_pretrained(out, push_to_hub=True, remote_code=True, commit_message="save", private=True)
+    (upload,) = hub.uploads
+    assert hub.repos[0] == {"repo_id": "eenet-tiny", "private": True, "exist_ok": True}  # the directory's name
+    assert upload["repo_id"] == "user/eenet-tiny" and upload["commit_message"] == "save"
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "notes.txt"}
+    assert upload["files"] == saved
+    assert {"README.md", CARD_DATA_FILE, "budget_plot.png", "config.json", "early_exit.py"} <= set(saved)
+    readme = saved["README.md"].decode()
+    assert 'model="user/eenet-tiny", trust_remote_code=True' in readme and "generated by hf_eenet" in readme
+    assert "auto_map" in json.loads(saved["config.json"])
+
+
+def tiny_tokenizer(directory: Path):
+    from transformers import BertTokenizerFast
+
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(94)]]) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab))
+
+
+def run_card_snippets(directory: Path) -> list[dict]:
+    """Execute the Python snippets of the README in `directory`; returns each snippet's namespace."""
+    readme = (directory / "README.md").read_text()
+    namespaces = []
+    for code in re.findall(r"```python\n(.*?)```", readme, re.S):
+        namespaces.append({})
+        exec(compile(code, str(directory / "README.md"), "exec"), namespaces[-1])
+    assert len(namespaces) == 2  # the pipeline and the Auto classes
+    return namespaces
+
+
+def test_card_of_a_stored_policy_that_takes_no_budget(tmp_path):
+    model = EENetBertForSequenceClassification(tiny_bert_config()).eval()
+    for policy in (PatiencePolicy(model.config.num_exits, patience=1), StaticExitPolicy(model.config.num_exits)):
+        model.set_exit_policy(policy)
+        text = str(render_model_card(model))
+        assert "The stored policy runs on every call without a budget" in text
+        assert "budget=" not in "".join(re.findall(r"```python\n(.*?)```", text, re.S))
+        assert "smallest fitted" not in text and "fitted budgets" not in text and "learned exit scheduler" not in text
+    # the saved static policy (exit 0) runs in the card's snippets (with `budget=1.0` the full model would run)
+    model.model_card_data = EENetModelCardData(model_id=str(tmp_path))
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer(tmp_path).save_pretrained(tmp_path)
+    pipeline_snippet, auto_snippet = run_card_snippets(tmp_path)
+    assert pipeline_snippet["classifier"]("w1 w2")[0]["exit_index"] == 0
+    assert auto_snippet["outputs"].exit_index.tolist() == [0]
+
+
+def test_image_card_snippets_run(tmp_path, monkeypatch):
+    from PIL import Image
+    from test_modeling_eenet_vision import VIT
+    from transformers import ViTImageProcessor
+
+    model = VIT.model()
+    model.model_card_data = EENetModelCardData(model_id=str(tmp_path / "model"))
+    model.save_pretrained(tmp_path / "model")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 40), (200, 30, 90)).save("image.png")  # the snippets' example input
+    pipeline_snippet, auto_snippet = run_card_snippets(tmp_path / "model")
+    assert "Image" in pipeline_snippet and "Image" in auto_snippet  # each snippet imports it
+    assert auto_snippet["outputs"].logits.shape == (1, model.config.num_labels)
+
+
+def test_card_data_load_from_the_subfolder(carded_model, tmp_path):
+    carded_model.save_pretrained(tmp_path)
+    carded_model.model_card_data.model_name = "in the subfolder"
+    carded_model.save_pretrained(tmp_path / "sub")
+    loaded = EENetBertForSequenceClassification.from_pretrained(tmp_path, subfolder="sub")
+    assert loaded.model_card_data.model_name == "in the subfolder"
+    (tmp_path / "sub" / CARD_DATA_FILE).unlink()
+    loaded = EENetBertForSequenceClassification.from_pretrained(tmp_path, subfolder="sub")
+    assert getattr(loaded, "model_card_data", None) is None  # not the card data of the directory above
+
+
 def test_trainer_push_to_hub_uploads_the_same_card(carded_model, monkeypatch, tmp_path):
     from datasets import Dataset
 
@@ -222,6 +351,7 @@ def test_trainer_push_to_hub_uploads_the_same_card(carded_model, monkeypatch, tm
     assert "generated by hf_eenet" in readme and "### Simulated on test" in readme
     assert 'pipeline("text-classification", model="org/eenet-tiny", budget=0.5)' in readme
     assert "model.safetensors" in upload["files"] and "eenet_card_data.json" in upload["files"]
+    assert json.loads(upload["files"]["eenet_card_data.json"])["model_id"] is None  # named, not stored
 
 
 def test_scheduler_trainer_push_to_hub_uploads_the_same_card(carded_model, monkeypatch, tmp_path):

@@ -1,8 +1,10 @@
 """ONNX export and the onnxruntime early-exit runtime: same exits and logits as torch, clear errors."""
 
+import importlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,6 +19,7 @@ from hf_eenet.models.exit_policies import (  # noqa: E402
     ConfidenceThresholdPolicy,
     EENetPolicy,
     PatiencePolicy,
+    StaticExitPolicy,
 )
 from hf_eenet.onnx import MANIFEST_FILE, EENetONNXModel, export_onnx  # noqa: E402
 
@@ -118,20 +121,26 @@ def test_manifest_lists_graphs_costs_budgets_and_labels(bert_export):
     assert all((directory / entry["file"]).is_file() for entry in manifest["segments"] + manifest["exits"])
 
 
-@pytest.mark.parametrize("policy", ["patience", "max-prob"])
+@pytest.mark.parametrize("policy", ["patience", "static", "max-prob"])
 def test_other_stored_policies(tmp_path, policy):
     torch.manual_seed(1)
     model = EENetBertForSequenceClassification(tiny_bert_config())
     num_exits = model.config.num_exits
-    stored = PatiencePolicy(num_exits, patience=1) if policy == "patience" else ConfidenceThresholdPolicy(num_exits)
+    stored = {
+        "patience": lambda: PatiencePolicy(num_exits, patience=1),
+        "static": lambda: StaticExitPolicy(num_exits, exit=1),
+        "max-prob": lambda: ConfidenceThresholdPolicy(num_exits),
+    }[policy]()
     fitted(model, text_batches(2), stored)
     onnx_model = EENetONNXModel(export_onnx(model, tmp_path))
     inputs = random_text_batch(16, seed=3)
-    budget = None if policy == "patience" else 0.6
+    budget = 0.6 if stored.requires_budget else None
     with torch.no_grad():
-        expected = model(**inputs, budget=budget, exit_policy=stored if policy == "patience" else None)
-    assert_same_outputs(expected, onnx_model(**inputs, budget=budget, exit_policy=onnx_model.exit_policy))
-    if policy == "patience":  # an exported unbudgeted policy refuses budgets as the torch one does
+        expected = model(**inputs, budget=budget)  # an unbudgeted stored policy runs on a call without a budget
+    assert_same_outputs(expected, onnx_model(**inputs, budget=budget))
+    if policy == "static":
+        assert expected.exit_index.tolist() == [1] * 16
+    if not stored.requires_budget:  # an exported unbudgeted policy refuses budgets as the torch one does
         for bad in (0.5, BudgetTracker(0.5)):
             with pytest.raises(ValueError, match="is not budget-matched, so it cannot honour budget 0.5"):
                 onnx_model(**inputs, budget=bad)
@@ -224,3 +233,47 @@ def test_export_without_policy_runs_only_full_budgets(tmp_path):
         assert_same_outputs(model.eval()(**inputs), onnx_model(**inputs))
     with pytest.raises(ValueError, match="needs a fitted exit policy"):
         onnx_model(**inputs, budget=0.5)
+
+
+def test_a_failed_export_leaves_no_loadable_directory(bert_export, tmp_path, monkeypatch):
+    import hf_eenet.onnx
+
+    _, directory, _ = bert_export
+    target = shutil.copytree(directory, tmp_path / "export")  # an earlier export of the fixture's model
+    other = EENetBertForSequenceClassification(tiny_bert_config())
+    fitted(other, text_batches(1), ConfidenceThresholdPolicy(other.config.num_exits))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(hf_eenet.onnx, "_export_policy", fail)  # after the other model's first segment and exit
+    with pytest.raises(RuntimeError, match="export failed"):
+        export_onnx(other, target)
+    with pytest.raises(FileNotFoundError, match=MANIFEST_FILE):
+        EENetONNXModel(target)  # not the earlier export's manifest over a mix of both models' graphs
+
+
+def test_onnx_model_calibrates_costs_and_caches_exit_outputs(bert_export):
+    from hf_eenet.evaluation import cache_exit_outputs
+
+    model, directory, _ = bert_export
+    onnx_model = EENetONNXModel(directory)  # its own: calibration changes the costs in its config
+    batches = text_batches(2, batch_size=6)
+    cached, expected = cache_exit_outputs(onnx_model, batches), cache_exit_outputs(model, batches)
+    torch.testing.assert_close(cached["exit_logits"], expected["exit_logits"], atol=1e-4, rtol=1e-4)
+    for features, reference in zip(cached["exit_features"], expected["exit_features"], strict=True):
+        torch.testing.assert_close(features, reference, atol=1e-4, rtol=1e-4)
+    costs = onnx_model.calibrate_exit_costs(batches[0], num_repeats=1, num_warmup=0)
+    assert len(costs) == model.config.num_exits and onnx_model.config.exit_cost_source == "latency"
+    assert onnx_model.config.exit_costs == costs and not onnx_model.training
+    with pytest.raises(ValueError, match="inference only"):
+        onnx_model.train()
+
+
+def test_export_script_loads_the_processor_before_exporting(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    script = importlib.import_module("export_onnx")
+    VIT.model().save_pretrained(tmp_path / "model")  # no image processor
+    with pytest.raises(OSError, match="image processor"):
+        script.main(["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "onnx")])
+    assert not (tmp_path / "onnx").exists()  # nothing exported without the processor it would lack

@@ -15,12 +15,14 @@ from conftest import tiny_bert_config
 from transformers import BertTokenizerFast
 
 from hf_eenet import BudgetTracker, ConfidenceThresholdPolicy, EENetBertForSequenceClassification
+from hf_eenet.onnx import export_onnx
+from hf_eenet.remote_code import REMOTE_CODE_KEYS
 
 TEXTS = ["a gorgeous, witty film", "dull", "the plot goes nowhere and the ending is a mess", "a joy"]
 
-CHILD = textwrap.dedent(
+BLOCK_HF_EENET = textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import importlib.abc, sys
 
     class BlockHfEenet(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -34,7 +36,12 @@ CHILD = textwrap.dedent(
         pass
     else:
         raise SystemExit("hf_eenet should not be importable here")
+    """
+)
 
+CHILD = BLOCK_HF_EENET + textwrap.dedent(
+    """
+    import json
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -101,18 +108,18 @@ def test_remote_code_config_and_files(saved_with_remote_code):
     assert getattr(model.config, "auto_map", None) is None  # the live model's config is untouched
 
 
+def run_child(code: str, *args: str, modules_cache) -> str:
+    """Run `code` in a fresh Python process (offline, its own modules cache for the remote code); returns stdout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(modules_cache)}
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_remote_code_loads_and_runs_without_hf_eenet(saved_with_remote_code, tmp_path):
     directory, model, expected = saved_with_remote_code
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(directory), json.dumps(TEXTS)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    stdout = run_child(CHILD, str(directory), json.dumps(TEXTS), modules_cache=tmp_path / "modules")
+    output = json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert output["model_class"].startswith("transformers_modules.")
     assert output["pipeline_class"] == "EENetTextClassificationPipeline"
     assert output["exit_index"] == expected.exit_index.tolist()
@@ -134,3 +141,54 @@ def test_remote_code_needs_a_saved_config(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="config.json"):
         save_remote_code(EENetBertForSequenceClassification(tiny_bert_config()), tmp_path)
+
+
+RUN_CARD_SNIPPETS = textwrap.dedent(
+    """
+    import re, sys
+
+    directory = sys.argv[1]
+    readme = open(f"{directory}/README.md").read().replace("path/to/this-model", directory)
+    snippets = re.findall(r"```python\\n(.*?)```", readme, re.S)
+    assert len(snippets) == 2, snippets
+    for code in snippets:
+        exec(code, {})
+    print("SNIPPETS RAN")
+    """
+)
+
+
+@pytest.mark.parametrize("hf_eenet_installed", [True, False], ids=["with-hf_eenet", "without-hf_eenet"])
+def test_card_snippets_of_a_remote_code_save_run(saved_with_remote_code, tmp_path, hf_eenet_installed):
+    directory, _, _ = saved_with_remote_code
+    assert "trust_remote_code=True" in (directory / "README.md").read_text()
+    # with hf_eenet imported, its pipeline is registered under the task name the repository's pipeline also claims
+    child = ("import hf_eenet\n" if hf_eenet_installed else BLOCK_HF_EENET) + RUN_CARD_SNIPPETS
+    assert "SNIPPETS RAN" in run_child(child, str(directory), modules_cache=tmp_path / "modules")
+
+
+def test_a_model_loaded_from_a_remote_code_save_ships_it_again(saved_with_remote_code, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    directory, _, expected = saved_with_remote_code
+    loaded = AutoModelForSequenceClassification.from_pretrained(directory)  # hf_eenet's classes, not the shipped code
+
+    def saved(path):
+        config = json.loads((path / "config.json").read_text())
+        return {key: config.get(key) for key in REMOTE_CODE_KEYS}, {p.name for p in path.glob("*.py")}
+
+    loaded.save_pretrained(tmp_path / "again")  # as loaded: the code ships again, as transformers does
+    assert saved(tmp_path / "again") == saved(directory)
+    assert "trust_remote_code=True" in (tmp_path / "again" / "README.md").read_text()
+
+    plain = tmp_path / "plain"
+    loaded.save_pretrained(plain, remote_code=False)
+    AutoTokenizer.from_pretrained(directory).save_pretrained(plain)
+    assert saved(plain) == ({"auto_map": None, "custom_pipelines": None}, set())
+    assert "trust_remote_code" not in (plain / "README.md").read_text()
+    classifier = pipeline("text-classification", model=str(plain), budget=0.5)  # no remote code to trust
+    assert [r["exit_index"] for r in classifier(TEXTS, batch_size=2)] == expected.exit_index.tolist()
+    assert getattr(loaded.config, "auto_map", None) is not None  # saving leaves the live config as loaded
+
+    exported = json.loads((export_onnx(loaded, tmp_path / "onnx") / "config.json").read_text())
+    assert not set(REMOTE_CODE_KEYS) & set(exported)  # an ONNX export ships no model code

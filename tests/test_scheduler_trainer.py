@@ -17,7 +17,7 @@ from transformers.utils import logging  # noqa: E402
 from hf_eenet import ExitCostModel  # noqa: E402
 from hf_eenet.evaluation import exit_costs_from_measured_rows, load_policies, simulated_budget_table  # noqa: E402
 from hf_eenet.models.exit_policies import EENetPolicy, default_budget_grid  # noqa: E402
-from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer  # noqa: E402
+from hf_eenet.trainer import ExitSchedulerArguments, ExitSchedulerTrainer, budget_table_path  # noqa: E402
 
 BUDGETS = [0.5, 0.8]
 FAST_EENET = '{"max_epochs": 40, "patience": 5}'
@@ -389,3 +389,33 @@ def test_two_processes_with_single_process_arguments_fail_clearly(tmp_path):
     assert result.returncode != 0
     assert "2 processes were launched, but these arguments run a single process" in result.stderr
     assert not list(tmp_path.glob("rank*.json"))
+
+
+@pytest.mark.parametrize("flag", ["fp16_full_eval", "bf16_full_eval"])
+def test_half_precision_full_eval_is_refused(tmp_path, flag):
+    """The Trainer would round the model's weights in place before the fit and the save."""
+    with pytest.raises(ValueError, match=f"`{flag}=True` makes the Trainer cast the model's weights"):
+        ExitSchedulerTrainer(model=tiny_model(), args=scheduler_args(tmp_path, **{flag: True}))
+
+
+def test_complementary_slices_get_their_own_budget_tables(tmp_path):
+    """Fitting on `dev[:50%]` and testing on `dev[50%:]` in one directory keeps both tables."""
+    names = {
+        split: budget_table_path(tmp_path, split).name
+        for split in ("dev", "dev[:50%]", "dev[50%:]", "train[:90%]", "train[90%:]", "train[10:20]")
+    }
+    assert len(set(names.values())) == len(names), names
+    assert names["train[90%:]"] == "budget_table_train_from_90pct_to_end.json"
+
+
+def test_latency_timing_on_a_split_too_small_warns(tmp_path, monkeypatch):
+    """Fewer calibration samples than `latency_costs_batch_size`, or batches than asked: said, not silently shrunk."""
+    args = scheduler_args(tmp_path, fit_baselines=False, latency_costs_batch_size=64, budgets=None)
+    trainer = ExitSchedulerTrainer(model=tiny_model(), args=args, eval_dataset=token_dataset(24))
+    with CaptureLogger(logging.get_logger("hf_eenet.trainer")) as captured:
+        trainer.measure_exit_costs()
+    assert "has 24 samples, fewer than `latency_costs_batch_size` 64" in captured.out
+    trainer, _, timed = refit_trainer(tmp_path, monkeypatch, latency_costs_early_exit_batches=6)
+    with CaptureLogger(logging.get_logger("hf_eenet.trainer")) as captured:
+        trainer.fit_scheduler()
+    assert timed[0] == [8, 8, 8, 8] and "holds 4 batch(es) of 8, fewer than the 6 asked" in captured.out

@@ -96,11 +96,45 @@ def test_train_exits_end_to_end(tiny_checkpoint, tiny_sst2, tmp_path):
     assert config["model_type"] == "eenet-bert" and config["exit_layers"] == [1, 3]
     assert config["exit_head_pooling"] == "attention"
     assert config["id2label"] == {"0": "negative", "1": "positive"}
-    assert {"model.safetensors", "README.md", "tokenizer.json", "exit_accuracies.json"} <= {
-        p.name for p in out.iterdir()
-    }
+    assert {
+        "model.safetensors",
+        "README.md",
+        "tokenizer.json",
+        "exit_accuracies.json",
+        "trainer_state.json",
+        "train_results.json",
+        "eval_results.json",
+    } <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
-    assert "| steps | 3 |" in card and "accuracy (dev, simulated)" in card
+    assert "| steps | 3 |" in card and "accuracy (dev, simulated)" in card and "| train_samples | 48 |" in card
+
+
+def test_train_exits_resumes_from_a_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path):
+    flags = [*common_args(tiny_checkpoint, tiny_sst2, tmp_path / "out"), "--max_steps", "4", "--save_steps", "2"]
+    train_exits.main([*flags, "--save_strategy", "steps"])
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    resumed = tmp_path / "resumed"
+    flags[flags.index(str(tmp_path / "out"))] = str(resumed)
+    train_exits.main([*flags, "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2")])
+    history = json.loads((resumed / "trainer_state.json").read_text())["log_history"]
+    assert history[-1]["step"] == 4
+    uninterrupted = load_eenet_model(str(tmp_path / "out")).state_dict()
+    for name, tensor in load_eenet_model(str(resumed)).state_dict().items():
+        torch.testing.assert_close(tensor, uninterrupted[name], msg=name)
+    with pytest.raises(ValueError, match="Can't find a valid checkpoint"):
+        train_exits.main([*flags, "--resume_from_checkpoint", str(tmp_path / "nowhere")])
+
+
+def test_train_exits_with_loss_only_evaluation_and_refused_half_precision_eval(tiny_checkpoint, tiny_sst2, tmp_path):
+    out = tmp_path / "loss-only"
+    metrics = train_exits.main(
+        [*common_args(tiny_checkpoint, tiny_sst2, out), "--max_steps", "1", "--prediction_loss_only", "True"]
+    )
+    assert "eval_loss" in metrics and "eval_exit_0_accuracy" not in metrics
+    assert (out / "model.safetensors").is_file() and not (out / "exit_accuracies.json").exists()
+    with pytest.raises(ValueError, match="`fp16_full_eval=True` makes the Trainer cast"):
+        train_exits.main([*common_args(tiny_checkpoint, tiny_sst2, out), "--max_steps", "1", "--fp16_full_eval"])
 
 
 @pytest.mark.parametrize(
@@ -135,6 +169,22 @@ def trained_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     train_exits.main([*common_args(tiny_checkpoint, tiny_sst2, out), "--max_steps", "2"])
     return str(out)
+
+
+def test_fit_scheduler_warns_when_calibration_rows_trained_the_exits(trained_checkpoint, tiny_sst2, tmp_path):
+    card_data = json.loads((Path(trained_checkpoint) / "eenet_card_data.json").read_text())
+    assert card_data["training_data"]["train_split"] == "train"
+    logger = transformers_logging.get_logger("hf_eenet.scripts.fit_scheduler")
+    flags = [*common_args(trained_checkpoint, tiny_sst2, tmp_path / "fitted", train=False), *SCHEDULER_FLAGS]
+    flags[flags.index("dev")] = "train[50%:]"  # the second half of the rows the exits were trained on
+    with CaptureLogger(logger) as captured:
+        fit_scheduler.main([*flags, "--fit_baselines", "False"])
+    assert "24 of the 24 calibration rows ('train[50%:]', shuffle_seed None) trained the exits" in captured.out
+    with CaptureLogger(logger) as captured:  # held-out rows: nothing to say
+        fit_scheduler.warn_if_calibrating_on_training_rows(
+            load_eenet_model(trained_checkpoint), fit_scheduler.DatasetArguments(tiny_sst2), 32
+        )
+    assert captured.out == ""
 
 
 def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny_sst2, tmp_path, capsys):
@@ -411,15 +461,25 @@ def test_fit_scheduler_refuses_a_stock_checkpoint(tiny_checkpoint, tiny_sst2, tm
 def test_demo_runs_the_whole_workflow(tiny_sst2, tmp_path, capsys):
     rows = demo.main(
         ["--output_dir", str(tmp_path / "demo"), "--dataset_name", tiny_sst2, "--max_train_samples", "32",
-         "--max_seq_length", "32", "--measured_budgets", "0.5", "--exit_head_learning_rate", "5e-4"]
+         "--max_seq_length", "32", "--measured_budgets", "0.5", "--exit_head_learning_rate", "5e-4",
+         "--max_test_samples", "20"]
     )  # fmt: skip
     training_args = torch.load(tmp_path / "demo" / "exits" / "training_args.bin", weights_only=False)
     assert training_args.exit_head_learning_rate == 5e-4  # a flag the demo does not know goes to the training step
+    assert {row["num_samples"] for row in rows} == {20}  # a dataset flag goes to every step
     measured = {row["policy"] for row in rows if row["mode"] == "measured"}
     assert {"eenet", "eenet (budget tracked)"} <= measured
     printed = capsys.readouterr().out
     assert "EENet vs the best budget-matched baseline" in printed and "oracle:" in printed
     assert (tmp_path / "demo" / "model" / "budget_plot_test.png").is_file()
+
+
+def test_demo_sends_dataset_flags_to_every_step():
+    flags = ["--shuffle_seed", "3", "--learning_rate=1e-4", "--max_test_samples=5", "--exit_layers", "2", "4"]
+    assert demo.split_dataset_flags(flags) == (
+        ["--shuffle_seed", "3", "--max_test_samples=5"],
+        ["--learning_rate=1e-4", "--exit_layers", "2", "4"],
+    )
 
 
 def test_demo_refuses_a_flag_no_step_knows(tiny_sst2, tmp_path):
@@ -441,3 +501,23 @@ def test_demo_uses_the_hub_without_local_data(tmp_path):
     flags = demo.data_arguments(demo.DemoArguments(dataset_name="nyu-mll/glue"))
     assert flags[:2] == ["--dataset_name", "nyu-mll/glue"] and "validation[50%:]" in flags
     assert flags[flags.index("--dataset_config_name") + 1] == "sst2"
+
+
+def test_train_exits_and_evaluate_budgets_push_their_whole_output(
+    trained_checkpoint, tiny_sst2, tmp_path, monkeypatch
+):
+    from test_model_card import FakeHub
+
+    hub = FakeHub(monkeypatch, remote_readme=False)
+    push = ["--push_to_hub", "--hub_model_id", "org/eenet-tiny"]
+    train_exits.main([*common_args(trained_checkpoint, tiny_sst2, tmp_path / "exits"), "--max_steps", "1", *push])
+    last = hub.uploads[-1]["files"]
+    assert {"model.safetensors", "exit_accuracies.json", "eval_results.json", "trainer_state.json"} <= set(last)
+    assert "accuracy (dev, simulated)" in last["README.md"].decode()
+    fitted = tmp_path / "fitted"
+    fit_scheduler.main([*common_args(trained_checkpoint, tiny_sst2, fitted, train=False), *SCHEDULER_FLAGS])
+    hub.uploads.clear()
+    evaluate_budgets.main([*common_args(str(fitted), tiny_sst2, fitted, train=False), "--measured", "False", *push])
+    (upload,) = hub.uploads
+    assert {"budget_table_test.json", "budget_plot_test.png", "model.safetensors"} <= set(upload["files"])
+    assert "### Simulated on test" in upload["files"]["README.md"].decode()

@@ -155,6 +155,24 @@ def test_training_reduces_the_loss_and_logs_every_exit(tmp_path):
     assert train_logs[-1]["exit_2_loss"] < train_logs[0]["exit_2_loss"]
 
 
+def test_training_drops_a_stored_exit_policy(tmp_path, caplog):
+    """A policy fitted on the exits before training no longer matches them: `train` drops it with a warning."""
+    from hf_eenet import ConfidenceThresholdPolicy
+
+    model = tiny_model()
+    data = token_dataset(32)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(data["input_ids"]), output_all_exits=True).all_exit_logits
+    policy = ConfidenceThresholdPolicy(3).fit(logits, torch.tensor(data["label"]), model.config.exit_costs, [0.7])
+    model.set_exit_policy(policy)
+    model.config.default_budget = 0.7
+    trainer = EarlyExitTrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=data)
+    with caplog.at_level("WARNING", logger="hf_eenet.trainer"):
+        trainer.train()
+    assert model.exit_policy is None and model.config.exit_policy is None and model.config.default_budget is None
+    assert "exit policy was fitted on its exits before this training" in caplog.text
+
+
 # --- optimizer ------------------------------------------------------------------------------------------------------
 def test_exit_heads_get_their_own_learning_rate(tmp_path):
     model = tiny_model()

@@ -230,29 +230,38 @@ class EarlyExitMixin:
         *args,
         write_model_card: bool = True,
         overwrite_model_card: bool = False,
-        remote_code: bool = False,
+        remote_code: bool | None = None,
         **kwargs,
     ):
         """
         `PreTrainedModel.save_pretrained`, plus (with `hf_eenet` installed) the model card (`README.md`, its data and
-        plot; an existing README that hf_eenet did not generate is kept unless `overwrite_model_card=True`) and, with
-        `remote_code=True`, the model code with `auto_map` / `custom_pipelines` for `trust_remote_code=True` users.
+        plot; an existing README that hf_eenet did not generate is kept unless `overwrite_model_card=True`) and the
+        model code with `auto_map` / `custom_pipelines` for `trust_remote_code=True` users: with `remote_code=True`,
+        or by default (`None`) when the model was loaded from a save that shipped it, as transformers does for custom
+        models; `remote_code=False` saves the config without them. `push_to_hub=True` uploads the files this save
+        wrote, card and code included (see `hf_eenet.model_card.save_pretrained` for the arguments).
         """
-        if remote_code and self.hub_integration is None:
-            raise ValueError("`remote_code=True` needs the hf_eenet package (it copies its model code).")
         self.sync_exit_policy_config()
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if self.hub_integration is not None and kwargs.get("is_main_process", True):
-            if write_model_card:
-                self.hub_integration.write_model_card(self, save_directory, overwrite=overwrite_model_card)
-            if remote_code:
-                self.hub_integration.save_remote_code(self, save_directory)
-        return result
+        if self.hub_integration is None:
+            if remote_code is not None:
+                raise ValueError("`remote_code` needs the hf_eenet package (it ships or removes its model code).")
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        return self.hub_integration.save_pretrained(
+            self,
+            super().save_pretrained,
+            save_directory,
+            *args,
+            model_card=write_model_card,
+            overwrite_model_card=overwrite_model_card,
+            remote_code=remote_code,
+            **kwargs,
+        )
 
     def push_to_hub(self, repo_id: str, *args, **kwargs):
         """
-        Upload config, weights (with the exit policy) and the generated model card. An existing README on the Hub is
-        kept unless `overwrite_model_card=True`. See `hf_eenet.model_card.push_to_hub` for the arguments.
+        Upload config, weights (with the exit policy), the generated model card and, if it ships (`remote_code`), the
+        model code. An existing README on the Hub is kept unless `overwrite_model_card=True`. See
+        `hf_eenet.model_card.push_to_hub` for the arguments.
         """
         if self.hub_integration is None:
             return super().push_to_hub(repo_id, *args, **kwargs)

@@ -784,7 +784,9 @@ class StaticExitPolicy(_UnbudgetedPolicy):
         return {"exit": self.exit}
 
     def decide(self, exit_index, logits, features, state, budget_index):
-        return torch.full((logits.shape[0],), exit_index >= self.exit, dtype=torch.bool, device=logits.device), state
+        # shaped after the logits rather than `torch.full` with a Python bool, which the ONNX export cannot trace
+        fill = torch.ones_like if exit_index >= self.exit else torch.zeros_like
+        return fill(logits[:, 0], dtype=torch.bool), state
 
 
 _LOSS_WEIGHTS = {"kl": 1e-3, "budget": 1e-2}
