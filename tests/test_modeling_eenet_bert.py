@@ -572,6 +572,26 @@ def test_exit_layers_given_at_load_keep_each_layers_trained_head(tmp_path):
         torch.testing.assert_close(fewer.eval()(**batch, output_all_exits=True).all_exit_logits, saved_exits[:, 1:])
 
 
+@pytest.mark.parametrize("max_shard_size", [None, "20KB"])
+def test_trained_heads_of_other_exit_layers_are_read_without_loading_the_model_again(
+    tmp_path, monkeypatch, max_shard_size
+):
+    model = tiny_model(num_hidden_layers=4, exit_layers=[1, 3, 4], exit_pooling="mean")
+    model.save_pretrained(tmp_path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (max_shard_size is not None)
+    loads = []
+    load = EENetBertForSequenceClassification.from_pretrained.__func__
+    monkeypatch.setattr(
+        EENetBertForSequenceClassification,
+        "from_pretrained",
+        classmethod(lambda cls, *args, **kwargs: loads.append(args) or load(cls, *args, **kwargs)),
+    )
+    fewer = EENetBertForSequenceClassification.from_pretrained(tmp_path, exit_layers=[3, 4])
+    assert len(loads) == 1  # the heads come from the checkpoint files, not from a second load of the model
+    for a, b in zip(fewer.exit_heads[0].state_dict().values(), model.exit_heads[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_backbone_size_given_at_load_reaches_the_exits(tmp_path):
     sizes = {name: getattr(tiny_bert_config(), name) for name in ("vocab_size", "hidden_size", "intermediate_size")}
     stock = BertConfig(**sizes, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64, num_labels=3)

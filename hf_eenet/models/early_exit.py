@@ -15,6 +15,7 @@ multi-exit loss, latency calibration and the output.
 
 from __future__ import annotations
 
+import json
 import statistics
 import textwrap
 import time
@@ -318,11 +319,11 @@ class EarlyExitMixin:
         layers = self.config.exit_layers[:-1]
         if all(saved_index.get(layer) == i for i, layer in enumerate(layers)):
             return  # every early exit is where it was saved
-        trained = type(self).from_pretrained(source, **hub_loading_kwargs(kwargs)).exit_heads  # the heads as saved
+        trained = self._saved_exit_head_states(source, kwargs)
         for i, layer in enumerate(layers):
             head, state = self.exit_heads[i], None
             if layer in saved_index:
-                state = trained[saved_index[layer]].state_dict()
+                state = trained.get(saved_index[layer], {})
                 if {key: value.shape for key, value in state.items()} != {
                     key: value.shape for key, value in head.state_dict().items()
                 }:
@@ -334,6 +335,35 @@ class EarlyExitMixin:
                     tensor._is_hf_initialized = False  # loaded tensors are marked as initialised, and kept as they are
                 head.apply(self._init_weights)
                 logger.info(f"Exit {i} (after {layer} {self.config.exit_layer_units_name}) has a new head.")
+
+    def _saved_exit_head_states(self, source, kwargs: dict) -> dict[int, dict[str, torch.Tensor]]:
+        """
+        The state of each exit head saved at `source`, by saved exit index: read from its safetensors files alone
+        (one file or shards; only the shards that hold exit heads), else (other formats) from the saved model loaded
+        again.
+        """
+        from safetensors import safe_open
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+        where = {**hub_loading_kwargs(kwargs), "_raise_exceptions_for_missing_entries": False}
+        files = [cached_file(source, SAFE_WEIGHTS_NAME, **where)]
+        if files[0] is None:
+            index = cached_file(source, SAFE_WEIGHTS_INDEX_NAME, **where)
+            if index is None:
+                heads = type(self).from_pretrained(source, **hub_loading_kwargs(kwargs)).exit_heads
+                return {j: head.state_dict() for j, head in enumerate(heads)}
+            with open(index) as handle:
+                weight_map = json.load(handle)["weight_map"]
+            shards = sorted({shard for key, shard in weight_map.items() if key.startswith("exit_heads.")})
+            files = [cached_file(source, shard, **where) for shard in shards]
+        states: dict[int, dict[str, torch.Tensor]] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as tensors:
+                for key in tensors.keys():
+                    if key.startswith("exit_heads."):
+                        _, index, name = key.split(".", 2)
+                        states.setdefault(int(index), {})[name] = tensors.get_tensor(key)
+        return states
 
     def _check_exits_loaded(self, source, loading_info: dict) -> None:
         """Raise if the weights loaded from `source` hold exit tensors the config lacks, or lack the policy's."""
