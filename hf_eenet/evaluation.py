@@ -115,7 +115,7 @@ def cache_exit_outputs(
             )
             logits.append(out.all_exit_logits.float().cpu())
             if batch_labels is not None:
-                labels.append(torch.as_tensor(batch_labels).cpu())
+                labels.append(_batch_labels(batch_labels, logits[-1].shape[0], model.config.num_labels, label_key))
             if output_features:
                 features.append([f.float().cpu() for f in out.all_exit_features])
     finally:
@@ -129,6 +129,15 @@ def cache_exit_outputs(
         "labels": torch.cat(labels) if labels else None,
         "exit_features": [torch.cat(per_exit) for per_exit in zip(*features)] if output_features else None,
     }
+
+
+def _batch_labels(labels, batch_size: int, num_labels: int, label_key: str) -> torch.Tensor:
+    """A batch's labels as a CPU tensor of `batch_size` class ids; a clear error for any other shape or values."""
+    labels = torch.as_tensor(labels).cpu()
+    check_class_labels(
+        labels, batch_size, num_labels, matching=f"a batch of {batch_size} (labels under {label_key!r})"
+    )
+    return labels
 
 
 def synthetic_exit_outputs(
@@ -506,7 +515,12 @@ def measured_budget_table(
     for batch in batches:
         batch = dict(batch)
         labels = batch.pop(label_key, None)
-        prepared.append((_move(batch, device), None if labels is None else torch.as_tensor(labels).cpu()))
+        if labels is not None:
+            labels = _batch_labels(labels, model._input_batch_size(batch), model.config.num_labels, label_key)
+        prepared.append((_move(batch, device), labels))
+    labelled = sum(labels is not None for _, labels in prepared)
+    if labelled not in (0, len(prepared)):
+        raise ValueError(f"Only {labelled} of {len(prepared)} batches carry labels under {label_key!r}.")
     num_exits = model.config.num_exits
     results = [{"exits": [], "costs": [], "hits": 0, "labelled": 0, "elapsed": 0.0} for _ in runs]
     try:

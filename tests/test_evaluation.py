@@ -248,6 +248,16 @@ def test_measured_table_errors():
         measured_budget_table(model, [unservable], policies={"max-prob": fitted}, budgets=[0.45])
     with pytest.raises(ValueError, match="`batches` is empty"):
         cache_exit_outputs(model, [])
+    policies = {"max-prob": fitted}
+    labelled = {**random_text_batch(4), "labels": torch.tensor([0, 1, 2, 0])}
+    column = {**labelled, "labels": labelled["labels"][:, None]}  # (B, 1) would broadcast against (B,)
+    for measure in (lambda b: measured_budget_table(model, b, policies), lambda b: cache_exit_outputs(model, b)):
+        with pytest.raises(ValueError, match=r"shape \(4,\) to match a batch of 4 \(labels under 'labels'\)"):
+            measure([column])
+        with pytest.raises(ValueError, match=r"must lie in \[0, 2\] for 3 classes"):
+            measure([{**labelled, "labels": torch.tensor([0, 1, 3, 0])}])
+        with pytest.raises(ValueError, match="Only 1 of 2 batches carry labels under 'labels'"):
+            measure([labelled, random_text_batch(4)])
 
 
 def _rows_for(costs, histograms):

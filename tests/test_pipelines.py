@@ -13,6 +13,7 @@ from hf_eenet import (
     ConfidenceThresholdPolicy,
     EENetBertForSequenceClassification,
     EENetTextClassificationPipeline,
+    StaticExitPolicy,
 )
 
 TEXTS = [
@@ -183,3 +184,19 @@ def test_an_empty_list_of_texts_fails_clearly(eenet_model, tokenizer):
     clf = pipeline("text-classification", model=eenet_model, tokenizer=tokenizer, budget=0.5)
     with pytest.raises(ValueError, match="called with an empty list: nothing to classify"):
         clf([])
+
+
+def test_an_exit_policy_reaches_the_model_at_build_and_call_time(eenet_model, tokenizer):
+    """`exit_policy` is not a tokenizer argument: it decides the exits, as in the model's own call."""
+    first = StaticExitPolicy(eenet_model.config.num_exits, exit=0)
+    clf = pipeline("text-classification", model=eenet_model, tokenizer=tokenizer, exit_policy=first)
+    assert {r["exit_index"] for r in clf(TEXTS, batch_size=4)} == {0}
+    second = StaticExitPolicy(eenet_model.config.num_exits, exit=1)
+    assert {r["exit_index"] for r in clf(TEXTS, exit_policy=second)} == {1}
+    with pytest.raises(ValueError, match="takes no"):
+        clf(TEXTS, budget=0.5)  # a static policy decides the cost itself
+    with pytest.raises(ValueError, match="has 2 exits but the model has"):
+        clf(TEXTS, exit_policy=StaticExitPolicy(2, exit=0))
+    stock = BertForSequenceClassification(labelled_config(tokenizer)).eval()
+    with pytest.raises(ValueError, match="`exit_policy` is only accepted by early-exit"):
+        pipeline("text-classification", model=stock, tokenizer=tokenizer)(TEXTS, exit_policy=first)

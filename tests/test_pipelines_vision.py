@@ -14,7 +14,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_eenet import ConfidenceThresholdPolicy, EENetImageClassificationPipeline
+from hf_eenet import ConfidenceThresholdPolicy, EENetImageClassificationPipeline, StaticExitPolicy
 
 LABELS = {0: "airplane", 1: "cat", 2: "ship"}
 BACKBONES = {"vit": VIT, "resnet": RESNET}
@@ -185,3 +185,11 @@ def test_budget_on_a_model_without_policy_fails_early(name):
     model = labelled(BACKBONES[name])
     with pytest.raises(ValueError, match="needs a fitted exit policy"):
         pipeline("image-classification", model=model, image_processor=image_processor(name), budget=0.95)
+
+
+@by_name
+def test_an_exit_policy_reaches_the_model(eenet_models, name):
+    model = eenet_models[name]
+    classifier = pipeline("image-classification", model=model, image_processor=image_processor(name))
+    policy = StaticExitPolicy(model.config.num_exits, exit=0)
+    assert {r[0]["exit_index"] for r in classifier(IMAGES, exit_policy=policy, batch_size=3, top_k=1)} == {0}

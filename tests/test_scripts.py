@@ -521,3 +521,29 @@ def test_train_exits_and_evaluate_budgets_push_their_whole_output(
     (upload,) = hub.uploads
     assert {"budget_table_test.json", "budget_plot_test.png", "model.safetensors"} <= set(upload["files"])
     assert "### Simulated on test" in upload["files"]["README.md"].decode()
+
+
+def test_report_on_exits_too_dear_for_low_budgets_into_a_new_folder(tmp_path):
+    """A cheapest exit above 0.5 leaves no budget in 0.3-0.5: the report says so (and makes its output folder)."""
+    from hf_eenet.evaluation import fit_policies, plot_accuracy_vs_cost, standard_policies
+    from hf_eenet.trainer import budget_table_path
+
+    data = synthetic_exit_outputs(300, 3, 3, 6, seed=0)
+    costs = [0.55, 0.8, 1.0]
+    policies = {"eenet": ConfidenceThresholdPolicy(3, score="entropy"), **standard_policies(3, eenet=False)}
+    fit_policies(policies, data["exit_logits"], data["labels"], costs, [0.6, 0.7, 0.8, 0.9])
+    rows = simulated_budget_table(policies, data["exit_logits"], data["labels"], costs)
+    for split in ("dev", "test"):
+        budget_table_path(tmp_path, split).write_text(json.dumps({"rows": rows}))
+    (tmp_path / "config.json").write_text(json.dumps({"exit_costs": costs, "exit_cost_source": "flops"}))
+    plot_accuracy_vs_cost(rows, tmp_path / "budget_plot_test.png")
+    (tmp_path / "commands.sh").write_text("python scripts/evaluate_budgets.py ...\n")
+    report = tmp_path / "new" / "folder" / "report.md"
+    report_budget_tables.main(
+        ["--model_dir", str(tmp_path), "--title", "dear exits", "--commands", str(tmp_path / "commands.sh"),
+         "--output", str(report)]
+    )  # fmt: skip
+    text = report.read_text()
+    assert "| budgets from 0.3 can be served | the cheapest exit costs 0.550" in text
+    assert "| no budget from 0.3 to 0.5 has EENet and baseline rows | NO |" in text
+    assert (report.parent / "report.png").is_file()

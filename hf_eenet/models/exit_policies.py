@@ -292,11 +292,14 @@ def thresholds_for_exit_fractions(scores: torch.Tensor, fractions: torch.Tensor)
     return match_thresholds(scores[None], fractions[None, None])[0][0, 0]
 
 
-def check_class_labels(labels, num_samples: int, num_labels: int) -> None:
-    """A clear error unless `labels` is a tensor of `num_samples` integer class indices in `[0, num_labels - 1]`."""
+def check_class_labels(labels, num_samples: int, num_labels: int, matching: str = "`exit_logits`") -> None:
+    """
+    A clear error unless `labels` is a tensor of `num_samples` integer class indices in `[0, num_labels - 1]`
+    (`matching` names what gives `num_samples`).
+    """
     if not torch.is_tensor(labels) or labels.shape != (num_samples,):
         shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
-        raise ValueError(f"`labels` must have shape ({num_samples},) to match `exit_logits`, got {shape}.")
+        raise ValueError(f"`labels` must have shape ({num_samples},) to match {matching}, got {shape}.")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"`labels` must be integer class indices, got dtype {labels.dtype}.")
     if int(labels.min()) < 0 or int(labels.max()) >= num_labels:

@@ -1,7 +1,7 @@
 """Budget-aware classification pipelines (model code: also ships as Hub remote code with `custom_pipelines`).
 
 Both classes are strict supersets of the stock pipelines: for a stock model they behave exactly as before, and an
-EENet-only argument (`budget`) given to a stock model is an error rather than silently ignored.
+EENet-only argument (`budget`, `exit_policy`) given to a stock model is an error rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ __all__ = ["BudgetedPipelineMixin", "EENetImageClassificationPipeline", "EENetTe
 
 
 class BudgetedPipelineMixin:
-    """Adds the `budget` argument (at construction and per call) and the exit taken to a classification pipeline."""
+    """
+    Adds the `budget` and `exit_policy` arguments (at construction and per call) and the exit taken to a
+    classification pipeline.
+    """
 
     @property
     def is_early_exit_model(self) -> bool:
@@ -30,19 +33,24 @@ class BudgetedPipelineMixin:
         if not self.is_early_exit_model:
             super().check_model_type(supported_models)
 
-    def _budget_forward_params(self, budget) -> dict[str, Any]:
-        if budget is None:
+    def _early_exit_forward_params(self, budget, exit_policy) -> dict[str, Any]:
+        given = {
+            name: value for name, value in (("budget", budget), ("exit_policy", exit_policy)) if value is not None
+        }
+        if not given:
             return {}
         if not self.is_early_exit_model:
             raise ValueError(
-                f"`budget` is only accepted by early-exit (hf_eenet) models, but this pipeline's model is a "
-                f"{type(self.model).__name__}. Remove `budget` or load an EENet model."
+                f"`{'` and `'.join(given)}` {'are' if len(given) > 1 else 'is'} only accepted by early-exit (hf_eenet) "
+                f"models, but this pipeline's model is a {type(self.model).__name__}. Remove "
+                f"{'them' if len(given) > 1 else 'it'} or load an EENet model."
             )
-        if not is_budget_tracker(budget):
-            budget = validate_budget(budget)
+        if budget is not None and not is_budget_tracker(budget):
+            given["budget"] = budget = validate_budget(budget)
         target = budget.budget if is_budget_tracker(budget) else budget
-        self.model._resolve_policy(target, None)  # unreachable or unfitted budgets fail now, not mid-batch
-        return {"budget": budget}
+        # unreachable or unfitted budgets, and policies of another model, fail now, not mid-batch
+        self.model._resolve_policy(target, exit_policy)
+        return given
 
     def __call__(self, inputs, *args, **kwargs):
         if self.is_early_exit_model and isinstance(inputs, (list, tuple)) and len(inputs) == 0:
@@ -51,15 +59,15 @@ class BudgetedPipelineMixin:
             )
         return super().__call__(inputs, *args, **kwargs)
 
-    def _sanitize_parameters(self, budget=None, **kwargs):
+    def _sanitize_parameters(self, budget=None, exit_policy=None, **kwargs):
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
-        forward_params.update(self._budget_forward_params(budget))
+        forward_params.update(self._early_exit_forward_params(budget, exit_policy))
         return preprocess_params, forward_params, postprocess_params
 
-    def _forward(self, model_inputs, budget=None):
+    def _forward(self, model_inputs, budget=None, exit_policy=None):
         if not self.is_early_exit_model:
             return super()._forward(model_inputs)
-        return self.model(**model_inputs, budget=budget)
+        return self.model(**model_inputs, budget=budget, exit_policy=exit_policy)
 
     def postprocess(self, model_outputs, **postprocess_params):
         return self._with_exit(super().postprocess(model_outputs, **postprocess_params), model_outputs)
@@ -84,8 +92,12 @@ class EENetTextClassificationPipeline(BudgetedPipelineMixin, TextClassificationP
     Args:
         budget (`float` or [`BudgetTracker`], *optional*):
             Allowed average cost per sample relative to the full model (EENet models only), given when the pipeline
-            is built and/or per call (`clf(texts, budget=0.3)`); `None` uses the model's `config.default_budget`. A
+            is built and/or per call (`clf(texts, budget=0.3)`); a call without one (or with `None`) keeps the
+            pipeline's, and a pipeline built without one uses the model's `config.default_budget`. A
             [`BudgetTracker`] keeps the average over every call it serves at its budget.
+        exit_policy ([`ExitPolicy`], *optional*):
+            A policy to decide the exits instead of the model's stored one (EENet models only), as the model's
+            `forward` takes it, at build time and/or per call.
         kwargs:
             As for [`TextClassificationPipeline`].
 
@@ -111,8 +123,12 @@ class EENetImageClassificationPipeline(BudgetedPipelineMixin, ImageClassificatio
     Args:
         budget (`float` or [`BudgetTracker`], *optional*):
             Allowed average cost per image relative to the full model (EENet models only), given when the pipeline
-            is built and/or per call (`classifier(images, budget=0.3)`); `None` uses the model's
-            `config.default_budget`. A [`BudgetTracker`] keeps the average over every call it serves at its budget.
+            is built and/or per call (`classifier(images, budget=0.3)`); a call without one (or with `None`) keeps
+            the pipeline's, and a pipeline built without one uses the model's `config.default_budget`. A
+            [`BudgetTracker`] keeps the average over every call it serves at its budget.
+        exit_policy ([`ExitPolicy`], *optional*):
+            A policy to decide the exits instead of the model's stored one (EENet models only), as the model's
+            `forward` takes it, at build time and/or per call.
         kwargs:
             As for [`ImageClassificationPipeline`].
 
