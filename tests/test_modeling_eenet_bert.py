@@ -23,6 +23,7 @@ from hf_eenet import (
     EENetBertConfig,
     EENetBertForSequenceClassification,
     ForcedExitPolicy,
+    StaticExitPolicy,
 )
 from hf_eenet.evaluation import synthetic_exit_outputs
 from hf_eenet.models import EENET_CONFIG_FORMAT
@@ -624,3 +625,43 @@ def test_a_plain_trainer_predicts_the_logits_alone(tmp_path):
     args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, report_to=[], use_cpu=True)
     predictions = Trainer(model=model, args=args).predict(data).predictions
     assert isinstance(predictions, np.ndarray) and predictions.shape == (8, 3)  # as for a stock classifier
+
+
+def test_regression_and_multi_label_checkpoints_are_refused_at_load(tmp_path):
+    sizes = {name: getattr(tiny_bert_config(), name) for name in ("vocab_size", "hidden_size", "intermediate_size")}
+    for kwargs in ({"num_labels": 1}, {"num_labels": 3, "problem_type": "multi_label_classification"}):
+        stock = BertConfig(**sizes, num_hidden_layers=2, num_attention_heads=4, **kwargs)
+        BertForSequenceClassification(stock).save_pretrained(tmp_path / "stock")
+        with pytest.raises(ValueError, match="EENet models are single-label classifiers"):
+            EENetBertForSequenceClassification.from_pretrained(tmp_path / "stock")
+    new_head = EENetBertForSequenceClassification.from_pretrained(
+        tmp_path / "stock", num_labels=2, problem_type="single_label_classification", ignore_mismatched_sizes=True
+    )
+    assert new_head.config.num_labels == 2
+
+
+def test_a_stored_policy_that_takes_no_budget_runs_despite_a_default_budget():
+    model = tiny_model(exit_pooling="mean")
+    model.set_exit_policy(StaticExitPolicy(model.config.num_exits, exit=1))
+    model.config.default_budget = 0.8
+    with torch.no_grad():
+        assert set(model(**random_text_batch(4)).exit_index.tolist()) == {1}
+
+
+def test_hidden_state_and_attention_flags_of_the_config_are_refused():
+    model = tiny_model(attn_implementation="eager")  # (sdpa refuses `output_attentions` itself)
+    for flag in ("output_hidden_states", "output_attentions"):
+        setattr(model.config, flag, True)
+        with pytest.raises(ValueError, match=f"`config.{flag}` is True, but EENet models return"):
+            model(**random_text_batch(2))
+        setattr(model.config, flag, False)
+
+
+def test_int32_labels_give_the_same_loss_as_int64():
+    model = tiny_model().train()
+    batch = random_text_batch(4)
+    labels = torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(0)
+    expected = model(**batch, labels=labels).loss
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(**batch, labels=labels.int()).loss, expected)

@@ -617,3 +617,10 @@ def test_bad_inputs_are_rejected(backbone):
         model(random_images(2), labels=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="holds 3 exit indices but the batch has 2"):
         model(random_images(2), exit_policy=ForcedExitPolicy(torch.tensor([0, 1, 2])))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES, ids=lambda b: b.name)
+def test_regression_and_multi_label_configs_are_refused(backbone):
+    for kwargs in ({"num_labels": 1}, {"num_labels": 3, "problem_type": "multi_label_classification"}):
+        with pytest.raises(ValueError, match="EENet models are single-label classifiers"):
+            backbone.model_class(backbone.config(**kwargs))

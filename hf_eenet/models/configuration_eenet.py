@@ -65,7 +65,8 @@ class EENetConfigMixin:
             The batch size the fixed segment costs are priced for (policies are fitted for batches of this size);
             set exactly when `exit_segment_costs` is.
         default_budget (`float`, *optional*):
-            Budget used when `forward` is called without one. `None` runs the full model.
+            Budget used when `forward` is called without one. `None` runs the full model (or a stored policy that
+            decides its own cost, such as patience, which never takes a budget).
         exit_policy (`dict`, *optional*):
             Type, budget grid and hyperparameters of the fitted exit policy; its tensors live in the model weights.
             `None` when no policy has been fitted.

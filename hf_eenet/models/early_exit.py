@@ -51,7 +51,7 @@ def multi_exit_loss(all_exit_logits: torch.Tensor, labels: torch.Tensor, weights
     batch, num_exits, num_labels = all_exit_logits.shape
     per_exit = F.cross_entropy(
         all_exit_logits.reshape(batch * num_exits, num_labels).float(),
-        labels.repeat_interleave(num_exits),
+        labels.long().repeat_interleave(num_exits),  # int32 / int16 class indices too
         reduction="none",
     ).view(batch, num_exits)
     weights = torch.as_tensor(weights, dtype=per_exit.dtype, device=per_exit.device)
@@ -109,8 +109,9 @@ def add_early_exit_forward_docstring(inputs: str, *, unit: str, features_receive
             Class indices. Every exit is computed and the multi-exit loss is returned.
         budget (`float` or [`BudgetTracker`], *optional*):
             Allowed average cost per {unit} relative to the full model. `None` uses `config.default_budget`
-            (and the full model when that is `None`); `>= 1.0` runs the plain full model; below 1.0 the fitted
-            exit policy decides, using its nearest fitted budget not above `budget`. Budgets below the cheapest
+            (and the full model when that is `None`), or runs a stored policy that decides its own cost (patience,
+            static), which takes no budget; `>= 1.0` runs the plain full model; below 1.0 the fitted exit policy
+            decides, using its nearest fitted budget not above `budget`. Budgets below the cheapest
             exit, or on a model without a fitted policy, raise a `ValueError`. A [`BudgetTracker`] keeps the
             average cost per {unit} at its budget over the calls it is passed to.
         exit_policy (`ExitPolicy`, *optional*):
@@ -181,8 +182,21 @@ class EarlyExitMixin:
         return self.exit_heads.parameters()
 
     # --- exit policy ----------------------------------------------------------------------------------------------
-    def _init_exit_policy(self) -> None:
-        """Build the policy described by `config.exit_policy` (its tensors are then filled from the weights)."""
+    def _init_early_exit(self) -> None:
+        """
+        Check that the config describes a single-label classifier (the loss, exits and policies are softmax ones) and
+        build the exit policy described by `config.exit_policy` (its tensors are then filled from the weights).
+        Called at the end of each backbone's `__init__`, when the config holds any override given at load.
+        """
+        problem_type = getattr(self.config, "problem_type", None)
+        if self.config.num_labels < 2 or problem_type not in (None, "single_label_classification"):
+            raise ValueError(
+                "EENet models are single-label classifiers (softmax exits, cross-entropy loss, confidence-based exit "
+                "decisions), so they need `num_labels` >= 2 and `problem_type` 'single_label_classification' (or "
+                f"unset); got num_labels={self.config.num_labels}, problem_type={problem_type!r}. To train a "
+                "classifier on the backbone of a regression or multi-label checkpoint, load it with `num_labels=N`, "
+                "`problem_type='single_label_classification'` and `ignore_mismatched_sizes=True`."
+            )
         self.exit_policy = exit_policy_from_config(self.config.exit_policy) if self.config.exit_policy else None
         if self.exit_policy is not None and self.exit_policy.num_exits != self.config.num_exits:
             raise ValueError(
@@ -398,6 +412,13 @@ class EarlyExitMixin:
         return_dict: bool | None = None,
     ) -> EarlyExitClassifierOutput | tuple:
         """Run the model in the mode its arguments ask for (see the backbone's `forward`)."""
+        for flag in ("output_hidden_states", "output_attentions"):
+            if getattr(self.config, flag, False):
+                raise ValueError(
+                    f"`config.{flag}` is True, but EENet models return each sample's logits, exit and cost, not the "
+                    f"backbone's {flag.removeprefix('output_').replace('_', ' ')}: set it to False (run the backbone "
+                    "module itself for them)."
+                )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None or self.training or output_all_exits or output_exit_features:
             if budget is not None or exit_policy is not None:
@@ -441,7 +462,10 @@ class EarlyExitMixin:
     def _resolve_policy(self, budget, exit_policy: ExitPolicy | None) -> tuple[ExitPolicy | None, int | None]:
         """Validate the budget and pick the policy and its fitted budget; `(None, None)` means the full model."""
         explicit = budget is not None
-        if budget is None:
+        stored_decides_cost = (
+            exit_policy is None and self.exit_policy is not None and not self.exit_policy.requires_budget
+        )
+        if budget is None and not stored_decides_cost:  # such a policy takes no budget, `default_budget` neither
             budget = self.config.default_budget
         if budget is not None:
             budget = validate_budget(budget)

@@ -71,7 +71,7 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.exit_heads = nn.ModuleList(EENetBertExitHead(config) for _ in config.exit_layers[:-1])
-        self._init_exit_policy()
+        self._init_early_exit()
         self.post_init()
 
     # --- adapter --------------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
             if config.exit_layer_unit == "stage"
             else tuple(layer for stage in stages for layer in stage.layers)
         )
-        self._init_exit_policy()
+        self._init_early_exit()
         self.post_init()
 
     # --- adapter --------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class EENetViTForImageClassification(EarlyExitMixin, ViTPreTrainedModel):
         self.vit = ViTModel(config, add_pooling_layer=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.exit_heads = nn.ModuleList(EENetViTExitHead(config) for _ in config.exit_layers[:-1])
-        self._init_exit_policy()
+        self._init_early_exit()
         self.post_init()
 
     # --- adapter --------------------------------------------------------------------------------------------------
