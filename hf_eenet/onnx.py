@@ -459,13 +459,16 @@ class EENetONNXModel(EarlyExitMixin):
         **inputs,
     ) -> EarlyExitClassifierOutput | tuple:
         """
-        The torch model's call: model inputs by name (torch tensors, numpy arrays or lists), `budget` (a float or a
+        The torch model's call: model inputs by name (torch tensors on any device, numpy arrays or lists; the outputs
+        are on the CPU), `budget` (a float or a
         [`BudgetTracker`]), `exit_policy` (a torch policy of the same model, e.g. a baseline), `output_all_exits`,
         `output_exit_features` (the exit graphs' pooled features), `return_dict` and `labels` (then every exit runs
         and the multi-exit loss is returned).
         """
         if isinstance(exit_policy, ExitPolicy) and not isinstance(exit_policy, ONNXExitPolicy):
             exit_policy = exit_policy.to("cpu")
+        if labels is not None:
+            labels = torch.as_tensor(labels, device="cpu")
         return self.early_exit_forward(
             inputs,
             labels=labels,
@@ -487,7 +490,11 @@ class EENetONNXModel(EarlyExitMixin):
         if missing:
             raise ValueError(f"Missing inputs {missing}; the exported model takes {expected}.")
         dtypes = self.manifest["input_dtypes"]
-        state = {name: torch.as_tensor(value, dtype=getattr(torch, dtypes[name])) for name, value in given.items()}
+        # on the host, wherever the caller's tensors are (a pipeline on a GPU machine moves them to the GPU)
+        state = {
+            name: torch.as_tensor(value, dtype=getattr(torch, dtypes[name]), device="cpu")
+            for name, value in given.items()
+        }
         reference = state[next(name for name in expected if name in state)]
         for name in expected:
             if name not in state:

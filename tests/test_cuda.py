@@ -218,3 +218,21 @@ def test_decisions_ignore_a_cuda_autocast(name):
             policy.simulate(all_exits.all_exit_logits.float(), 1, [f.float() for f in features]),
         )
     assert seen and not any(seen)
+
+
+def test_onnx_model_takes_inputs_on_the_accelerator(tmp_path):
+    """A pipeline on a GPU machine moves the inputs to the GPU; onnxruntime's model runs them on the host."""
+    pytest.importorskip("onnxruntime")
+    from hf_eenet.onnx import EENetONNXModel, export_onnx
+
+    model, _ = bert_case(1, seed=0)
+    batches = [random_text_batch(32, seed=seed) for seed in range(3)]
+    model.set_exit_policy(fitted_eenet(model, batches))
+    onnx_model = EENetONNXModel(export_onnx(model, tmp_path / "onnx"))
+    budget, labels = model.exit_policy.budgets[1], torch.arange(32) % model.config.num_labels
+    on_host = onnx_model(**batches[0], budget=budget)
+    on_device = onnx_model(**on_cuda(batches[0]), budget=budget)
+    assert on_device.logits.device.type == "cpu" and torch.equal(on_device.exit_index, on_host.exit_index)
+    torch.testing.assert_close(on_device.logits, on_host.logits)
+    loss = onnx_model(**on_cuda(batches[0]), labels=labels.to(CUDA)).loss
+    torch.testing.assert_close(loss, onnx_model(**batches[0], labels=labels).loss)

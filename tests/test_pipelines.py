@@ -59,11 +59,11 @@ def eenet_model(tokenizer):
 
 
 def direct_results(model, tokenizer, texts, budget):
-    """What the model itself says, one text at a time."""
+    """What the model itself says, one text at a time (where a pipeline moved it: the GPU on a machine with one)."""
     results = []
     with torch.no_grad():
         for text in texts:
-            out = model(**tokenizer(text, return_tensors="pt"), budget=budget)
+            out = model(**tokenizer(text, return_tensors="pt").to(model.device), budget=budget)
             probs = out.logits.softmax(-1)[0]
             results.append((model.config.id2label[int(probs.argmax())], float(probs.max()), int(out.exit_index[0])))
     return results

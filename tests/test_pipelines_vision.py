@@ -65,11 +65,11 @@ def eenet_models():
 
 
 def direct_results(model, processor, images, budget):
-    """What the model itself says, one image at a time."""
+    """What the model itself says, one image at a time (where a pipeline moved it: the GPU on a machine with one)."""
     results = []
     with torch.no_grad():
         for image in images:
-            out = model(**processor(image, return_tensors="pt"), budget=budget)
+            out = model(**processor(image, return_tensors="pt").to(model.device), budget=budget)
             probs = out.logits.softmax(-1)[0]
             results.append((model.config.id2label[int(probs.argmax())], float(probs.max()), int(out.exit_index[0])))
     return results
