@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_cli import positive_int
 from bench_speed import DEFAULT_DATA, tokenize_batches
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.add_argument("--model", required=True, help="EENet text model with a fitted (budget-matched) policy.")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Labelled tsv (sentence, label).")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.7])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-length", type=positive_int, default=64)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     if not isinstance(model, hf_eenet.EarlyExitMixin) or model.exit_policy is None:
         raise ValueError(f"{args.model} is not an EENet model with a fitted exit policy.")
     policy, name = model.exit_policy, model.config.exit_policy["policy_type"]
+    unfitted = [b for b in args.budgets if not any(abs(b - fitted) < 1e-6 for fitted in policy.budgets)]
+    if unfitted:  # a fixed threshold would serve the fitted budget below, and its row would read as a miss
+        parser.error(f"--budgets {unfitted} are not among the policy's fitted budgets {policy.budgets}.")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     sentences, labels = load_labelled(args.data)
     results = {}

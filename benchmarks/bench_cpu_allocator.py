@@ -17,12 +17,12 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_cli import positive_int, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "benchmarks" / "configs" / "eenet-resnet-cifar10"
@@ -47,9 +47,9 @@ def reference_architecture_config():
 
 def add_timing_arguments(parser: argparse.ArgumentParser, num_batches: int) -> None:
     """The options the CPU timing benchmarks of the reference architecture share."""
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-batches", type=int, default=num_batches)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--num-batches", type=positive_int, default=num_batches)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--output", type=Path, default=None)
 
 
@@ -111,7 +111,7 @@ def child(allocator: str, batch_size: int, num_batches: int, repeats: int, threa
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_timing_arguments(parser, num_batches=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--child", choices=["default", "tuned"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = [args.batch_size, args.num_batches, args.repeats, args.threads]
@@ -123,10 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         command = [sys.executable, __file__, "--child", allocator]
         command += ["--batch-size", str(args.batch_size), "--num-batches", str(args.num_batches)]
         command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"The {allocator} child failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0]))
+        output = run_child(command, f"The {allocator} child")
+        results.append(json.loads(output.split("RESULT ", 1)[1].splitlines()[0]))
     lines = report(args, argv if argv is not None else sys.argv[1:], results)
     print("\n".join(lines))
     if args.output is not None:

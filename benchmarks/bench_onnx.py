@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def run_all(model, batches, **kwargs):
     return lambda: [model(**batch, **kwargs) for batch in batches]
 
 
+ONNX_FULL = "onnxruntime full model (budget 1.0)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/minilm-sst2-eenet", help="EENet BERT with a fitted scheduler.")
@@ -55,27 +59,30 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.model} has no fitted exit policy: run scripts/fit_scheduler.py first.")
     stock = BertForSequenceClassification.from_pretrained(args.model).eval()  # the same weights, stock class
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    sentences = load_sentences(Path(args.data), args.num_samples)
+    sentences, data_label = load_sentences(Path(args.data), args.num_samples)
+    command = "python benchmarks/bench_onnx.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory() as directory:
         export_onnx(ours, directory)
         onnx_model = EENetONNXModel(directory)  # segments on `--threads` threads
         lines = [
             "# ONNX runtime early exit vs torch early exit vs stock transformers: MiniLM-L6 on SST-2 (measured)",
             "",
-            f"Command: `.venv/bin/python benchmarks/bench_onnx.py --model {args.model} --output "
-            "benchmarks/results/onnx_minilm.md`",
+            f"Command: `{command}`",
             "",
             f"- machine: {platform.processor() or platform.machine()}, {args.threads} threads (torch and onnxruntime), "
             f"CPU; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, transformers "
             f"{transformers.__version__}, hf_eenet {hf_eenet.__version__}",
-            f"- data: the first {len(sentences)} sentences of SST-2 test, padded to the longest in each batch "
+            f"- data: the first {len(sentences)} sentences of {data_label}, padded to the longest in each batch "
             f"(max {args.max_length} tokens); stored policy: {ours.config.exit_policy['policy_type']}",
             f"- timing: median of {args.repeats} interleaved repeats over all sentences",
             "",
         ]
         for batch_size in args.batch_sizes:
             batches = tokenize_batches(tokenizer, sentences, batch_size, args.max_length, "cpu")
-            runs = {"stock transformers": run_all(stock, batches)}
+            runs = {
+                "stock transformers": run_all(stock, batches),
+                ONNX_FULL: run_all(onnx_model, batches, budget=1.0),  # what onnxruntime alone gains
+            }
             agreement = []
             for budget in args.budgets:
                 runs[f"torch early exit, budget {budget}"] = run_all(ours, batches, budget=budget)
@@ -87,15 +94,18 @@ def main(argv: list[str] | None = None) -> int:
                 cost = float(torch.cat([o.exit_cost for _, o in pairs]).mean())
                 agreement.append((budget, same, diff, cost))
             times = time_runs(runs, args.repeats, "cpu")
-            stock_time = times["stock transformers"]
+            stock_time, onnx_full_time = times["stock transformers"], times[ONNX_FULL]
             lines += [
                 f"## batch size {batch_size}",
                 "",
-                "| configuration | ms / sample | speed-up vs stock |",
-                "|---|---|---|",
+                "| configuration | ms / sample | speed-up vs stock | speed-up vs the full model on onnxruntime |",
+                "|---|---|---|---|",
             ]
             for name, seconds in times.items():
-                lines.append(f"| {name} | {1000 * seconds / len(sentences):.2f} | {stock_time / seconds:.2f}x |")
+                versus_onnx = f"{onnx_full_time / seconds:.2f}x" if name.startswith("onnxruntime") else "—"
+                lines.append(
+                    f"| {name} | {1000 * seconds / len(sentences):.2f} | {stock_time / seconds:.2f}x | {versus_onnx} |"
+                )
             lines += [
                 "",
                 "| budget | same exit (torch vs onnx) | max logit difference | realized cost |",

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_cli import positive_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,15 +32,18 @@ from hf_eenet.models.exit_policies import ConfidenceThresholdPolicy, EENetPaperP
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-samples", type=int, default=10_000)
-    parser.add_argument("--num-exits", type=int, default=6)
-    parser.add_argument("--num-labels", type=int, default=10)
-    parser.add_argument("--num-budgets", type=int, default=20)
-    parser.add_argument("--feature-size", type=int, default=32)
+    parser.add_argument("--num-samples", type=positive_int, default=10_000)
+    parser.add_argument("--num-exits", type=positive_int, default=6)
+    parser.add_argument("--num-labels", type=positive_int, default=10)
+    parser.add_argument("--num-budgets", type=positive_int, default=20)
+    parser.add_argument("--feature-size", type=positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablations", action="store_true", help="also fit EENet without each of its parts")
     parser.add_argument("--output", type=Path, default=None, help="write the results as markdown here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_budgets < 2 or args.num_exits < 2 or args.num_labels < 2:
+        parser.error("--num-budgets, --num-exits and --num-labels must be >= 2")
+    return args
 
 
 def mean_accuracy(rows, name):

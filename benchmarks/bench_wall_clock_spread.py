@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
+
+from bench_cli import positive_int, run_child
 
 
 def measure(args) -> dict:
@@ -58,7 +59,7 @@ def decompose(model, batches, budget: float, passes: int = 2) -> dict:
     with torch.no_grad():
         taken = [model(pixel_values=batch, budget=budget).exit_index for batch in batches]
     runs = {
-        "full": lambda i, batch: model(pixel_values=batch),
+        "full": lambda i, batch: model(pixel_values=batch, budget=1.0),  # the full model even with a default_budget
         f"eenet {budget}": lambda i, batch: model(pixel_values=batch, budget=budget),
         "same exits forced": lambda i, batch: model(pixel_values=batch, exit_policy=ForcedExitPolicy(taken[i])),
     }
@@ -90,10 +91,10 @@ def main() -> None:
     parser.add_argument("--model_dir", required=True, help="An EENet vision model with a fitted scheduler.")
     parser.add_argument("--data", required=True, help="CIFAR-10 test parquet (an image column with bytes).")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    parser.add_argument("--num_images", type=int, default=1280)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--num_images", type=positive_int, default=1280)
+    parser.add_argument("--batch_size", type=positive_int, default=64)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--processes", type=positive_int, default=4)
     parser.add_argument("--decompose_budget", type=float, default=None, help="Also take this budget apart.")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,8 +103,8 @@ def main() -> None:
         return
     results = []
     for _ in range(args.processes):
-        output = subprocess.run([sys.executable, *sys.argv, "--child"], check=True, capture_output=True, text=True)
-        results.append(json.loads(output.stdout.strip().splitlines()[-1]))
+        output = run_child([sys.executable, *sys.argv, "--child"], "A timing process")
+        results.append(json.loads(output.strip().splitlines()[-1]))
         print(f"process {len(results)} (measured): {results[-1]}", flush=True)
     for budget in args.budgets:
         fractions = [result["fractions"][str(budget)] for result in results]

@@ -451,7 +451,8 @@ def measured_budget_table(
     Measured budget table: run the real early-exit forward (`model(**batch, budget=b, exit_policy=policy)`, eval
     mode, `torch.no_grad`) over `batches` and time it on the wall clock. Configurations take turns: each runs
     `batches_per_turn` consecutive batches, then the next one does, until every configuration has run every batch, so
-    a drift in the machine's speed affects every row alike. With one batch per turn (the default) each call follows
+    a drift in the machine's speed affects every row alike; each turn starts one configuration later than the one
+    before, so no configuration always runs first or always follows the same one. With one batch per turn (the default) each call follows
     another configuration's call; with a few batches per turn each configuration mostly follows itself, as a server
     running one model at one budget does (the caches and the allocator hold what its own previous call left).
 
@@ -524,8 +525,8 @@ def measured_budget_table(
     num_exits = model.config.num_exits
     results = [{"exits": [], "costs": [], "hits": 0, "labelled": 0, "elapsed": 0.0} for _ in runs]
     try:
-        # every configuration in turn, `batches_per_turn` batches at a time: drift of the machine's speed hits every
-        # row alike
+        # every configuration in turn, `batches_per_turn` batches at a time, starting one configuration later each
+        # turn: drift of the machine's speed, and any cost of following a given configuration, hit every row alike
         warmup = prepared[:num_warmup_batches]
         for inputs, _ in tqdm(warmup, desc=f"Warm-up ({len(runs)} configurations)", disable=not progress):
             for _, policy, budget, tracker in runs:
@@ -534,8 +535,12 @@ def measured_budget_table(
             if tracker is not None:
                 tracker.reset()  # the timed pass is the stream
         turns = [prepared[start : start + batches_per_turn] for start in range(0, len(prepared), batches_per_turn)]
-        for turn in tqdm(turns, desc=f"Timing {len(runs)} configurations", unit="turn", disable=not progress):
-            for (_, policy, budget, tracker), result in zip(runs, results):
+        timing = tqdm(turns, desc=f"Timing {len(runs)} configurations", unit="turn", disable=not progress)
+        for number, turn in enumerate(timing):
+            first = number % len(runs)
+            for (_, policy, budget, tracker), result in zip(
+                runs[first:] + runs[:first], results[first:] + results[:first]
+            ):
                 for inputs, labels in turn:
                     _synchronize(device)
                     start = time.perf_counter()

@@ -195,11 +195,12 @@ def test_cache_and_measured_table_agree_with_simulation():
     assert len(calls) == 2 * 2 + 2 * 3
     assert "ms / sample" in format_budget_table(measured)
     assert model.training is False
-    # configurations take turns of `batches_per_turn` consecutive batches; the rows do not depend on the turns
+    # configurations take turns of `batches_per_turn` consecutive batches, each turn starting one configuration later;
+    # the rows do not depend on the turns
     order = []
     model.register_forward_pre_hook(lambda module, args, kwargs: order.append(kwargs["budget"]), with_kwargs=True)
     in_turns = measured_budget_table(model, batches, policies=policies, num_warmup_batches=0, batches_per_turn=2)
-    assert order == [1.0, 1.0, 0.5, 0.5, 0.8, 0.8, None, None, 1.0, 0.5, 0.8, None]
+    assert order == [1.0, 1.0, 0.5, 0.5, 0.8, 0.8, None, None, 0.5, 0.8, None, 1.0]
     for one, turns in zip(measured, in_turns):
         assert (one["policy"], one["budget"], one["accuracy"], one["cost"], one["exit_histogram"]) == (
             turns["policy"],

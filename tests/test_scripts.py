@@ -249,6 +249,11 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
         sum(row["num_samples"] for row in results["short half"] + results["long half"] if row["budget"] == 1.0) == 32
     )
     assert "| 0.50 |" in report.read_text() and "bench_budget_tracking.py --model" in report.read_text()
+    with pytest.raises(SystemExit):  # 0.6 was not fitted: fixed thresholds would serve 0.5 and read as a miss
+        bench_budget_tracking.main(
+            ["--model", str(fitted), "--data", str(Path(tiny_sst2) / "test.tsv"), "--budgets", "0.6",
+             "--output", str(report)]
+        )  # fmt: skip
     unlabelled = tmp_path / "unlabelled.tsv"
     unlabelled.write_text("sentence\na fine film\n")
     with pytest.raises(ValueError, match="needs a header with 'sentence' and 'label' columns"):
@@ -261,6 +266,8 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
     )  # fmt: skip
     text = report.read_text()
     assert "| onnxruntime early exit, budget 0.5 |" in text and "| 0.5 | 8 / 8 |" in text
+    assert f"| {bench_onnx.ONNX_FULL} |" in text and "--num-samples 8 --repeats 1" in text
+    assert "of SST-2 test (test.tsv)" in text
 
     # reporting the calibration split as test data is allowed, but said
     logger = transformers_logging.get_logger("hf_eenet.scripts.evaluate_budgets")
@@ -326,6 +333,18 @@ def test_speed_benchmark_runs_on_a_tiny_checkpoint(tiny_checkpoint, tiny_sst2, t
          "--num-samples", "8", "--repeats", "1", "--max-length", "32", "--output", str(report)]
     )  # fmt: skip
     assert "stock transformers" in report.read_text()
+    architecture = tmp_path / "architecture"  # a config and tokenizer without weights: timed with random weights
+    architecture.mkdir()
+    for file in Path(tiny_checkpoint).iterdir():
+        if file.name != "model.safetensors":
+            (architecture / file.name).write_bytes(file.read_bytes())
+    before = sorted(p.name for p in architecture.iterdir())
+    flags = ["--data", str(Path(tiny_sst2) / "test.tsv"), "--batch-sizes", "4", "--num-samples", "8", "--repeats", "1"]
+    bench_speed.main(["--model", str(architecture), *flags, "--output", str(report)])
+    assert "random weights of its architecture" in report.read_text()
+    assert sorted(p.name for p in architecture.iterdir()) == before  # never written to
+    with pytest.raises(FileNotFoundError, match="--data .*nowhere.tsv' does not exist"):
+        bench_speed.main(["--model", tiny_checkpoint, "--data", str(tmp_path / "nowhere.tsv")])
 
 
 def test_policy_benchmarks_end_to_end(trained_checkpoint, tiny_sst2, tmp_path):
@@ -547,3 +566,21 @@ def test_report_on_exits_too_dear_for_low_budgets_into_a_new_folder(tmp_path):
     assert "| budgets from 0.3 can be served | the cheapest exit costs 0.550" in text
     assert "| no budget from 0.3 to 0.5 has EENet and baseline rows | NO |" in text
     assert (report.parent / "report.png").is_file()
+
+
+def test_benchmarks_refuse_bad_counts_and_show_a_failing_childs_error(capsys):
+    import bench_cli
+    import bench_policy_fitting
+
+    for main, flags in (
+        (bench_speed.main, ["--repeats", "0"]),
+        (bench_speed.main, ["--batch-sizes", "4", "0"]),
+        (bench_policy_fitting.main, ["--num-budgets", "1"]),
+        (bench_cold_shapes.main, ["--processes", "0"]),
+        (bench_segment_overhead.main, ["--repeats", "-1"]),
+    ):
+        with pytest.raises(SystemExit):
+            main(flags)
+    assert "must be a whole number >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="(?s)A child failed \\(exit status 1\\).*ZeroDivisionError"):
+        bench_cli.run_child([sys.executable, "-c", "1 / 0"], "A child")
