@@ -12,7 +12,10 @@ Every row says how its numbers were obtained:
 Typical use:
 
 ```python
->>> from hf_eenet.evaluation import cache_exit_outputs, fit_policies, standard_policies, simulated_budget_table
+>>> from hf_eenet import default_budget_grid
+>>> from hf_eenet.evaluation import (
+...     cache_exit_outputs, fit_policies, format_budget_table, simulated_budget_table, standard_policies
+... )
 >>> cached = cache_exit_outputs(model, calibration_batches)
 >>> costs = model.exit_cost_model()
 >>> policies = fit_policies(standard_policies(model.config.num_exits), **cached, exit_costs=costs,

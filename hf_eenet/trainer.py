@@ -314,10 +314,14 @@ class EarlyExitTrainer(EENetModelCardMixin, Trainer):
     Example:
 
     ```python
-    >>> from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments
+    >>> from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments, compute_exit_accuracies
     >>> args = EarlyExitTrainingArguments("out", learning_rate=5e-5, exit_head_learning_rate=1e-3)
-    >>> trainer = EarlyExitTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    >>> trainer = EarlyExitTrainer(
+    ...     model=model, args=args, train_dataset=train, eval_dataset=dev, data_collator=collator,
+    ...     compute_metrics=compute_exit_accuracies,  # every exit's accuracy (eval_exit_{k}_accuracy)
+    ... )
     >>> trainer.train()
+    >>> trainer.evaluate()
     ```
     """
 

@@ -81,9 +81,13 @@ def split_dataset_flags(flags: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args, training_flags = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
+    parser = HfArgumentParser(
+        DemoArguments,
+        description="The whole EENet workflow on a slice of SST-2 (train the exits, fit the scheduler, report the "
+        "budget table). Any other flag goes on: a dataset flag (e.g. --shuffle_seed, --max_test_samples) to every "
+        "step, the others to the training step (every flag of scripts/train_exits.py, TrainingArguments' included).",
     )
+    args, training_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     output = Path(args.output_dir)
     dataset_flags, training_flags = split_dataset_flags(training_flags)
     data = data_arguments(args) + [

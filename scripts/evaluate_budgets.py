@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from fit_scheduler import load_trained_model, model_label_names, prepare_for
-from train_exits import parse_script_arguments
+from train_exits import parse_script_arguments, refuse_flags
 from transformers.utils import logging
 
 from hf_eenet.cpu import tune_cpu_allocator
@@ -98,17 +98,12 @@ FIT_ONLY_ARGUMENTS = (
 
 def check_no_fitting_arguments(args: ExitSchedulerArguments) -> None:
     """Refuse the fitting flags: this script reports the policies fit_scheduler.py fitted, as they were fitted."""
-    fields = ExitSchedulerArguments.__dataclass_fields__
-    given = [
-        f"--{name} {getattr(args, name)!r}"
-        for name in FIT_ONLY_ARGUMENTS
-        if getattr(args, name) != fields[name].default
-    ]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)}: these flags apply to fitting (scripts/fit_scheduler.py); evaluate_budgets.py reports "
-            "the policies as they were fitted (`--measured_budgets` chooses which of their budgets are timed)."
-        )
+    refuse_flags(
+        args,
+        FIT_ONLY_ARGUMENTS,
+        "these flags apply to fitting (scripts/fit_scheduler.py); evaluate_budgets.py reports the policies as they "
+        "were fitted (`--measured_budgets` chooses which of their budgets are timed).",
+    )
 
 
 def same_rows(split: str, other: str) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from train_exits import parse_script_arguments
+from train_exits import parse_script_arguments, refuse_flags
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
@@ -62,6 +62,19 @@ def model_label_names(model) -> list[str]:
     return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
+# `TrainingArguments` that only training uses (fitting the scheduler runs the evaluation loop alone)
+TRAINING_ONLY_ARGUMENTS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "warmup_steps",
+    "weight_decay",
+    "resume_from_checkpoint",
+)
+
+
 def warn_if_calibrating_on_training_rows(model, data_args: DatasetArguments, num_rows: int) -> None:
     """
     Warn when calibration rows were training rows of the exits (as `train_exits.py` recorded them in the card data):
@@ -92,6 +105,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Fit the scheduler; save the model (with its card), tokenizer, budget table and policies; return the table."""
     tune_cpu_allocator()  # keep large CPU tensors' memory in the process (glibc): see hf_eenet.cpu
     model_args, data_args, args = parse_arguments(argv)
+    refuse_flags(
+        args,
+        TRAINING_ONLY_ARGUMENTS,
+        "these flags apply to training the exits (scripts/train_exits.py); fitting the scheduler trains no weights.",
+    )
     model, processor = load_trained_model(model_args.model_name_or_path)
     prepare_for(args, processor)
     check_max_seq_length(data_args, processor, model.config)

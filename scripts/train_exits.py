@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,16 @@ def parse_script_arguments(dataclass_types: tuple, argv: list[str] | None = None
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(sys.argv[1]))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def refuse_flags(arguments, names: Sequence[str], reason: str) -> None:
+    """Refuse the flags among `names` that `arguments` (a dataclass of flags) were given other than their defaults."""
+    fields = type(arguments).__dataclass_fields__
+    given = [
+        f"--{name} {getattr(arguments, name)!r}" for name in names if getattr(arguments, name) != fields[name].default
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)}: {reason}")
 
 
 def parse_arguments(argv: list[str] | None = None):

@@ -195,6 +195,11 @@ def test_an_exit_policy_reaches_the_model_at_build_and_call_time(eenet_model, to
     assert {r["exit_index"] for r in clf(TEXTS, exit_policy=second)} == {1}
     with pytest.raises(ValueError, match="takes no"):
         clf(TEXTS, budget=0.5)  # a static policy decides the cost itself
+    budgeted = pipeline("text-classification", model=eenet_model, tokenizer=tokenizer, budget=0.5)
+    expected = [r["exit_index"] for r in budgeted(TEXTS)]
+    stored = eenet_model.exit_policy  # a budget-matched policy given per call takes the pipeline's budget
+    assert [r["exit_index"] for r in budgeted(TEXTS, exit_policy=stored)] == expected
+    assert {r["exit_index"] for r in budgeted(TEXTS, exit_policy=first)} == {0}  # decides its own cost
     with pytest.raises(ValueError, match="has 2 exits but the model has"):
         clf(TEXTS, exit_policy=StaticExitPolicy(2, exit=0))
     stock = BertForSequenceClassification(labelled_config(tokenizer)).eval()

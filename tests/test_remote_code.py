@@ -192,3 +192,27 @@ def test_a_model_loaded_from_a_remote_code_save_ships_it_again(saved_with_remote
 
     exported = json.loads((export_onnx(loaded, tmp_path / "onnx") / "config.json").read_text())
     assert not set(REMOTE_CODE_KEYS) & set(exported)  # an ONNX export ships no model code
+
+
+RESAVE_CHILD = BLOCK_HF_EENET + textwrap.dedent(
+    """
+    import json
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    directory, again, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    model = AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)
+    model.save_pretrained(again)
+    AutoTokenizer.from_pretrained(directory).save_pretrained(again)
+    clf = pipeline("text-classification", model=again, trust_remote_code=True, budget=0.5)
+    print("RESULT " + json.dumps([r["exit_index"] for r in clf(texts)]))
+    """
+)
+
+
+def test_a_remote_code_model_saved_again_without_hf_eenet_keeps_its_pipeline(saved_with_remote_code, tmp_path):
+    """transformers copies the model's module and its relative imports, the pipeline module among them."""
+    directory, _, expected = saved_with_remote_code
+    again = tmp_path / "again"
+    stdout = run_child(RESAVE_CHILD, str(directory), str(again), json.dumps(TEXTS), modules_cache=tmp_path / "modules")
+    assert (again / "pipeline_eenet.py").is_file()
+    assert json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0]) == expected.exit_index.tolist()

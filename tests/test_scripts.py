@@ -171,6 +171,12 @@ def trained_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path_factory):
     return str(out)
 
 
+def test_fit_scheduler_refuses_training_flags(trained_checkpoint, tiny_sst2, tmp_path):
+    flags = [*common_args(trained_checkpoint, tiny_sst2, tmp_path / "fitted", train=False), "--learning_rate", "1.0"]
+    with pytest.raises(ValueError, match="--learning_rate 1.0: these flags apply to training the exits"):
+        fit_scheduler.main(flags)
+
+
 def test_fit_scheduler_warns_when_calibration_rows_trained_the_exits(trained_checkpoint, tiny_sst2, tmp_path):
     card_data = json.loads((Path(trained_checkpoint) / "eenet_card_data.json").read_text())
     assert card_data["training_data"]["train_split"] == "train"

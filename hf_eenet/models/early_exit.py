@@ -472,7 +472,10 @@ class EarlyExitMixin:
         num_exits, costs = self.config.num_exits, self.config.exit_costs
         if exit_policy is not None:
             if not isinstance(exit_policy, ExitPolicy):
-                raise TypeError(f"`exit_policy` must be an ExitPolicy, got {type(exit_policy).__name__}.")
+                raise TypeError(
+                    f"`exit_policy` must be an ExitPolicy (e.g. a fitted one from "
+                    f"`hf_eenet.evaluation.load_policies(model_dir)`), got {type(exit_policy).__name__}."
+                )
             if exit_policy.num_exits > num_exits or (exit_policy.persistable and exit_policy.num_exits != num_exits):
                 raise ValueError(f"The exit policy has {exit_policy.num_exits} exits but the model has {num_exits}.")
             if exit_policy.device not in (None, self.device):

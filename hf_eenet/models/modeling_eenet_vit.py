@@ -11,6 +11,7 @@ from .configuration_eenet import EENetViTConfig
 from .early_exit import EarlyExitMixin, add_early_exit_forward_docstring
 from .exit_policies import ExitPolicy
 from .modeling_outputs import EarlyExitClassifierOutput
+from .pipeline_eenet import EENetImageClassificationPipeline  # noqa: F401  (so that a remote-code save ships it: custom_pipelines)
 
 __all__ = ["EENetViTExitHead", "EENetViTForImageClassification"]
 

@@ -34,6 +34,12 @@ class BudgetedPipelineMixin:
             super().check_model_type(supported_models)
 
     def _early_exit_forward_params(self, budget, exit_policy) -> dict[str, Any]:
+        """
+        The call's (or, at build time, the pipeline's) `budget` and `exit_policy`, checked together with what the
+        pipeline was built with (a call's arguments override those): unreachable or unfitted budgets, and policies of
+        another model, fail now, not mid-batch. A call's policy that decides its own cost (patience, static) runs
+        without the pipeline's budget.
+        """
         given = {
             name: value for name, value in (("budget", budget), ("exit_policy", exit_policy)) if value is not None
         }
@@ -47,9 +53,12 @@ class BudgetedPipelineMixin:
             )
         if budget is not None and not is_budget_tracker(budget):
             given["budget"] = budget = validate_budget(budget)
-        target = budget.budget if is_budget_tracker(budget) else budget
-        # unreachable or unfitted budgets, and policies of another model, fail now, not mid-batch
-        self.model._resolve_policy(target, exit_policy)
+        built = getattr(self, "_forward_params", {})  # not yet set while the pipeline is built
+        if budget is None and exit_policy is not None and not getattr(exit_policy, "requires_budget", True):
+            given["budget"] = None  # overrides the pipeline's budget for this call
+        budget = budget if "budget" in given else built.get("budget")
+        exit_policy = exit_policy if exit_policy is not None else built.get("exit_policy")
+        self.model._resolve_policy(budget.budget if is_budget_tracker(budget) else budget, exit_policy)
         return given
 
     def __call__(self, inputs, *args, **kwargs):
