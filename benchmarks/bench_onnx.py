@@ -37,7 +37,7 @@ def run_all(model, batches, **kwargs):
     return lambda: [model(**batch, **kwargs) for batch in batches]
 
 
-ONNX_FULL = "onnxruntime full model (budget 1.0)"
+ONNX_FULL = "onnxruntime early exit, budget 1.0"  # the full model on onnxruntime: the second baseline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,12 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for batch_size in args.batch_sizes:
             batches = tokenize_batches(tokenizer, sentences, batch_size, args.max_length, "cpu")
-            runs = {
-                "stock transformers": run_all(stock, batches),
-                ONNX_FULL: run_all(onnx_model, batches, budget=1.0),  # what onnxruntime alone gains
-            }
+            runs = {"stock transformers": run_all(stock, batches)}
             agreement = []
-            for budget in args.budgets:
+            for budget in [1.0, *(b for b in args.budgets if b != 1.0)]:  # 1.0: what onnxruntime alone gains
                 runs[f"torch early exit, budget {budget}"] = run_all(ours, batches, budget=budget)
                 runs[f"onnxruntime early exit, budget {budget}"] = run_all(onnx_model, batches, budget=budget)
                 with torch.inference_mode():
