@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-from contextlib import contextmanager
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -71,23 +69,6 @@ def is_eenet_config(config: PretrainedConfig) -> bool:
     return any(config.model_type == cls.config_class.model_type for cls in EENET_MODEL_FOR_BACKBONE.values())
 
 
-class _DropModelTypeMismatchWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "to instantiate a model of type" not in record.getMessage()
-
-
-@contextmanager
-def _quiet_backbone_loading():
-    """Loading a stock backbone into its EENet class is intended: drop transformers' model-type mismatch warning."""
-    logger = logging.getLogger("transformers.configuration_utils")
-    log_filter = _DropModelTypeMismatchWarning()
-    logger.addFilter(log_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(log_filter)
-
-
 def load_eenet_model(pretrained_model_name_or_path: str, **kwargs):
     """
     Load an EENet model from an EENet checkpoint, or from a stock checkpoint of a supported backbone (e.g. a BERT
@@ -99,9 +80,7 @@ def load_eenet_model(pretrained_model_name_or_path: str, **kwargs):
     """
     pretrained_model_name_or_path = local_or_hub(pretrained_model_name_or_path)
     config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_loading_kwargs(kwargs))
-    cls = eenet_model_class(config)
-    with _quiet_backbone_loading():
-        return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    return eenet_model_class(config).from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
 def load_processor(pretrained_model_name_or_path: str, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -665,3 +666,21 @@ def test_int32_labels_give_the_same_loss_as_int64():
     expected = model(**batch, labels=labels).loss
     torch.manual_seed(0)
     torch.testing.assert_close(model(**batch, labels=labels.int()).loss, expected)
+
+
+def test_a_stock_bert_checkpoint_loads_without_the_model_type_warning(tmp_path):
+    """Converting the backbone's own stock checkpoint is intended; other model types still get transformers' warning."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    from hf_eenet.models.early_exit import _StockCheckpointWarningFilter
+
+    sizes = {name: getattr(tiny_bert_config(), name) for name in ("vocab_size", "hidden_size", "intermediate_size")}
+    BertModel(BertConfig(**sizes, num_hidden_layers=2, num_attention_heads=4)).save_pretrained(tmp_path)
+    with CaptureLogger(transformers_logging.get_logger("transformers.configuration_utils")) as captured:
+        EENetBertForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+    assert "to instantiate a model of type" not in captured.out
+    only_bert = _StockCheckpointWarningFilter("bert", "eenet-bert")
+    record = lambda text: logging.LogRecord("x", logging.WARNING, "", 0, text, None, None)  # noqa: E731
+    assert not only_bert.filter(record("a model of type `bert` to instantiate a model of type `eenet-bert`."))
+    assert only_bert.filter(record("a model of type `roberta` to instantiate a model of type `eenet-bert`."))

@@ -16,10 +16,12 @@ multi-exit loss, latency calibration and the output.
 from __future__ import annotations
 
 import json
+import logging as logging_module
 import statistics
 import textwrap
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -86,6 +88,43 @@ def _synchronize(device: torch.device) -> None:
 EXIT_DESCRIPTION_KEYS = ("exit_layers", "exit_layer_unit", "exit_pooling", "exit_head_pooling", "exit_policy")
 # `from_pretrained` arguments that say where a saved config is read from.
 HUB_LOADING_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+class _StockCheckpointWarningFilter(logging_module.Filter):
+    """Drops transformers' model-type mismatch warning for the stock type an EENet config converts, and that alone."""
+
+    def __init__(self, stock_type: str, eenet_type: str):
+        super().__init__()
+        self.message = f"type `{stock_type}` to instantiate a model of type `{eenet_type}`"
+
+    def filter(self, record: logging_module.LogRecord) -> bool:
+        return self.message not in record.getMessage()
+
+
+@contextmanager
+def _quiet_stock_checkpoint_loading(config_class):
+    """
+    Loading a stock checkpoint of the backbone (e.g. `bert`) into its EENet class is intended: silence transformers'
+    warning that the checkpoint's model type differs (other mismatches still warn).
+    """
+    stock_type = next(
+        (
+            getattr(klass, "model_type", "")
+            for klass in config_class.__mro__[1:]
+            if getattr(klass, "model_type", "") not in ("", config_class.model_type)
+        ),
+        None,
+    )
+    if stock_type is None:
+        yield
+        return
+    logger_ = logging_module.getLogger("transformers.configuration_utils")
+    log_filter = _StockCheckpointWarningFilter(stock_type, config_class.model_type)
+    logger_.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger_.removeFilter(log_filter)
 
 
 def hub_loading_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -293,9 +332,10 @@ class EarlyExitMixin:
         the saved model had one (the weights would load by position).
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-        )
+        with _quiet_stock_checkpoint_loading(cls.config_class):
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
         saved = model._saved_config_dict(pretrained_model_name_or_path, kwargs)
         if saved is not None and model._exits_as_saved(saved):
             model._check_exits_loaded(pretrained_model_name_or_path, loading_info)
