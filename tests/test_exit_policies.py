@@ -808,3 +808,41 @@ def test_decisions_ignore_the_callers_autocast(synthetic, fitted):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(**random_text_batch(8), budget=0.6)
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_eenet_fits_under_no_grad_and_inference_mode(synthetic, mode):
+    """Fitting right after caching exit outputs, still inside the caller's `no_grad` / `inference_mode`."""
+    data = {key: synthetic[key][:300] for key in ("exit_logits", "labels")}
+    features = [f[:300] for f in synthetic["exit_features"]]
+    fast = {**FAST, "max_epochs": 5}
+    expected = EENetPaperPolicy(4, **fast).fit(**data, exit_costs=synthetic["exit_costs"], budgets=[0.5])
+    with mode():
+        for policy_class in (EENetPaperPolicy, EENetPolicy):
+            policy = policy_class(4, **fast).fit(
+                **data, exit_costs=synthetic["exit_costs"], budgets=[0.5], exit_features=features
+            )
+            assert policy.is_fitted
+        paper = EENetPaperPolicy(4, **fast).fit(**data, exit_costs=synthetic["exit_costs"], budgets=[0.5])
+    assert torch.equal(paper.thresholds, expected.thresholds)  # the same fit as with gradients on
+
+
+def test_global_thresholds_do_not_depend_on_the_order_of_the_samples():
+    """Costs priced in float64: a budget exactly at a reachable cost is met the same way in any sample order."""
+    scores = torch.tensor([[0.1 * i, 1.0] for i in range(10)])
+    for order in (
+        torch.arange(10),
+        torch.arange(9, -1, -1),
+        torch.randperm(10, generator=torch.Generator().manual_seed(0)),
+    ):
+        thresholds = global_thresholds(scores[order], [0.1, 0.7], 0.4)
+        assert int((scores[:, 0] >= thresholds[0]).sum()) == 5  # 5 x 0.1 + 5 x 0.7 = 0.4 per sample, exactly
+
+
+def test_eenet_scores_do_not_depend_on_the_batch(fitted, synthetic):
+    """A sample's score is the same alone as in the whole split (no batch-size-dependent summation order)."""
+    policy = fitted["eenet"]
+    logits, features = synthetic["exit_logits"][:64], [f[:64] for f in synthetic["exit_features"]]
+    whole = policy.exit_scores(logits, 1, features)
+    alone = torch.cat([policy.exit_scores(logits[i : i + 1], 1, [f[i : i + 1] for f in features]) for i in range(64)])
+    assert torch.equal(alone, whole)

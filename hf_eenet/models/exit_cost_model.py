@@ -105,12 +105,15 @@ class ExitCostModel:
         reach = fractions.flip(-1).cumsum(-1).flip(-1)[..., 1:].clamp(0.0, 1.0)  # share that runs segment k >= 1
         return cost + (1 - (1 - reach).pow(self.batch_size)) @ fixed
 
-    def of_exits(self, exit_index: torch.Tensor) -> torch.Tensor:
-        """Expected cost per sample `(...)` of per-sample exits `(..., num_samples)` served in random batches."""
-        costs, fixed = self._tensor(exit_index.device, torch.float32)
+    def of_exits(self, exit_index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """
+        Expected cost per sample `(...)` of per-sample exits `(..., num_samples)` served in random batches, computed in
+        `dtype`.
+        """
+        costs, fixed = self._tensor(exit_index.device, dtype)
         if fixed is None:
             return costs[exit_index].mean(-1)
-        counts = torch.nn.functional.one_hot(exit_index, len(self)).to(torch.float32).mean(-2)  # (..., K)
+        counts = torch.nn.functional.one_hot(exit_index, len(self)).to(dtype).mean(-2)  # (..., K)
         return self.of_fractions(counts)
 
     def per_sample_of_batch(self, exit_index: torch.Tensor) -> torch.Tensor:

@@ -206,8 +206,8 @@ def global_thresholds(scores: torch.Tensor, costs: ExitCostModel | Sequence[floa
     candidates = torch.unique(scores[:, :-1])  # sorted ascending; cost is non-decreasing in the threshold
     num_exits = scores.shape[1]
 
-    def cost_at(threshold: torch.Tensor) -> float:
-        return float(costs.of_exits(first_exit_over_threshold(scores, threshold.expand(num_exits))))
+    def cost_at(threshold: torch.Tensor) -> float:  # in float64: the same for any order of the samples
+        return float(costs.of_exits(first_exit_over_threshold(scores, threshold.expand(num_exits)), torch.float64))
 
     if cost_at(candidates[-1] + 1.0) <= budget + 1e-9:  # everyone can go to the last exit
         thresholds = torch.full((num_exits,), math.inf, device=scores.device)
@@ -989,17 +989,26 @@ class EENetPaperPolicy(ExitPolicy):
         return {"scores": torch.zeros(batch_size, self.num_exits - 1, device=device)}
 
     def _exit_score(self, exit_index: int, static: torch.Tensor, earlier: torch.Tensor, budget_index: int):
-        """Unclamped linear score `g_k(x_k)` `(B,)` of one fitted budget."""
+        """
+        Unclamped linear score `g_k(x_k)` `(B,)` of one fitted budget. An element-wise product summed per row, not a
+        matrix-vector product, whose summation order (and so its last bit) can depend on the number of rows: a sample's
+        score is the same in a batch of one as in the whole calibration split.
+        """
         weight = self.score_weight[budget_index, exit_index].float()
         inputs = torch.cat([static, earlier], dim=-1)
-        return inputs @ weight + self.score_bias[budget_index, exit_index].float()
+        return (inputs * weight).sum(-1) + self.score_bias[budget_index, exit_index].float()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_confidence_rules_cache", None)  # `decide`'s rules of the weights replaced now
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _confidence_rules(self, budget_index: int) -> list[tuple[int, float]] | None:
         """
         For a budget whose scoring functions each weigh a single confidence feature (`max p_k` or the entropy
         confidence: the confidence rules EENet's guard may keep), that feature (its index in `CONFIDENCE_SCORES`)
-        and its weight per exit; `None` for any other budget. `decide` then skips the other features, giving the same scores. Cached until
-        the weights change.
+        and its weight per exit; `None` for any other budget. `decide` then skips the other features, giving the same
+        scores. Cached until the weights change (a fit, a state-dict load, or an in-place edit that bumps their version;
+        edits through `.data` do not, and must be followed by another load).
         """
         weight = self.score_weight
         try:
@@ -1088,6 +1097,7 @@ class EENetPaperPolicy(ExitPolicy):
 
     def fit(self, exit_logits, labels, exit_costs, budgets, exit_features=None):
         costs, budgets = self._check_fit_inputs(exit_logits, labels, exit_costs, budgets, exit_features)
+        self.__dict__.pop("_confidence_rules_cache", None)  # the weights are fitted anew
         if self.num_exits < 2:
             raise ValueError(f"The {self.policy_type} exit policy needs at least 2 exits, got {self.num_exits}.")
         if exit_logits.shape[-1] < 2:
@@ -1153,12 +1163,21 @@ class EENetPaperPolicy(ExitPolicy):
         self.to(exit_logits.device)
         with torch.no_grad():
             static = self._all_static_features(exit_logits, exit_features)  # (N, K, Fs)
-        trained = _train_eenet(
+        # the scoring functions are trained by gradient descent, also when the caller fits under `torch.no_grad()` or
+        # `torch.inference_mode()` (e.g. right after caching the exit outputs): gradients on, ordinary tensors in
+        with torch.inference_mode(False), torch.enable_grad():
+            static, correct, budgets = static.clone(), correct.clone(), budgets.clone()
+            trained = self._train(static, correct, costs, budgets, fit_index, validation_index, generator)
+            return static, self._add_candidates(trained, static, correct, costs, budgets, fit_index)
+
+    def _train(self, static, correct, costs, budgets, fit_index, validation_index, generator) -> dict:
+        """[`_train_eenet`] with this policy's settings."""
+        return _train_eenet(
             static,
             correct,
             costs,
             budgets,
-            self._variant_masks().to(exit_logits.device),
+            self._variant_masks().to(static.device),
             fit_index,
             validation_index,
             restarts=self.restarts,
@@ -1173,7 +1192,6 @@ class EENetPaperPolicy(ExitPolicy):
             max_prob_column=self.num_labels,
             generator=generator,
         )
-        return static, self._add_candidates(trained, static, correct, costs, budgets, fit_index)
 
     def _fit_and_choose(self, exit_logits, exit_features, correct, costs, budgets, generator):
         """
