@@ -236,3 +236,28 @@ def test_onnx_model_takes_inputs_on_the_accelerator(tmp_path):
     torch.testing.assert_close(on_device.logits, on_host.logits)
     loss = onnx_model(**on_cuda(batches[0]), labels=labels.to(CUDA)).loss
     torch.testing.assert_close(loss, onnx_model(**batches[0], labels=labels).loss)
+
+
+def test_policy_decisions_ignore_tf32_matrix_products():
+    """The scoring functions and the feature projection do not use TF32, so decisions are those of float32 fits."""
+    model, _ = bert_case(1, seed=0)
+    batches = [random_text_batch(32, seed=seed) for seed in range(3)]
+    policy = fitted_eenet(model, batches).to(CUDA)
+    model = model.to(CUDA)
+    with torch.no_grad():
+        outputs = [model(**on_cuda(batch), output_all_exits=True, output_exit_features=True) for batch in batches]
+    logits = torch.cat([out.all_exit_logits for out in outputs])
+    features = [torch.cat(per_exit) for per_exit in zip(*(out.all_exit_features for out in outputs))]
+    before = CUDA.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    try:
+        if CUDA.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+        exact = [policy.simulate(logits, index, features) for index in range(len(policy.budgets))]
+        if CUDA.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = [policy.simulate(logits, index, features) for index in range(len(policy.budgets))]
+    finally:
+        if CUDA.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = before
+    for index, (a, b) in enumerate(zip(exact, tf32)):
+        assert torch.equal(a, b), index

@@ -1683,7 +1683,10 @@ class EENetPolicy(EENetPaperPolicy):
         if self.projection_size:
             size = self.feature_sizes[exit_index]
             centered = features.float() - self.feature_mean[exit_index, :size].float()
-            parts.append(centered @ self.feature_projection[exit_index, :size].float())
+            # in float64, rounded to float32: immune to TF32 matrix products on GPUs and, but for one rounding in
+            # ~1e9, to the batch size's summation order, so a sample is projected alike alone and in the whole split
+            projection = self.feature_projection[exit_index, :size].double()
+            parts.append((centered.double() @ projection).float())
         votes = state["votes"].scatter_add(1, prediction, torch.ones_like(prediction, dtype=state["votes"].dtype))
         return torch.cat(parts, dim=-1), {**state, "votes": votes, "previous_probs": probs}
 
