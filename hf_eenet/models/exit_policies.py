@@ -235,7 +235,8 @@ def match_thresholds(scores: torch.Tensor, fractions: torch.Tensor) -> tuple[tor
 
     Rounding up the cumulative counts sends samples earlier, never later, so the realized cost on these samples never
     exceeds the expected cost of `fractions`. Thresholds sit half-way between the last score that leaves and the next
-    lower one, so float noise in recomputed scores does not flip decisions.
+    lower one, so float noise in recomputed scores smaller than half that gap does not flip decisions (two adjacent
+    float32 scores have no half-way point between them: their gap is the only margin there).
 
     Args:
         scores (`torch.Tensor` of shape `(S, num_samples, num_exits)`): `S` score sets (e.g. one per budget).
@@ -554,7 +555,8 @@ class ExitPolicy(nn.Module):
     ) -> torch.Tensor:
         """
         The exit every sample takes, from cached exit logits `(num_samples, num_exits, num_labels)`, using the same
-        `decide` calls as the early-exit engine (so simulated and real decisions agree by construction). The decisions
+        `decide` calls as the early-exit engine, so simulated and real decisions agree whenever the engine's exit
+        outputs equal the cached ones (a backbone run on a compacted batch may differ in the last bits). The decisions
         run where the policy's tensors are (e.g. a policy stored in a model on the GPU, with exit outputs cached on the
         CPU); the exits come back on `exit_logits`' device.
         """
@@ -622,7 +624,8 @@ class ConfidenceThresholdPolicy(ExitPolicy):
             `"geometric"` (MSDNet: exit fractions proportional to `q**k` with expected cost equal to the budget,
             thresholds by quantile matching, counts rounded so the calibration cost never exceeds the budget).
 
-    Thresholds lie half-way between neighbouring calibration scores, so decisions do not flip under float noise.
+    Thresholds lie half-way between neighbouring calibration scores, so float noise smaller than half their gap does
+    not flip decisions.
     """
 
     policy_type = "confidence-threshold"
