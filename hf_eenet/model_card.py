@@ -116,6 +116,10 @@ class EENetModelCardData:
             raise ValueError(f"Unknown model card fields {sorted(unknown)}; known fields: {sorted(known)}.")
         return cls(**data)
 
+    def forget_policy_results(self) -> None:
+        """Drop what describes a fitted policy (budget tables, calibration split, choices, plot): it was replaced."""
+        self.budget_tables, self.calibration_split, self.policy_choices, self.plot_path = [], None, {}, None
+
     def add_budget_table(self, kind: str, split: str, rows: list[dict]) -> None:
         """Add (or replace) the table of one kind ("simulated" or "measured") for one split."""
         if kind not in ("simulated", "measured"):

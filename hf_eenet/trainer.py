@@ -70,13 +70,13 @@ class EarlyExitTrainingArguments(TrainingArguments):
         distillation_weight (`float`, *optional*, defaults to 0.0):
             Weight `lambda` of the self-distillation term added to the multi-exit loss once distillation is on:
             `T^2 * sum_{k<K-1} w_k KL(softmax(z_{K-1}/T) || softmax(z_k/T)) / sum_{k<K-1} w_k`, where the last exit's
-            logits `z_{K-1}` are detached (the last exit teaches, it is not pulled towards the earlier ones).
-            0 turns self-distillation off.
+            logits `z_{K-1}` are detached (the last exit teaches, it is not pulled towards the earlier ones); when
+            every early exit's weight `w_k` is 0 they weigh alike. 0 turns self-distillation off.
         distillation_temperature (`float`, *optional*, defaults to 2.0):
             Softmax temperature `T` of self-distillation.
         distillation_start (`float`, *optional*, defaults to 0.5):
-            Fraction of the training steps after which self-distillation switches on (0 = from the first step), so
-            that the last exit is a useful teacher by then.
+            Fraction of the training steps, in `[0, 1)`, after which self-distillation switches on (0 = from the
+            first step), so that the last exit is a useful teacher by then.
         retrofit (`bool`, *optional*, defaults to `False`):
             Freeze the backbone and the final classifier (every parameter outside `exit_heads`, which stay
             bit-identical, buffers included: the frozen modules also run in eval mode, so dropout is off and
@@ -134,8 +134,11 @@ class EarlyExitTrainingArguments(TrainingArguments):
             raise ValueError(f"`distillation_weight` must be a finite number >= 0, got {self.distillation_weight}.")
         if not self.distillation_temperature > 0:
             raise ValueError(f"`distillation_temperature` must be > 0, got {self.distillation_temperature}.")
-        if not 0.0 <= self.distillation_start <= 1.0:
-            raise ValueError(f"`distillation_start` must lie in [0, 1], got {self.distillation_start}.")
+        if not 0.0 <= self.distillation_start < 1.0:
+            raise ValueError(
+                f"`distillation_start` must lie in [0, 1) (the fraction of training after which distillation is on; "
+                f"1 would never switch it on: set `distillation_weight=0` instead), got {self.distillation_start}."
+            )
         if self.exit_loss_weights is not None:
             self.exit_loss_weights = _validated_exit_weights(self.exit_loss_weights)
         super().__post_init__()
@@ -370,6 +373,9 @@ class EarlyExitTrainer(EENetModelCardMixin, Trainer):
             )
             model.set_exit_policy(None)
             model.config.default_budget = None
+            if getattr(model, "model_card_data", None) is not None:
+                model.model_card_data.forget_policy_results()
+        self._logged_losses, self._logged_steps = {}, 0  # per-exit losses of an earlier `train()` call
         return super().train(*args, **kwargs)
 
     @property
@@ -863,6 +869,12 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             )
         if args is not None:
             refuse_full_eval_casts(args, "the model would be fitted, measured and saved with its weights rounded")
+            if args.dataloader_drop_last:
+                raise ValueError(
+                    "`dataloader_drop_last=True` would leave the last calibration (and test) samples out of the cached "
+                    "exit outputs, so the policies would be fitted, and simulated rows computed, on fewer samples than "
+                    "the measured rows; set it to False."
+                )
         super().__init__(model=model, args=args, **kwargs)
         _check_distributed_launch(self.args)
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -1036,6 +1048,8 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             model.config.default_budget = default_budget
         rows = simulated_budget_table(self.policies, **cached, exit_costs=exit_costs)
         self.budget_table = rows
+        if getattr(model, "model_card_data", None) is not None:
+            model.model_card_data.forget_policy_results()  # the tables of an earlier fit describe another policy
         self._record_card_table(model, "simulated", split, rows)
         model.model_card_data.calibration_split = split
         choices = {f"{budget:g}": text for budget, text in describe_choices(self.policies[name]).items()}

@@ -419,3 +419,24 @@ def test_latency_timing_on_a_split_too_small_warns(tmp_path, monkeypatch):
     with CaptureLogger(logging.get_logger("hf_eenet.trainer")) as captured:
         trainer.fit_scheduler()
     assert timed[0] == [8, 8, 8, 8] and "holds 4 batch(es) of 8, fewer than the 6 asked" in captured.out
+
+
+def test_dropping_the_last_calibration_batch_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="`dataloader_drop_last=True` would leave the last calibration"):
+        ExitSchedulerTrainer(model=tiny_model(), args=scheduler_args(tmp_path, dataloader_drop_last=True))
+
+
+def test_a_new_fit_or_training_forgets_the_earlier_policys_card_tables(tmp_path):
+    from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments
+
+    model = tiny_model()
+    trainer = ExitSchedulerTrainer(model=model, args=scheduler_args(tmp_path), eval_dataset=token_dataset(64))
+    trainer.fit_scheduler(split="dev")
+    trainer.evaluate_budgets(token_dataset(48, seed=3), split="test", measured=False)
+    assert {t["split"] for t in model.model_card_data.budget_tables} == {"dev", "test"}
+    trainer.fit_scheduler(split="dev")  # a new policy: the test table described the old one
+    assert {t["split"] for t in model.model_card_data.budget_tables} == {"dev"}
+    args = EarlyExitTrainingArguments(str(tmp_path / "exits"), max_steps=1, use_cpu=True, report_to="none")
+    EarlyExitTrainer(model=model, args=args, train_dataset=token_dataset(16)).train()
+    card = model.model_card_data
+    assert card.budget_tables == [] and card.calibration_split is None and card.policy_choices == {}

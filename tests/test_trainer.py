@@ -90,6 +90,7 @@ def test_arguments_defaults_validation_and_parser(tmp_path):
     assert parsed.exit_loss_weights == [1.0, 2.0, 3.0] and parsed.retrofit and parsed.distillation_weight == 0.5
     for bad in (
         {"distillation_start": 1.5},
+        {"distillation_start": 1.0},  # would never switch distillation on
         {"distillation_temperature": 0.0},
         {"distillation_weight": -1.0},
         {"exit_head_learning_rate": 0.0},
@@ -171,6 +172,18 @@ def test_training_drops_a_stored_exit_policy(tmp_path, caplog):
         trainer.train()
     assert model.exit_policy is None and model.config.exit_policy is None and model.config.default_budget is None
     assert "exit policy was fitted on its exits before this training" in caplog.text
+
+
+def test_per_exit_losses_of_one_train_call_do_not_leak_into_the_next(tmp_path):
+    data = token_dataset(64)
+    args = make_args(tmp_path, max_steps=3, logging_steps=2, lr_scheduler_type="constant")
+    trainer = EarlyExitTrainer(model=tiny_model(), args=args, train_dataset=data)
+    trainer.train()  # step 3's losses are buffered, never logged (as stock logs no partial interval)
+    trainer.train()
+    first = next(log for log in trainer.state.log_history if "loss" in log)
+    weights = trainer.exit_loss_weights
+    weighted = sum(w * first[f"exit_{k}_loss"] for k, w in enumerate(weights)) / sum(weights)
+    assert weighted == pytest.approx(first["loss"], abs=2e-4)
 
 
 # --- optimizer ------------------------------------------------------------------------------------------------------
