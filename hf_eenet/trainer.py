@@ -875,6 +875,11 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                     "exit outputs, so the policies would be fitted, and simulated rows computed, on fewer samples than "
                     "the measured rows; set it to False."
                 )
+            if not args.eval_do_concat_batches:
+                raise ValueError(
+                    "`eval_do_concat_batches=False` would keep the cached exit outputs as separate batches; fitting "
+                    "and simulating need them concatenated: set it to True."
+                )
         super().__init__(model=model, args=args, **kwargs)
         _check_distributed_launch(self.args)
         unwrapped = self.accelerator.unwrap_model(self.model)

@@ -421,9 +421,11 @@ def test_latency_timing_on_a_split_too_small_warns(tmp_path, monkeypatch):
     assert timed[0] == [8, 8, 8, 8] and "holds 4 batch(es) of 8, fewer than the 6 asked" in captured.out
 
 
-def test_dropping_the_last_calibration_batch_is_refused(tmp_path):
+def test_dropping_the_last_calibration_batch_or_unconcatenated_outputs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="`dataloader_drop_last=True` would leave the last calibration"):
         ExitSchedulerTrainer(model=tiny_model(), args=scheduler_args(tmp_path, dataloader_drop_last=True))
+    with pytest.raises(ValueError, match="`eval_do_concat_batches=False` would keep the cached exit outputs"):
+        ExitSchedulerTrainer(model=tiny_model(), args=scheduler_args(tmp_path, eval_do_concat_batches=False))
 
 
 def test_a_new_fit_or_training_forgets_the_earlier_policys_card_tables(tmp_path):
