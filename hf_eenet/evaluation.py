@@ -455,9 +455,10 @@ def measured_budget_table(
     mode, `torch.no_grad`) over `batches` and time it on the wall clock. Configurations take turns: each runs
     `batches_per_turn` consecutive batches, then the next one does, until every configuration has run every batch, so
     a drift in the machine's speed affects every row alike; each turn starts one configuration later than the one
-    before, so no configuration always runs first or always follows the same one. With one batch per turn (the default) each call follows
-    another configuration's call; with a few batches per turn each configuration mostly follows itself, as a server
-    running one model at one budget does (the caches and the allocator hold what its own previous call left).
+    before, so no configuration always runs first or always follows the same one. With one batch per turn (the
+    default) each call follows another configuration's call; with a few batches per turn each configuration mostly
+    follows itself, as a server running one model at one budget does (the caches and the allocator hold what its own
+    previous call left).
 
     Args:
         model: an EENet model.

@@ -1170,31 +1170,27 @@ class EENetPaperPolicy(ExitPolicy):
         # `torch.inference_mode()` (e.g. right after caching the exit outputs): gradients on, ordinary tensors in
         with torch.inference_mode(False), torch.enable_grad():
             static, correct, budgets = static.clone(), correct.clone(), budgets.clone()
-            trained = self._train(static, correct, costs, budgets, fit_index, validation_index, generator)
+            trained = _train_eenet(
+                static,
+                correct,
+                costs,
+                budgets,
+                self._variant_masks().to(static.device),
+                fit_index,
+                validation_index,
+                restarts=self.restarts,
+                learning_rate=self.learning_rate,
+                weight_decay=self.weight_decay,
+                batch_size=self.batch_size,
+                max_epochs=self.max_epochs,
+                patience=self.patience,
+                phase_epochs=self.phase_epochs,
+                hidden_ratio=self.assignment_hidden_ratio,
+                budget_tolerance=self.budget_tolerance,
+                max_prob_column=self.num_labels,
+                generator=generator,
+            )
             return static, self._add_candidates(trained, static, correct, costs, budgets, fit_index)
-
-    def _train(self, static, correct, costs, budgets, fit_index, validation_index, generator) -> dict:
-        """[`_train_eenet`] with this policy's settings."""
-        return _train_eenet(
-            static,
-            correct,
-            costs,
-            budgets,
-            self._variant_masks().to(static.device),
-            fit_index,
-            validation_index,
-            restarts=self.restarts,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            phase_epochs=self.phase_epochs,
-            hidden_ratio=self.assignment_hidden_ratio,
-            budget_tolerance=self.budget_tolerance,
-            max_prob_column=self.num_labels,
-            generator=generator,
-        )
 
     def _fit_and_choose(self, exit_logits, exit_features, correct, costs, budgets, generator):
         """

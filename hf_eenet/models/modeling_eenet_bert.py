@@ -12,7 +12,9 @@ from .configuration_eenet import EENetBertConfig
 from .early_exit import EarlyExitMixin, add_early_exit_forward_docstring
 from .exit_policies import ExitPolicy
 from .modeling_outputs import EarlyExitClassifierOutput
-from .pipeline_eenet import EENetTextClassificationPipeline  # noqa: F401  (so that a remote-code save ships it: custom_pipelines)
+
+# imported so that a remote-code save ships the pipeline module its config names in `custom_pipelines`
+from .pipeline_eenet import EENetTextClassificationPipeline  # noqa: F401
 
 __all__ = ["EENetBertExitHead", "EENetBertForSequenceClassification"]
 
