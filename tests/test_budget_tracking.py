@@ -76,8 +76,13 @@ def test_tracker_misuse_is_refused():
         tracker.record(torch.ones(4))
     with pytest.raises(ValueError, match="at least one budget"):
         tracker.choose([], 4)
-    for budget, error in [(0.0, ValueError), (-0.5, ValueError), (float("nan"), ValueError), ("half", TypeError)]:
-        with pytest.raises(error, match="budget"):
+    for budget, error, match in [
+        (0.0, ValueError, r"`budget` must be a finite number > 0 .*got 0.0\."),
+        (-0.5, ValueError, r"`budget` must be a finite number > 0 .*got -0.5\."),
+        (float("nan"), ValueError, r"`budget` must be a finite number > 0 .*got nan\."),
+        ("half", TypeError, r"`budget` must be a number .*got str: 'half'"),
+    ]:
+        with pytest.raises(error, match=match):
             BudgetTracker(budget)
     for horizon in (0, 2.5, True):
         with pytest.raises(ValueError, match="`horizon` must be a positive number of samples"):

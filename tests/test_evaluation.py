@@ -126,6 +126,9 @@ def test_saved_policies_keep_what_each_fit_chose(data, tmp_path):
     (tmp_path / "exit_policies.json").write_text("[{")
     with pytest.raises(ValueError, match="exit_policies.json' is not valid JSON"):
         load_policies(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"No saved exit policies in '.*empty' \(missing \[.*exit_policies"):
+        load_policies(tmp_path / "empty")
     assert describe_choices(exit_policy_from_config(eenet.get_config())) == {}  # nor a policy loaded with a model
     eenet.fit_summary_ = [
         {"budget": 0.5, "scoring": "regret (global)", "allocation": "searched", "solution_of_budget": 0.5},

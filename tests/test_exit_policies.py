@@ -460,6 +460,54 @@ def test_fitting_is_deterministic_under_a_seed(synthetic, policy_class):
     assert first.fit_summary_ == second.fit_summary_
 
 
+def test_eenet_training_returns_each_models_best_epoch_state():
+    """DESIGN step 4: the best state (lowest held-out loss within the budget tolerance) is kept, not the last one."""
+    from hf_eenet.models.exit_cost_model import ExitCostModel
+    from hf_eenet.models.exit_policies import _train_eenet
+
+    generator = torch.Generator().manual_seed(0)
+    num_samples, num_exits, num_static = 240, 3, 4
+    static = torch.rand(num_samples, num_exits, num_static, generator=generator)
+    correct = (torch.rand(num_samples, num_exits, generator=generator) < 0.7).float()
+    masks = torch.ones(1, num_exits, num_static + num_exits - 1)
+    masks[0, :, num_static:] = torch.tril(torch.ones(num_exits, num_exits - 1), diagonal=-1)
+
+    def train(max_epochs: int, budget_tolerance: float) -> dict:
+        return _train_eenet(
+            static,
+            correct,
+            ExitCostModel([0.3, 0.6, 1.0]),
+            torch.tensor([0.5, 0.7]),
+            masks,
+            torch.arange(160),
+            torch.arange(160, num_samples),
+            restarts=2,
+            learning_rate=0.3,  # large: the held-out loss rises and falls, so the best epoch is not the last
+            weight_decay=0.0,
+            batch_size=64,
+            max_epochs=max_epochs,
+            patience=10_000,
+            phase_epochs=2,
+            hidden_ratio=0.5,
+            budget_tolerance=budget_tolerance,
+            max_prob_column=2,
+            generator=torch.Generator().manual_seed(1),
+        )
+
+    kept = train(30, budget_tolerance=100.0)  # every epoch within the tolerance: the best one is kept
+    last = train(30, budget_tolerance=-1.0)  # never within it: every model keeps its last state
+    assert kept["epochs"] == last["epochs"] == 30 and last["best_epochs"].tolist() == [0] * 4
+    best_epochs = kept["best_epochs"].tolist()
+    assert all(1 <= epoch <= 30 for epoch in best_epochs)
+    assert any(epoch < 30 for epoch in best_epochs)
+    for model, epoch in enumerate(best_epochs):
+        at_epoch = train(epoch, budget_tolerance=-1.0)  # the same run stopped after that epoch
+        for key in ("weight", "bias", "fractions", "scores"):
+            torch.testing.assert_close(kept[key][model], at_epoch[key][model], rtol=0, atol=0)
+        if epoch < 30:
+            assert not torch.equal(kept["weight"][model], last["weight"][model])
+
+
 def test_eenet_fits_every_budget_in_one_batched_optimisation(synthetic, fitted):
     """All budgets share one run (one epoch count) and each has its own parameters."""
     policy = fitted["eenet-paper"]

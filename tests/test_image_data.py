@@ -4,6 +4,7 @@ import json
 import os
 import random
 import sys
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,7 +51,8 @@ def image_folder(tmp_path_factory):
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(count):
-                colour_image(name, hash((split, name, i)) % 10_000).save(folder / f"{i}.png")
+                seed = zlib.crc32(f"{split}/{name}/{i}".encode()) % 10_000  # not hash(): the same images every run
+                colour_image(name, seed).save(folder / f"{i}.png")
     return root
 
 

@@ -129,6 +129,10 @@ def test_budget_one_is_the_stock_model(tmp_path):
     stock.save_pretrained(tmp_path)
     model = EENetBertForSequenceClassification.from_pretrained(tmp_path).eval()
     batch = random_text_batch(6)
+    head_calls = []  # the full model runs no early-exit head (not even one whose result it discards)
+    for head in model.exit_heads:
+        for module in head.modules():
+            module.register_forward_hook(lambda module, args, output: head_calls.append(module))
     with torch.no_grad():
         expected = stock(**batch).logits
         for budget in (None, 1.0, 3):
@@ -136,6 +140,9 @@ def test_budget_one_is_the_stock_model(tmp_path):
             torch.testing.assert_close(out.logits, expected, atol=1e-6, rtol=1e-6)
             assert out.exit_index.tolist() == [model.config.num_exits - 1] * 6
             assert out.exit_cost.tolist() == [1.0] * 6
+        assert head_calls == []
+        model(**batch, output_all_exits=True)  # the hooks do see the heads when they run
+    assert head_calls
 
 
 def test_all_exits_mode_and_loss():
@@ -401,14 +408,14 @@ def test_default_budget_from_config_is_used():
 @pytest.mark.parametrize(
     ("budget", "error", "match"),
     [
-        (0.0, ValueError, "> 0"),
-        (-0.5, ValueError, "> 0"),
-        (float("nan"), ValueError, "> 0"),
-        (float("inf"), ValueError, "finite"),
-        ("0.5", TypeError, "must be a number"),
-        (True, TypeError, "must be a number"),
-        (torch.tensor([0.5, 0.6]), TypeError, "must be a number"),
-        (0.01, ValueError, "smallest budget this model can meet is 0.3"),
+        (0.0, ValueError, r"finite number > 0 \(1.0 = the full model\), got 0.0\."),
+        (-0.5, ValueError, r"finite number > 0 .*got -0.5\."),
+        (float("nan"), ValueError, r"finite number > 0 .*got nan\."),
+        (float("inf"), ValueError, r"finite number > 0 .*got inf\."),
+        ("0.5", TypeError, r"must be a number .*got str: '0.5'"),
+        (True, TypeError, r"must be a number .*got bool: True"),
+        (torch.tensor([0.5, 0.6]), TypeError, r"must be a number .*got Tensor"),
+        (0.01, ValueError, r"budget 0.01 is below the cost of the cheapest exit .*can meet is 0.3"),
     ],
 )
 def test_bad_budgets_are_rejected(budget, error, match):
@@ -418,7 +425,7 @@ def test_bad_budgets_are_rejected(budget, error, match):
 
 
 def test_budget_without_fitted_policy_is_an_error():
-    with pytest.raises(ValueError, match="needs a fitted exit policy"):
+    with pytest.raises(ValueError, match="budget 0.5 needs a fitted exit policy, but this model has none"):
         tiny_model()(**random_text_batch(2), budget=0.5)
 
 
@@ -433,15 +440,41 @@ def test_budget_below_smallest_fitted_budget_is_an_error():
         model(**batch, budget=0.1)
 
 
-def test_empty_batch_is_an_error():
+@pytest.mark.parametrize(
+    "mode",
+    [{}, {"output_all_exits": True}, {"labels": torch.zeros(0, dtype=torch.long)}, {"budget": 0.6}, {"budget": 1.0}],
+    ids=["default", "all-exits", "labels", "budget", "full-model"],
+)
+def test_empty_batch_is_an_error(mode):
+    model = tiny_model()
+    model.set_exit_policy(fitted_policy(model, random_text_batch(10), torch.randint(0, 3, (10,))))
     batch = {"input_ids": torch.zeros(0, 5, dtype=torch.long), "attention_mask": torch.zeros(0, 5, dtype=torch.long)}
-    with pytest.raises(ValueError, match="empty"):
-        tiny_model()(**batch)
+    with pytest.raises(ValueError, match="The batch is empty: pass at least one sample"):
+        model(**batch, **mode)
 
 
-def test_budget_with_labels_is_an_error():
-    with pytest.raises(ValueError, match="cannot be used when `labels` are given"):
-        tiny_model()(**random_text_batch(2), labels=torch.tensor([0, 1]), budget=0.5)
+@pytest.mark.parametrize("budget", ["float", "policy", "tracker"])
+@pytest.mark.parametrize("mode", ["labels", "output_all_exits", "output_exit_features", "train"])
+def test_budget_or_policy_where_every_exit_runs_is_an_error(mode, budget):
+    """Training, labels or the all-exits outputs run every exit: a budget there would be silently ignored."""
+    from hf_eenet import BudgetTracker
+
+    model = tiny_model()
+    model.set_exit_policy(fitted_policy(model, random_text_batch(10), torch.randint(0, 3, (10,))))
+    request = {
+        "float": {"budget": 0.6},
+        "policy": {"exit_policy": ForcedExitPolicy(torch.tensor([0, 1]))},
+        "tracker": {"budget": BudgetTracker(0.6)},
+    }[budget]
+    if mode == "train":
+        model.train()
+        kwargs, reason = {}, "all exits are computed"
+    elif mode == "labels":
+        kwargs, reason = {"labels": torch.tensor([0, 1])}, "`labels` are given"
+    else:
+        kwargs, reason = {mode: True}, "all exits are computed"
+    with pytest.raises(ValueError, match=f"A budget or exit policy cannot be used when {reason}"):
+        model(**random_text_batch(2), **kwargs, **request)
 
 
 @pytest.mark.parametrize(
@@ -479,14 +512,14 @@ def test_mismatched_attention_mask_is_an_error():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"exit_layers": [1, 2]}, "must end with the number of backbone blocks"),
-        ({"exit_layers": [2, 1, 3]}, "strictly increasing"),
-        ({"exit_loss_weights": [1.0]}, "exit_loss_weights"),
-        ({"exit_costs": [0.5, 0.4, 1.0]}, "strictly increasing"),
-        ({"exit_cost_source": "magic"}, "exit_cost_source"),
-        ({"exit_pooling": "max"}, "exit_pooling"),
-        ({"exit_head_pooling": "max"}, "`exit_head_pooling` must be 'cls', 'mean', 'attention' or None"),
-        ({"default_budget": -1}, "default_budget"),
+        ({"exit_layers": [1, 2]}, r"must end with the number of backbone blocks .*got \[1, 2\]"),
+        ({"exit_layers": [2, 1, 3]}, r"strictly increasing integers in \[1, 3\], got \[2, 1, 3\]"),
+        ({"exit_loss_weights": [1.0]}, r"exit_loss_weights.*got \[1.0\]"),
+        ({"exit_costs": [0.5, 0.4, 1.0]}, r"strictly increasing, got \[0.5, 0.4, 1.0\]"),
+        ({"exit_cost_source": "magic"}, "exit_cost_source` must be one of .*got 'magic'"),
+        ({"exit_pooling": "max"}, "`exit_pooling` must be 'cls' or 'mean', got 'max'"),
+        ({"exit_head_pooling": "max"}, "`exit_head_pooling` must be 'cls', 'mean', 'attention' or None.*'max'"),
+        ({"default_budget": -1}, r"`default_budget` must be a finite number > 0 .*got -1.0"),
     ],
 )
 def test_bad_config_values_are_rejected(overrides, match):
@@ -595,25 +628,52 @@ def test_trained_heads_of_other_exit_layers_are_read_without_loading_the_model_a
 
 
 def test_backbone_size_given_at_load_reaches_the_exits(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
     sizes = {name: getattr(tiny_bert_config(), name) for name in ("vocab_size", "hidden_size", "intermediate_size")}
     stock = BertConfig(**sizes, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64, num_labels=3)
     BertForSequenceClassification(stock).save_pretrained(tmp_path / "stock")
     truncated = EENetBertForSequenceClassification.from_pretrained(tmp_path / "stock", num_hidden_layers=2)
     assert len(truncated.bert.encoder.layer) == 2 and truncated.config.exit_layers == [1, 2]
     assert len(truncated.config.exit_costs) == 2 == len(truncated.exit_heads) + 1
-    tiny_model(num_hidden_layers=4, exit_layers=[2, 4]).save_pretrained(tmp_path / "eenet")
-    with pytest.raises(ValueError, match=r"`exit_layers` must end with the number of backbone blocks \(2\)"):
-        EENetBertForSequenceClassification.from_pretrained(tmp_path / "eenet", num_hidden_layers=2)
-
-
-def test_a_new_class_count_at_load_drops_the_policy(tmp_path):
-    model = tiny_model(exit_pooling="mean", exit_layers=[1, 3])
+    # a saved EENet model with an exit after every block: the exits follow the new size, each keeping its head
+    every_block = tiny_model(num_hidden_layers=4, exit_layers=[1, 2, 3, 4], exit_pooling="mean")
     batch = random_text_batch(16, seed=2)
-    model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, 3, (16,))))
+    every_block.set_exit_policy(fitted_policy(every_block, batch, torch.randint(0, 3, (16,))))
+    every_block.save_pretrained(tmp_path / "every-block")
+    logger = transformers_logging.get_logger("hf_eenet.models.configuration_eenet")
+    with CaptureLogger(logger) as captured:
+        smaller = EENetBertForSequenceClassification.from_pretrained(tmp_path / "every-block", num_hidden_layers=2)
+    assert "`exit_layers` changed from [1, 2, 3, 4] to [1, 2]" in captured.out and smaller.exit_policy is None
+    assert smaller.config.exit_layers == [1, 2] and smaller.config.exit_costs == truncated.config.exit_costs
+    with torch.no_grad():
+        expected = every_block.eval()(**batch, output_all_exits=True).all_exit_logits[:, 0]
+        torch.testing.assert_close(smaller.eval()(**batch, output_all_exits=True).all_exit_logits[:, 0], expected)
+    same_size = EENetBertForSequenceClassification.from_pretrained(tmp_path / "every-block", num_hidden_layers=4)
+    assert same_size.exit_policy is not None and same_size.config.exit_layers == [1, 2, 3, 4]
+    # other saved exits cannot follow by themselves: the error says to pass them
+    tiny_model(num_hidden_layers=4, exit_layers=[2, 4]).save_pretrained(tmp_path / "eenet")
+    with pytest.raises(ValueError, match=r"give the backbone 2 blocks, but the saved `exit_layers` \[2, 4\] end at"):
+        EENetBertForSequenceClassification.from_pretrained(tmp_path / "eenet", num_hidden_layers=2)
+    given = EENetBertForSequenceClassification.from_pretrained(
+        tmp_path / "eenet", num_hidden_layers=2, exit_layers=[2]
+    )
+    assert given.config.exit_layers == [2] and given.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("saved_labels", [3, 2])  # transformers writes no `id2label` for two default labels
+def test_a_new_class_count_at_load_drops_the_policy(tmp_path, saved_labels):
+    model = tiny_model(exit_pooling="mean", exit_layers=[1, 3], num_labels=saved_labels)
+    batch = random_text_batch(16, seed=2)
+    model.set_exit_policy(fitted_policy(model, batch, torch.randint(0, saved_labels, (16,))))
     model.save_pretrained(tmp_path)
+    assert ("id2label" in json.loads((tmp_path / "config.json").read_text())) == (saved_labels == 3)
     for change in ({"num_labels": 5}, {"id2label": {i: f"c{i}" for i in range(5)}}):
         reloaded = EENetBertForSequenceClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True, **change)
         assert reloaded.config.num_labels == 5 and reloaded.exit_policy is None
+    same = EENetBertForSequenceClassification.from_pretrained(tmp_path, num_labels=saved_labels)
+    assert same.exit_policy is not None
 
 
 def test_a_plain_trainer_predicts_the_logits_alone(tmp_path):

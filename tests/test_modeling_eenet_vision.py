@@ -196,6 +196,9 @@ def test_full_model_is_the_stock_model(backbone, tmp_path):
     model = backbone.model_class.from_pretrained(tmp_path, **backbone.eenet_kwargs).eval()
     assert isinstance(model.config, backbone.config_class) and model.config.model_type == f"eenet-{backbone.name}"
     images = random_images(6)
+    head_calls = []  # the full model runs no early-exit head
+    for module in model.exit_heads.modules():
+        module.register_forward_hook(lambda module, args, output: head_calls.append(module))
     with torch.no_grad():
         expected = stock(images).logits
         for budget in (None, 1.0, 3):
@@ -203,8 +206,10 @@ def test_full_model_is_the_stock_model(backbone, tmp_path):
             torch.testing.assert_close(out.logits, expected, atol=1e-6, rtol=1e-6)
             assert out.exit_index.tolist() == [model.config.num_exits - 1] * 6
             assert out.exit_cost.tolist() == [1.0] * 6
+        assert head_calls == []
         # the last exit of the all-exits path is the stock head too
         torch.testing.assert_close(model(images, output_all_exits=True).logits, expected, atol=1e-6, rtol=1e-6)
+    assert head_calls  # the hooks do see the heads when they run
 
 
 @by_name
@@ -557,21 +562,21 @@ def test_resnet_block_costs_count_each_block():
 @pytest.mark.parametrize(
     ("backbone", "overrides", "match"),
     [
-        (VIT, {"exit_layers": [1, 2]}, "must end with the number of backbone blocks"),
-        (VIT, {"exit_layers": [0, 3]}, "strictly increasing"),
-        (VIT, {"exit_pooling": "max"}, "exit_pooling"),
+        (VIT, {"exit_layers": [1, 2]}, r"must end with the number of backbone blocks \(3\) .*got \[1, 2\]"),
+        (VIT, {"exit_layers": [0, 3]}, r"strictly increasing integers in \[1, 3\], got \[0, 3\]"),
+        (VIT, {"exit_pooling": "max"}, "`exit_pooling` must be 'cls' or 'mean', got 'max'"),
         (VIT, {"exit_head_pooling": "attention"}, "`exit_head_pooling` does not apply to this model: every exit"),
         (RESNET, {"exit_pooling": "mean"}, "`exit_pooling` does not apply to this model: a ResNet's exit heads"),
         (RESNET, {"exit_head_pooling": "attention"}, "`exit_head_pooling` does not apply to this model"),
-        (VIT, {"exit_loss_weights": [1.0]}, "exit_loss_weights"),
-        (RESNET, {"exit_layers": [1, 2, 3, 4]}, "must end with the number of backbone stages \\(3\\)"),
-        (RESNET, {"exit_layers": [2, 2, 3]}, "strictly increasing"),
-        (RESNET, {"exit_head_strides": [2]}, "exit_head_strides"),
-        (RESNET, {"exit_head_strides": [3, 1]}, "exit_head_strides"),
-        (RESNET, {"exit_cost_reference_size": 0}, "exit_cost_reference_size"),
-        (RESNET, {"hidden_sizes": [8, 16]}, "one entry per stage"),
-        (RESNET, {"default_budget": -1}, "default_budget"),
-        (RESNET, {"exit_layer_unit": "layer"}, "exit_layer_unit"),
+        (VIT, {"exit_loss_weights": [1.0]}, r"`exit_loss_weights` must hold 3 non-negative .*got \[1.0\]"),
+        (RESNET, {"exit_layers": [1, 2, 3, 4]}, r"must end with the number of backbone stages \(3\).*\[1, 2, 3, 4\]"),
+        (RESNET, {"exit_layers": [2, 2, 3]}, r"strictly increasing integers in \[1, 3\], got \[2, 2, 3\]"),
+        (RESNET, {"exit_head_strides": [2]}, r"exit_head_strides.*got \[2\]"),
+        (RESNET, {"exit_head_strides": [3, 1]}, r"exit_head_strides.*got \[3, 1\]"),
+        (RESNET, {"exit_cost_reference_size": 0}, "`exit_cost_reference_size` must be an integer >= 1, got 0"),
+        (RESNET, {"hidden_sizes": [8, 16]}, r"one entry per stage, got \[8, 16\] and \[1, 1, 1\]"),
+        (RESNET, {"default_budget": -1}, r"`default_budget` must be a finite number > 0 .*got -1.0"),
+        (RESNET, {"exit_layer_unit": "layer"}, "`exit_layer_unit` must be one of .*got 'layer'"),
         (
             RESNET,
             {**BLOCK_RESNET, "exit_layers": [1, 3]},
@@ -603,8 +608,9 @@ def test_bad_budgets_are_rejected(backbone, budget, error, match):
 @by_name
 def test_bad_inputs_are_rejected(backbone):
     model = backbone.model()
-    with pytest.raises(ValueError, match="empty"):
-        model(torch.zeros(0, 3, 32, 32))
+    for mode in ({}, {"output_all_exits": True}, {"labels": torch.zeros(0, dtype=torch.long)}, {"budget": 1.0}):
+        with pytest.raises(ValueError, match="The batch is empty: pass at least one image"):
+            model(torch.zeros(0, 3, 32, 32), **mode)
     with pytest.raises(ValueError, match="`pixel_values` are required"):
         model()
     with pytest.raises(ValueError, match="batch_size, num_channels, height, width"):
@@ -613,6 +619,13 @@ def test_bad_inputs_are_rejected(backbone):
         model(torch.zeros(2, 1, 32, 32))
     with pytest.raises(ValueError, match="cannot be used when `labels` are given"):
         model(random_images(2), labels=torch.tensor([0, 1]), budget=0.9)
+    for mode in ({"output_all_exits": True}, {"output_exit_features": True}):
+        for request in ({"budget": 0.9}, {"budget": BudgetTracker(0.9)}, {"exit_policy": ForcedExitPolicy([0, 1])}):
+            with pytest.raises(ValueError, match="cannot be used when all exits are computed"):
+                model(random_images(2), **mode, **request)
+    with pytest.raises(ValueError, match="cannot be used when all exits are computed"):
+        model.train()(random_images(2), budget=0.9)
+    model.eval()
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         model(random_images(2), labels=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="holds 3 exit indices but the batch has 2"):
@@ -624,3 +637,17 @@ def test_regression_and_multi_label_configs_are_refused(backbone):
     for kwargs in ({"num_labels": 1}, {"num_labels": 3, "problem_type": "multi_label_classification"}):
         with pytest.raises(ValueError, match="EENet models are single-label classifiers"):
             backbone.model_class(backbone.config(**kwargs))
+
+
+@pytest.mark.parametrize(
+    ("unit", "depths", "exits"),
+    [("stage", [2, 1, 1], [1, 2, 3]), ("block", [1, 1, 2], [1, 2, 3, 4]), ("block", [2, 2, 2], [1, 2, 3, 4, 5, 6])],
+)
+def test_resnet_depths_given_at_load_reach_exits_after_every_block(tmp_path, unit, depths, exits):
+    model = RESNET.model(depths=[2, 1, 2], exit_layer_unit=unit)
+    assert model.config.exit_layers == list(range(1, len(model.config.exit_units()) + 1))
+    model.save_pretrained(tmp_path)
+    # (ignore_mismatched_sizes: block-unit exits move to stages of other widths, where their heads are new)
+    loaded = EENetResNetForImageClassification.from_pretrained(tmp_path, depths=depths, ignore_mismatched_sizes=True)
+    assert loaded.config.exit_layers == exits and len(loaded.exit_heads) == len(exits) - 1
+    assert loaded.config.exit_costs == RESNET.config(depths=depths, exit_layer_unit=unit).exit_costs

@@ -203,16 +203,22 @@ def test_bad_directories_and_manifests_fail_clearly(bert_export, tmp_path):
     with pytest.raises(FileNotFoundError, match="exit_1.onnx"):
         EENetONNXModel(copy)
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    for change, match in (
-        ({"format_version": 99}, "format version 99"),
-        ({"exit_costs": [0.5, -1.0, 1.0]}, "invalid exit costs"),
-        ({"segments": manifest["segments"][:1]}, "1 segments"),
-        ({"exit_segment_costs": [0.1, 0.1], "exit_cost_batch_size": 8}, "disagree on the exit costs"),
+    without_segments = {key: value for key, value in manifest.items() if key != "segments"}
+    for broken_manifest, match in (
+        ({**manifest, "format_version": 99}, "format version 99"),
+        ({**manifest, "exit_costs": [0.5, -1.0, 1.0]}, "invalid exit costs"),
+        ({**manifest, "segments": manifest["segments"][:1]}, "1 segments"),
+        ({**manifest, "exit_segment_costs": [0.1, 0.1], "exit_cost_batch_size": 8}, "disagree on the exit costs"),
+        (without_segments, r"is not an hf_eenet ONNX manifest: it lacks \['segments'\]"),
     ):
         broken = shutil.copytree(directory, tmp_path / f"broken{len(list(tmp_path.iterdir()))}")
-        (broken / MANIFEST_FILE).write_text(json.dumps({**manifest, **change}))
+        (broken / MANIFEST_FILE).write_text(json.dumps(broken_manifest))
         with pytest.raises(ValueError, match=match):
             EENetONNXModel(broken)
+    no_config = shutil.copytree(directory, tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no config.json; write the directory with `export_onnx`"):
+        EENetONNXModel(no_config)
     (copy / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         EENetONNXModel(copy)
@@ -221,6 +227,10 @@ def test_bad_directories_and_manifests_fail_clearly(bert_export, tmp_path):
         EENetONNXModel(copy)
     with pytest.raises(ValueError, match="Unknown inputs"):
         onnx_model(input_ids=torch.ones(1, 4, dtype=torch.long), pixel_values=torch.ones(1))
+    empty = {"input_ids": torch.zeros(0, 5, dtype=torch.long), "attention_mask": torch.zeros(0, 5, dtype=torch.long)}
+    for budget in (None, 0.5):
+        with pytest.raises(ValueError, match="The batch is empty"):
+            onnx_model(**empty, budget=budget)
     with pytest.raises(ValueError, match="below the smallest fitted budget"):
         onnx_model(**random_text_batch(2), budget=0.35)
 

@@ -142,7 +142,7 @@ def test_train_exits_with_loss_only_evaluation_and_refused_half_precision_eval(t
     [
         (["--text_column", "review"], "review"),
         (["--calibration_split", "holdout"], "holdout"),
-        (["--label_column", "7"], "7"),
+        (["--label_column", "7"], "label column '7' is not a column"),
         (["--exit_layer_unit", "block"], "`exit_layer_unit` applies to ResNet models only"),
     ],
 )
@@ -255,11 +255,13 @@ def test_fit_scheduler_then_evaluate_budgets_end_to_end(trained_checkpoint, tiny
         sum(row["num_samples"] for row in results["short half"] + results["long half"] if row["budget"] == 1.0) == 32
     )
     assert "| 0.50 |" in report.read_text() and "bench_budget_tracking.py --model" in report.read_text()
+    capsys.readouterr()
     with pytest.raises(SystemExit):  # 0.6 was not fitted: fixed thresholds would serve 0.5 and read as a miss
         bench_budget_tracking.main(
             ["--model", str(fitted), "--data", str(Path(tiny_sst2) / "test.tsv"), "--budgets", "0.6",
              "--output", str(report)]
         )  # fmt: skip
+    assert "--budgets [0.6] are not among the policy's fitted budgets" in capsys.readouterr().err
     unlabelled = tmp_path / "unlabelled.tsv"
     unlabelled.write_text("sentence\na fine film\n")
     with pytest.raises(ValueError, match="needs a header with 'sentence' and 'label' columns"):
@@ -578,15 +580,43 @@ def test_benchmarks_refuse_bad_counts_and_show_a_failing_childs_error(capsys):
     import bench_cli
     import bench_policy_fitting
 
-    for main, flags in (
-        (bench_speed.main, ["--repeats", "0"]),
-        (bench_speed.main, ["--batch-sizes", "4", "0"]),
-        (bench_policy_fitting.main, ["--num-budgets", "1"]),
-        (bench_cold_shapes.main, ["--processes", "0"]),
-        (bench_segment_overhead.main, ["--repeats", "-1"]),
+    for main, flags, error in (
+        (bench_speed.main, ["--repeats", "0"], "argument --repeats: must be a whole number >= 1, got 0"),
+        (bench_speed.main, ["--batch-sizes", "4", "0"], "argument --batch-sizes: must be a whole number >= 1, got 0"),
+        (
+            bench_policy_fitting.main,
+            ["--num-budgets", "1"],
+            "--num-budgets, --num-exits and --num-labels must be >= 2",
+        ),
+        (bench_cold_shapes.main, ["--processes", "0"], "argument --processes: must be a whole number >= 1, got 0"),
+        (bench_segment_overhead.main, ["--repeats", "-1"], "argument --repeats: must be a whole number >= 1, got -1"),
     ):
         with pytest.raises(SystemExit):
             main(flags)
-    assert "must be a whole number >= 1, got 0" in capsys.readouterr().err
+        assert error in capsys.readouterr().err, flags
     with pytest.raises(RuntimeError, match="(?s)A child failed \\(exit status 1\\).*ZeroDivisionError"):
         bench_cli.run_child([sys.executable, "-c", "1 / 0"], "A child")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not demo.LOCAL_SST2.is_dir(), reason="needs SST-2 in ../shared/data/sst2 (the Hub is offline)")
+def test_make_demo_on_real_sst2(tmp_path):
+    """`make demo` itself: the pretrained MiniLM, 6,000 SST-2 training sentences, fitted on dev, reported on test."""
+    rows = demo.main(["--output_dir", str(tmp_path / "demo")])
+    simulated = {(row["policy"], row["budget"]): row for row in rows if row["mode"] == "simulated"}
+    measured = {(row["policy"], row["budget"]): row for row in rows if row["mode"] == "measured"}
+    exits = [simulated[(f"static (exit {k})", None)] for k in range(6)]
+    assert {row["num_samples"] for row in rows} == {1821}  # the whole labelled test split
+    assert exits[-1]["accuracy"] >= 0.82 and exits[0]["accuracy"] >= 0.75  # 84.7 and 80.5 % here (simulated)
+    oracle = simulated[(demo.ORACLE_NAME, None)]
+    assert oracle["accuracy"] > exits[-1]["accuracy"] + 0.02 and oracle["cost"] < 0.5
+    for (policy, budget), row in measured.items():
+        if policy == "eenet":  # the engine takes the simulated decisions (up to a sample or two of float noise)
+            assert row["accuracy"] == pytest.approx(simulated[("eenet", budget)]["accuracy"], abs=2 / 1821)
+            assert row["cost"] == pytest.approx(simulated[("eenet", budget)]["cost"], abs=0.002)
+            assert row["speedup"] > 0.7 / budget  # measured: most of the saving shows on the clock
+        elif policy == "eenet (budget tracked)":
+            assert row["cost"] == pytest.approx(budget, rel=0.02)
+    for budget in (0.4, 0.5, 0.7):  # at and above 0.4 early exit costs at most a point of the last exit's accuracy
+        assert simulated[("eenet", budget)]["accuracy"] >= exits[-1]["accuracy"] - 0.01
+    assert (tmp_path / "demo" / "model" / "budget_plot_test.png").is_file()

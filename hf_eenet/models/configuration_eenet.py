@@ -239,7 +239,8 @@ class EENetConfigMixin:
         As `PreTrainedConfig.from_dict`, but early-exit and backbone arguments given as keyword arguments (e.g.
         `from_pretrained(path, exit_layers=[4, 8, 12])` or `num_hidden_layers=6`) reach `__init__`, so they are
         validated and the fields derived from them (default exits, FLOPs-based costs, ...) are recomputed; transformers
-        would set them afterwards, leaving those stale. A changed exit layout or class count drops the stored exit
+        would set them afterwards, leaving those stale. Saved exits after every block follow a backbone of another
+        size; other saved exits must then be given too. A changed exit layout or class count drops the stored exit
         policy, with a warning.
         A stock checkpoint's `model_type` (e.g. `"vit"`) is replaced by this class's own.
         """
@@ -251,8 +252,9 @@ class EENetConfigMixin:
             config_dict.update(overrides)
         num_labels = kwargs.get("num_labels") or len(kwargs.get("id2label") or {}) or None
         if num_labels is not None and config_dict.get("exit_policy") is not None:
-            saved_labels = len(config_dict.get("id2label") or {}) or None
-            if saved_labels is not None and num_labels != saved_labels:
+            # transformers writes no `id2label` for its default two labels
+            saved_labels = len(config_dict.get("id2label") or {}) or config_dict.get("num_labels") or 2
+            if num_labels != saved_labels:
                 logger.warning(
                     f"`num_labels` changed from {saved_labels} to {num_labels}: the stored exit policy was fitted on "
                     f"{saved_labels} classes and is dropped. Train the exits and fit the scheduler again."
@@ -284,8 +286,23 @@ class EENetConfigMixin:
         return names - set(inspect.signature(PreTrainedConfig.__init__).parameters)
 
     @classmethod
+    def _block_count(cls, values: dict) -> int | None:
+        """How many blocks `exit_layers` counts in a config with these `values` (`None` if they do not say)."""
+        return values.get("num_hidden_layers")
+
+    @classmethod
     def _drop_derived_fields(cls, config_dict: dict, overrides: dict) -> None:
         """Remove the saved fields that `overrides` invalidate, so `__init__` derives them again."""
+        saved_exits = list(config_dict.get("exit_layers") or ())
+        blocks = cls._block_count({**config_dict, **overrides})
+        if "exit_layers" not in overrides and saved_exits and blocks is not None and blocks != saved_exits[-1]:
+            # a backbone of another size (e.g. `num_hidden_layers=6`): saved exits after every block follow it
+            if saved_exits != list(range(1, saved_exits[-1] + 1)):
+                raise ValueError(
+                    f"The overrides {sorted(overrides)} give the backbone {blocks} blocks, but the saved `exit_layers` "
+                    f"{saved_exits} end at block {saved_exits[-1]}: pass `exit_layers` for the new backbone too."
+                )
+            overrides["exit_layers"] = list(range(1, blocks + 1))
         if "exit_layers" in overrides and "exit_layers" in config_dict:
             if list(overrides["exit_layers"] or ()) == list(config_dict["exit_layers"]):
                 overrides.pop("exit_layers")  # the saved exits: nothing to derive again
@@ -708,6 +725,13 @@ class EENetResNetConfig(EENetConfigMixin, ResNetConfig):
         super()._drop_derived_fields(config_dict, overrides)
         if "exit_head_strides" not in overrides and cls._EXIT_HEAD_STRIDE_INPUTS & overrides.keys():
             config_dict.pop("exit_head_strides", None)
+
+    @classmethod
+    def _block_count(cls, values: dict) -> int | None:
+        depths = values.get("depths")
+        if depths is None:
+            return None
+        return sum(depths) if values.get("exit_layer_unit", "stage") == "block" else len(depths)
 
     def exit_units(self) -> list[tuple[int, range]]:
         """What `exit_layers` counts, in order: `(stage, its residual blocks in that unit)` per stage or per block."""

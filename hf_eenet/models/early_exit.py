@@ -158,7 +158,8 @@ def add_early_exit_forward_docstring(inputs: str, *, unit: str, features_receive
         output_all_exits (`bool`, *optional*):
             Compute every exit for every {unit} and return `all_exit_logits`.
         output_exit_features (`bool`, *optional*):
-            With all exits computed, also return the pooled features each {features_receiver} received.
+            Compute every exit for every {unit} (as `output_all_exits`) and also return the pooled features each
+            {features_receiver} received.
         return_dict (`bool`, *optional*):
             Return an [`EarlyExitClassifierOutput`] (default) or a tuple.
     """
@@ -464,9 +465,9 @@ class EarlyExitMixin:
             if budget is not None or exit_policy is not None:
                 reason = "`labels` are given" if labels is not None else "all exits are computed"
                 raise ValueError(
-                    f"A budget or exit policy cannot be used when {reason} (training, evaluation with labels, or "
-                    "`output_all_exits=True`): every exit runs on every sample. Call the model without labels and in "
-                    "eval mode to exit early."
+                    f"A budget or exit policy cannot be used when {reason} (training, evaluation with labels, "
+                    "`output_all_exits=True` or `output_exit_features=True`): every exit runs on every sample. Call "
+                    "the model without labels and in eval mode to exit early."
                 )
             output = self._all_exits_forward(inputs, labels, output_exit_features=bool(output_exit_features))
         else:

@@ -1271,7 +1271,8 @@ def _train_eenet(
     Returns:
         A dict with the best `weight` `(P, K, F)` (masked) and `bias` `(P, K)`, the learned exit `fractions`
         `(P, K)` (mean of pi over every sample), the unclamped `scores` `(P, N, K)` of every sample, each model's
-        `budget` `(P,)` and the number of `epochs` run.
+        `budget` `(P,)`, the number of `epochs` run and each model's `best_epochs` `(P,)`: the epoch whose end state
+        it returns (1-based; 0 for a model never within the budget tolerance, which returns its last state).
     """
     device = static.device
     num_samples, num_exits, num_static = static.shape
@@ -1364,6 +1365,7 @@ def _train_eenet(
     best = [p.detach().clone() for p in parameters]
     best_total = torch.full((num_models,), math.inf, device=device)
     has_best = torch.zeros(num_models, dtype=torch.bool, device=device)
+    best_epochs = torch.zeros(num_models, dtype=torch.long, device=device)
     stale = torch.zeros(num_models, dtype=torch.long, device=device)
     done = torch.zeros(num_models, dtype=torch.bool, device=device)
     num_fit = fit_index.numel()
@@ -1400,6 +1402,7 @@ def _train_eenet(
             for saved, parameter, dim in zip(best, parameters, model_dims):
                 saved.copy_(torch.where(select(saved, dim, improved), parameter, saved))
             best_total = torch.where(improved, total, best_total)
+            best_epochs = torch.where(improved, epochs, best_epochs)
             has_best |= improved
             stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
             if epochs >= 2 * phase_epochs:  # a model that ran both phases without improving for `patience` stops
@@ -1424,6 +1427,7 @@ def _train_eenet(
         "scores": torch.cat(scores, dim=1).permute(2, 1, 0).contiguous(),
         "budget": budget,
         "epochs": epochs,
+        "best_epochs": best_epochs,
     }
 
 

@@ -28,11 +28,11 @@ class EarlyExitClassifierOutput(ModelOutput):
             an equal share of the fixed cost of each segment it ran among the samples of the batch that ran it; 1.0
             for the plain full model; the cost of the last exit when all exits are computed).
         all_exit_logits (`torch.FloatTensor` of shape `(batch_size, num_exits, num_labels)`, *optional*):
-            Logits of every exit, returned when all exits are computed (training, `labels` given, or
-            `output_all_exits=True`).
+            Logits of every exit, returned when all exits are computed (training, `labels` given,
+            `output_all_exits=True` or `output_exit_features=True`).
         all_exit_features (`tuple[torch.FloatTensor]`, *optional*):
             One tensor of shape `(batch_size, feature_size_k)` per exit: the pooled representation each exit head
-            received. Returned with `output_exit_features=True` when all exits are computed.
+            received. Returned with `output_exit_features=True` (which computes all exits).
     """
 
     loss: torch.FloatTensor | None = None
