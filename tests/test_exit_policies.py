@@ -742,8 +742,9 @@ def test_budget_grids_costs_and_simulate_inputs_are_checked():
     data = synthetic_exit_outputs(num_samples=60, num_exits=3, num_labels=3, seed=0)
     logits, labels, costs = data["exit_logits"], data["labels"], data["exit_costs"]
     policy = ConfidenceThresholdPolicy(3)
-    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
-        policy.fit(logits, labels, costs, [0.5, 1.5])
+    for grid in ([0.5, 1.5], [0.5, 1.0], [0.9999999]):  # 1.0 runs the full model: nothing to fit
+        with pytest.raises(ValueError, match=r"`budgets` to fit must lie in \(0, 1\), got \[.*a budget of 1.0 runs"):
+            policy.fit(logits, labels, costs, grid)
     with pytest.raises(ValueError, match="strictly increasing"):
         policy.fit(logits, labels, [costs[1], costs[0], costs[2]], [0.9])
     with pytest.raises(ValueError, match="strictly increasing"):
@@ -829,8 +830,12 @@ def test_fit_refuses_probabilities_and_budgets_that_are_not_a_list_of_numbers(sy
         ConfidenceThresholdPolicy(4).fit(logits, labels, costs, 0.5)
     with pytest.raises(TypeError, match="`budgets` must be a number .* got str: '0.5'"):
         ConfidenceThresholdPolicy(4).fit(logits, labels, costs, ["0.5"])
-    with pytest.raises(ValueError, match=r"`budgets` must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"`budgets` to fit must lie in \(0, 1\), got \[0.5, 1.5\]"):
         ConfidenceThresholdPolicy(4).fit(logits, labels, costs, [0.5, 1.5])
+    with pytest.raises(
+        ValueError, match=r"probabilities.clamp_min\(torch.finfo\(probabilities.dtype\).tiny\).log\(\)"
+    ):
+        ConfidenceThresholdPolicy(4).fit(logits.softmax(-1), labels, costs, [0.5])
 
 
 def test_default_budget_grid_never_passes_stop():
@@ -873,6 +878,54 @@ def test_eenet_fits_under_no_grad_and_inference_mode(synthetic, mode):
             assert policy.is_fitted
         paper = EENetPaperPolicy(4, **fast).fit(**data, exit_costs=synthetic["exit_costs"], budgets=[0.5])
     assert torch.equal(paper.thresholds, expected.thresholds)  # the same fit as with gradients on
+
+
+def test_a_policy_fitted_under_inference_mode_holds_ordinary_tensors(synthetic):
+    """Its tensors can be loaded into later (inference tensors refuse in-place updates outside inference mode)."""
+    data = {key: synthetic[key][:300] for key in ("exit_logits", "labels")}
+    policies = [
+        ConfidenceThresholdPolicy(4),
+        ConfidenceThresholdPolicy(4, allocation="geometric"),
+        EENetPaperPolicy(4, **{**FAST, "max_epochs": 3}),
+        EENetPolicy(4, **{**FAST, "max_epochs": 3}),
+    ]
+    with torch.inference_mode():
+        for policy in policies:
+            policy.fit(**data, exit_costs=synthetic["exit_costs"], budgets=[0.5, 0.7])
+    for policy in policies:
+        assert not any(tensor.is_inference() for tensor in policy.state_dict().values()), policy.policy_type
+        policy.load_state_dict(policy.state_dict())
+        assert policy.simulate(data["exit_logits"], 1).shape == (300,)
+
+
+@pytest.mark.parametrize(("num_samples", "selection_folds"), [(20, 5), (100, 5), (1000, 1)])
+def test_a_confidence_rule_chosen_without_cross_validation_makes_that_rules_decisions(num_samples, selection_folds):
+    """Below 50 samples per fold (or with one held-out slice) EENet still keeps the chosen global rule's threshold."""
+    calibration = synthetic_exit_outputs(num_samples, 4, 3, 16, seed=1)
+    test = synthetic_exit_outputs(3000, 4, 3, 16, seed=99)["exit_logits"]
+    fit = (calibration["exit_logits"], calibration["labels"], calibration["exit_costs"], [0.35, 0.5, 0.65, 0.8])
+    eenet = EENetPolicy(4, selection_folds=selection_folds, **FAST).fit(*fit)
+    baseline = ConfidenceThresholdPolicy(4).fit(*fit)
+    kept = [m for m, row in enumerate(eenet.fit_summary_) if (row["scoring"], row["allocation"]) == (
+        "max-prob (global)", "learned") and row["solution_of_budget"] == row["budget"]]  # fmt: skip
+    assert kept  # the synthetic data make EENet keep the rule at some budget
+    for m in kept:
+        torch.testing.assert_close(eenet.thresholds[m], baseline.thresholds[m])
+        assert torch.equal(eenet.simulate(test, m), baseline.simulate(test, m))
+
+
+def test_quantile_matching_never_overspends_on_a_tiny_split():
+    """Rounding the exit counts must not drop a sample that a tiny fraction sends early (one sample here)."""
+    logits = torch.randn(1, 3, 3, generator=torch.Generator().manual_seed(0)) * 3
+    costs = [0.3334659791821815, 0.666931958364363, 1.0003979375465444]
+    fractions = torch.tensor([[[0.000597, 0.0, 0.999403]]])  # expected cost just below 1.0
+    _, exits = match_thresholds(logits.softmax(-1).amax(-1)[None], fractions)
+    assert int(exits[0, 0, 0]) == 0  # the one sample leaves at exit 0: its share rounds up, never down
+    for policy in (EENetPaperPolicy(3, **FAST), EENetPolicy(3, **FAST), ConfidenceThresholdPolicy(3)):
+        policy.fit(logits, torch.tensor([1]), costs, [0.9, 0.99])
+        for m, budget in enumerate(policy.budgets):
+            exit_index = policy.simulate(logits, m)
+            assert costs[int(exit_index)] <= budget + 5e-7
 
 
 def test_global_thresholds_do_not_depend_on_the_order_of_the_samples():

@@ -26,6 +26,7 @@ The oracle (first correct exit) needs labels, so it is not a policy: see `hf_een
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -251,7 +252,10 @@ def match_thresholds(scores: torch.Tensor, fractions: torch.Tensor) -> tuple[tor
     device = scores.device
     by_exit = scores.transpose(1, 2).contiguous()  # (S, K, N): sort along contiguous memory
     sorted_scores, order = by_exit.sort(dim=-1, descending=True, stable=True)
-    counts = torch.ceil(fractions.double().cumsum(-1) * num_samples - 1e-3).clamp(0, num_samples).long()
+    # the slack absorbs float noise in `fractions` (a count of 300.00001 stays 300), yet rounds down a sample only
+    # where that adds at most 4e-7 to the cost, below the budget tolerance (it bounds the fraction a sample may miss)
+    slack = min(1e-3, 4e-7 * num_samples)
+    counts = torch.ceil(fractions.double().cumsum(-1) * num_samples - slack).clamp(0, num_samples).long()
     thresholds = torch.full((num_sets, num_q, num_exits), -math.inf, dtype=scores.dtype, device=device)
     exits = torch.full((num_sets, num_q, num_samples), num_exits - 1, dtype=torch.long, device=device)
     remaining = torch.ones(num_sets, num_q, num_samples, dtype=torch.bool, device=device)
@@ -326,6 +330,30 @@ def _check_is_budget_grid(budgets) -> None:
         )
 
 
+def _check_fittable_budgets(budgets) -> None:
+    """A fit's budgets lie below 1.0: a budget of 1.0 or more runs the full model, whatever a policy would decide."""
+    if any(b >= 1 - BUDGET_TOLERANCE for b in budgets):  # (1.0 once rounded to six decimals)
+        raise ValueError(
+            f"`budgets` to fit must lie in (0, 1), got {list(budgets)}: a budget of 1.0 runs the full model (every "
+            "sample to the last exit, no policy involved), so there is nothing to fit for it."
+        )
+
+
+def _fit_outside_inference_mode(fit):
+    """
+    Run a policy's `fit` with inference mode off: a fit right after caching the exit outputs under
+    `torch.inference_mode()` would otherwise fill the policy with inference tensors, which no later `load_state_dict`
+    can update in place. (The caller's `no_grad` stays; fits that train enable gradients themselves.)
+    """
+
+    @functools.wraps(fit)
+    def fit_with_ordinary_tensors(self, *args, **kwargs):
+        with torch.inference_mode(False):
+            return fit(self, *args, **kwargs)
+
+    return fit_with_ordinary_tensors
+
+
 class ExitPolicy(nn.Module):
     r"""
     Base class of exit policies.
@@ -344,6 +372,11 @@ class ExitPolicy(nn.Module):
     requires_budget: ClassVar[bool] = True
     # Whether the policy can be stored in a model (forced exits for tests and benchmarks cannot).
     persistable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "fit" in vars(cls):
+            cls.fit = _fit_outside_inference_mode(cls.fit)
 
     def __init__(self, num_exits: int, budgets: Sequence[float] | None = None):
         super().__init__()
@@ -440,7 +473,8 @@ class ExitPolicy(nn.Module):
             labels (`torch.LongTensor` of shape `(num_samples,)`): calibration labels.
             exit_costs (`ExitCostModel` or `Sequence[float]`): the model's cost model
                 (`ExitCostModel.from_config(config)`), or per-sample exit costs (`config.exit_costs`).
-            budgets (`Sequence[float]`): ascending budgets to fit, each >= the cheapest exit's cost.
+            budgets (`Sequence[float]`): the budgets to fit, each >= the cheapest exit's cost and below 1.0 (a
+                budget of 1.0 runs the full model).
             exit_features (`Sequence[torch.Tensor]`, *optional*): per exit, the pooled features `(num_samples, d_k)`
                 the exit head received (for policies that use them).
 
@@ -460,7 +494,8 @@ class ExitPolicy(nn.Module):
             raise ValueError(
                 "`exit_logits` look like probabilities (every row lies in [0, 1] and sums to 1), but exit policies take "
                 "the exits' logits (or log-probabilities): they apply the softmax themselves. Pass the logits, or "
-                "`probabilities.log()`."
+                "`probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()` (a probability of 0 would "
+                "give -inf)."
             )
         if exit_features is None:
             return
@@ -506,7 +541,7 @@ class ExitPolicy(nn.Module):
         budgets = [validate_budget(budget, name="budgets") for budget in budgets]
         if not budgets:
             raise ValueError("`budgets` must hold at least one budget.")
-        _check_is_budget_grid(budgets)
+        _check_fittable_budgets(budgets)
         if min(budgets) < costs.cheapest - BUDGET_TOLERANCE:
             raise ValueError(
                 f"budget {min(budgets)} is below the cheapest exit's cost {costs.cheapest:.4f}: no policy can meet "
@@ -1114,7 +1149,7 @@ class EENetPaperPolicy(ExitPolicy):
         generator = torch.Generator().manual_seed(self.seed)
         self.budgets, self.num_labels = budgets, int(exit_logits.shape[-1])
         correct = (exit_logits.argmax(-1) == labels[:, None]).float()  # (N, K)
-        budget_tensor = torch.tensor(budgets, device=device)
+        budget_tensor = torch.tensor(budgets, dtype=torch.float64, device=device)  # exact: 0.65 is not 0.6499999762
         static, trained, chosen = self._fit_and_choose(
             exit_logits, exit_features, correct, costs, budget_tensor, generator
         )
@@ -1166,10 +1201,9 @@ class EENetPaperPolicy(ExitPolicy):
         self.to(exit_logits.device)
         with torch.no_grad():
             static = self._all_static_features(exit_logits, exit_features)  # (N, K, Fs)
-        # the scoring functions are trained by gradient descent, also when the caller fits under `torch.no_grad()` or
-        # `torch.inference_mode()` (e.g. right after caching the exit outputs): gradients on, ordinary tensors in
-        with torch.inference_mode(False), torch.enable_grad():
-            static, correct, budgets = static.clone(), correct.clone(), budgets.clone()
+        # the scoring functions are trained by gradient descent, also when the caller fits under `torch.no_grad()`
+        # (every fit runs outside inference mode: `_fit_outside_inference_mode`)
+        with torch.enable_grad():
             trained = _train_eenet(
                 static,
                 correct,
@@ -1281,7 +1315,7 @@ def _train_eenet(
     num_features = masks.shape[-1]
     num_earlier = num_exits - 1
     hidden = max(1, int(round(hidden_ratio * num_features)))
-    budget = budgets.repeat_interleave(num_variants * restarts)  # (P,)
+    budget = budgets.float().repeat_interleave(num_variants * restarts)  # (P,)
     mask = masks[None, :, None].expand(num_budgets, num_variants, restarts, num_exits, num_features)
     mask = mask.reshape(num_models, num_exits, num_features).permute(1, 2, 0).contiguous()  # (K, F, P)
     mask_static, mask_earlier = mask[:, :num_static], mask[:, num_static:]
@@ -1824,7 +1858,7 @@ class EENetPolicy(EENetPaperPolicy):
             added = torch.stack(values).view(len(names), num_budgets, *values[0].shape).transpose(0, 1)
             own = extended[key].view(num_budgets, per_budget, *extended[key].shape[1:])
             extended[key] = torch.cat([own, added.to(own.dtype)], dim=1).flatten(0, 1)
-        extended["budget"] = budgets.repeat_interleave(per_budget + len(names))
+        extended["budget"] = budgets.float().repeat_interleave(per_budget + len(names))
         return extended
 
     def _candidate_name(self, index: int) -> str:
@@ -1864,9 +1898,7 @@ class EENetPolicy(EENetPaperPolicy):
         best = (totals * (num_samples + 1) + fit_hits).argmax(-1)  # held-out hits first, then the whole split's
         if self.confidence_candidates:
             best = self._guard_against_confidence(best, totals, hits, len(allocations))
-        chosen = self._chosen(best, allocations, hits)
-        own = best % len(allocations) == 0  # a global-threshold candidate keeps its thresholds on the whole split
-        chosen.thresholds = torch.where(own[:, None], trained["thresholds"][chosen.model], math.nan)
+        chosen = self._chosen(best, allocations, hits, trained, costs, budgets)
         chosen.heldout_hits = hits[torch.arange(best.numel(), device=best.device), best]  # (M, N)
         return static, trained, chosen
 
@@ -1915,15 +1947,23 @@ class EENetPolicy(EENetPaperPolicy):
         best = keys.argmax(-1)
         if self.confidence_candidates:
             best = self._guard_against_confidence(best, totals, hits, len(allocations))
-        return self._chosen(best, allocations, hits)
+        return self._chosen(best, allocations, hits, trained, costs, budgets)
 
-    def _chosen(self, best, allocations, hits) -> _Choice:
-        """The model index, fractions and `fit_summary_` details of the chosen candidate and allocation per budget."""
+    def _chosen(self, best, allocations, hits, trained, costs, budgets) -> _Choice:
+        """
+        The model index, fractions and `fit_summary_` details of the chosen candidate and allocation per budget. A
+        chosen global-threshold candidate (e.g. the max-prob rule) keeps its single threshold, set on the whole
+        calibration split, so it makes exactly that rule's decisions.
+        """
         num_budgets, num_allocations = best.numel(), len(allocations)
         model = torch.arange(num_budgets, device=best.device) * (hits.shape[1] // num_allocations)
         model = model + best // num_allocations
         allocation = best % num_allocations
         fractions = torch.stack(allocations)[allocation, model]
+        thresholds = torch.full((num_budgets, self.num_exits), math.nan, device=best.device)
+        for m in range(num_budgets):
+            if int(allocation[m]) == 0 and not trained["thresholds"][model[m]].isnan().any():
+                thresholds[m] = global_thresholds(trained["scores"][model[m]], costs, float(budgets[m]))
         details = {
             "scoring": [self._candidate_name(int(i)) for i in best // num_allocations],
             "allocation": ["learned" if int(a) == 0 else "searched" for a in allocation],
@@ -1931,7 +1971,7 @@ class EENetPolicy(EENetPaperPolicy):
             "fractions": fractions.tolist(),
             "heldout_accuracy": [float(hits[m, int(i)].float().mean()) for m, i in enumerate(best)],
         }
-        return _Choice(model, fractions, details)
+        return _Choice(model, fractions, details, thresholds=thresholds)
 
     def _guard_against_confidence(self, best, totals, validation_hits, num_allocations) -> torch.Tensor:
         """
