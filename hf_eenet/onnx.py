@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -403,7 +404,7 @@ class EENetONNXModel(EarlyExitMixin):
         policy = manifest["policy"]
         self.exit_policy = ONNXExitPolicy(num_exits, policy, sessions) if policy is not None else None
         self._segment_bounds = [0, *self.config.exit_layers]
-        self._pending_logits: tuple[int, torch.Tensor] | None = None
+        self._pending = threading.local()  # per thread: (exit, logits) from `exit_features` for `exit_logits`
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs) -> EENetONNXModel:
@@ -509,11 +510,11 @@ class EENetONNXModel(EarlyExitMixin):
 
     def exit_features(self, state, exit_index):
         logits, features = _Sessions.run(self.exits[exit_index], state)
-        self._pending_logits = (exit_index, logits)
+        self._pending.logits = (exit_index, logits)
         return features
 
     def exit_logits(self, exit_index, features):
-        pending, self._pending_logits = self._pending_logits, None
+        pending, self._pending.logits = getattr(self._pending, "logits", None), None
         if pending is None or pending[0] != exit_index:
             raise RuntimeError("`exit_logits` must follow `exit_features` of the same exit.")
         return pending[1]

@@ -867,6 +867,14 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
                 "ExitSchedulerTrainer fits the scheduler on the calibration split: pass it as `eval_dataset` (a "
                 "held-out labelled split that looks like deployment data, not the training split)."
             )
+        calibration = kwargs.get("eval_dataset")
+        if isinstance(calibration, Mapping):  # `Trainer`'s named evaluation sets: the scheduler is fitted on one
+            if len(calibration) != 1:
+                raise ValueError(
+                    f"ExitSchedulerTrainer fits the scheduler on one calibration split, but `eval_dataset` names "
+                    f"{len(calibration)}: {sorted(map(str, calibration))}. Pass that split itself (or a dict of one)."
+                )
+            kwargs["eval_dataset"] = next(iter(calibration.values()))
         if args is not None:
             refuse_full_eval_casts(args, "the model would be fitted, measured and saved with its weights rounded")
             if args.dataloader_drop_last:

@@ -192,3 +192,63 @@ def test_measured_table_adds_tracked_rows(fitted_model):
     patience = PatiencePolicy(fitted_model.config.num_exits)
     with pytest.raises(ValueError, match="not budget-matched"):
         measured_budget_table(fitted_model, batches, {"patience": patience}, tracked_policies=["patience"])
+
+
+def test_threads_sharing_a_tracker_each_record_their_own_call():
+    """Two calls in flight at once (a threaded server): each records the budget chosen for it, none fails."""
+    import threading
+
+    tracker = BudgetTracker(0.5)
+    chosen, both_chose, first_recorded = {}, threading.Barrier(2), threading.Event()
+
+    def call(name: str, cost: float, record_first: bool):
+        chosen[name] = tracker.choose([0.4, 0.6] if name == "a" else [0.3, 0.5], 2)
+        both_chose.wait()  # a's choice is still pending when b chooses
+        if not record_first:
+            first_recorded.wait()
+        tracker.record(torch.full((2,), cost))
+        if record_first:
+            first_recorded.set()
+
+    threads = [
+        threading.Thread(target=call, args=("a", 0.4, False)),
+        threading.Thread(target=call, args=("b", 0.5, True)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert tracker.num_samples == 4 and tracker.total_cost == pytest.approx(1.8)
+    assert tracker.samples_per_budget == {chosen["a"]: 2, chosen["b"]: 2} and chosen["a"] != chosen["b"]
+    with pytest.raises(RuntimeError, match="without a preceding choose"):  # this thread chose nothing
+        tracker.record(torch.ones(1))
+
+
+def test_a_model_served_from_two_threads_through_one_tracker(fitted_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tracker = BudgetTracker(0.6)
+    batches = stream(40, batch_size=4)
+
+    def serve_batch(batch):
+        with torch.no_grad():
+            return fitted_model(**batch, budget=tracker).exit_cost
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        costs = list(pool.map(serve_batch, batches))
+    assert tracker.num_samples == 160 and sum(tracker.samples_per_budget.values()) == 160
+    assert tracker.total_cost == pytest.approx(float(torch.cat(costs).sum()), rel=1e-6)
+
+
+def test_a_tracker_can_be_copied_and_pickled():
+    import copy
+    import pickle
+
+    tracker = BudgetTracker(0.5, horizon=8)
+    tracker.choose([0.4, 0.6], 2)
+    tracker.record(torch.tensor([0.4, 0.6]))
+    for twin in (copy.deepcopy(tracker), pickle.loads(pickle.dumps(tracker))):
+        assert (twin.num_samples, twin.total_cost, twin.samples_per_budget) == (2, pytest.approx(1.0), {0.4: 2})
+        twin.choose([0.5], 1)
+        twin.record(torch.tensor([0.5]))  # its own lock, its own count
+        assert twin.num_samples == 3 and tracker.num_samples == 2

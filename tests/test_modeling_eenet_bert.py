@@ -607,13 +607,18 @@ def test_exit_layers_given_at_load_keep_each_layers_trained_head(tmp_path):
         torch.testing.assert_close(fewer.eval()(**batch, output_all_exits=True).all_exit_logits, saved_exits[:, 1:])
 
 
-@pytest.mark.parametrize("max_shard_size", [None, "20KB"])
+@pytest.mark.parametrize(("max_shard_size", "variant"), [(None, None), ("20KB", None), (None, "v1"), ("20KB", "v1")])
 def test_trained_heads_of_other_exit_layers_are_read_without_loading_the_model_again(
-    tmp_path, monkeypatch, max_shard_size
+    tmp_path, monkeypatch, max_shard_size, variant
 ):
     model = tiny_model(num_hidden_layers=4, exit_layers=[1, 3, 4], exit_pooling="mean")
-    model.save_pretrained(tmp_path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    assert (tmp_path / "model.safetensors.index.json").is_file() == (max_shard_size is not None)
+    model.save_pretrained(tmp_path, max_shard_size=max_shard_size or "50GB", variant=variant)
+    if variant:  # another model's weights beside them, without the variant: its heads must not be the ones read
+        other = tiny_model(num_hidden_layers=4, exit_layers=[1, 3, 4], exit_pooling="mean")
+        other.save_pretrained(tmp_path / "other")
+        (tmp_path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    index = f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json"
+    assert (tmp_path / index).is_file() == (max_shard_size is not None)
     loads = []
     load = EENetBertForSequenceClassification.from_pretrained.__func__
     monkeypatch.setattr(
@@ -621,7 +626,7 @@ def test_trained_heads_of_other_exit_layers_are_read_without_loading_the_model_a
         "from_pretrained",
         classmethod(lambda cls, *args, **kwargs: loads.append(args) or load(cls, *args, **kwargs)),
     )
-    fewer = EENetBertForSequenceClassification.from_pretrained(tmp_path, exit_layers=[3, 4])
+    fewer = EENetBertForSequenceClassification.from_pretrained(tmp_path, exit_layers=[3, 4], variant=variant)
     assert len(loads) == 1  # the heads come from the checkpoint files, not from a second load of the model
     for a, b in zip(fewer.exit_heads[0].state_dict().values(), model.exit_heads[1].state_dict().values()):
         assert torch.equal(a, b)
@@ -716,6 +721,9 @@ def test_hidden_state_and_attention_flags_of_the_config_are_refused():
         with pytest.raises(ValueError, match=f"`config.{flag}` is True, but EENet models return"):
             model(**random_text_batch(2))
         setattr(model.config, flag, False)
+        with pytest.raises(ValueError, match=f"`{flag}=True` was passed, but EENet models return .*: drop it"):
+            model(**random_text_batch(2), **{flag: True})  # as stock BERT takes it (a TypeError would not say why)
+        assert model(**random_text_batch(2), **{flag: False}).logits.shape == (2, 3)
 
 
 def test_int32_labels_give_the_same_loss_as_int64():

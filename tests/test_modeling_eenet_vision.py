@@ -626,6 +626,10 @@ def test_bad_inputs_are_rejected(backbone):
     with pytest.raises(ValueError, match="cannot be used when all exits are computed"):
         model.train()(random_images(2), budget=0.9)
     model.eval()
+    flags = ["output_hidden_states"] + (["output_attentions"] if backbone is VIT else [])  # as the stock models take
+    for flag in flags:
+        with pytest.raises(ValueError, match=f"`{flag}=True` was passed, but EENet models return"):
+            model(random_images(2), **{flag: True})
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         model(random_images(2), labels=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="holds 3 exit indices but the batch has 2"):

@@ -287,3 +287,17 @@ def test_export_script_loads_the_processor_before_exporting(tmp_path, monkeypatc
     with pytest.raises(OSError, match="image processor"):
         script.main(["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "onnx")])
     assert not (tmp_path / "onnx").exists()  # nothing exported without the processor it would lack
+
+
+def test_an_onnx_model_serves_several_threads_at_once(bert_export):
+    """onnxruntime sessions run concurrently; the model's hand-over of each exit's logits is per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, onnx_model = bert_export
+    batches = [random_text_batch(5, seed=seed) for seed in range(96)]
+    expected = [onnx_model(**batch, budget=0.6) for batch in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda batch: onnx_model(**batch, budget=0.6), batches))
+    for result, reference in zip(results, expected):
+        assert torch.equal(result.exit_index, reference.exit_index)
+        torch.testing.assert_close(result.logits, reference.logits, atol=0, rtol=0)

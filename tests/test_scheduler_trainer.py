@@ -428,6 +428,17 @@ def test_dropping_the_last_calibration_batch_or_unconcatenated_outputs_are_refus
         ExitSchedulerTrainer(model=tiny_model(), args=scheduler_args(tmp_path, eval_do_concat_batches=False))
 
 
+def test_a_dict_of_evaluation_sets_names_one_calibration_split(tmp_path):
+    """`Trainer` takes named evaluation sets; the scheduler is fitted on exactly one."""
+    dev, other = token_dataset(64), token_dataset(48, seed=3)
+    with pytest.raises(ValueError, match=r"one calibration split, but `eval_dataset` names 2: \['a', 'b'\]"):
+        ExitSchedulerTrainer(model=tiny_model(), args=scheduler_args(tmp_path), eval_dataset={"a": dev, "b": other})
+    named = ExitSchedulerTrainer(model=tiny_model(), args=scheduler_args(tmp_path), eval_dataset={"dev": dev})
+    plain = ExitSchedulerTrainer(model=tiny_model(), args=scheduler_args(tmp_path), eval_dataset=dev)
+    assert named.eval_dataset is dev
+    torch.testing.assert_close(named.cache_exit_outputs()["exit_logits"], plain.cache_exit_outputs()["exit_logits"])
+
+
 def test_a_new_fit_or_training_forgets_the_earlier_policys_card_tables(tmp_path):
     from hf_eenet.trainer import EarlyExitTrainer, EarlyExitTrainingArguments
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +44,9 @@ class BudgetTracker:
     budget where every sample must get the same decision whatever came before, and `reset()` to start a new stream.
     The full model (cost 1.0) is one of the choices, so a stream that ran cheaper than `budget` can catch up; nothing
     is cheaper than the smallest fitted budget, so a target there is held only as well as that budget holds itself.
-    A tracker follows one stream: calls made concurrently from several threads must each have their own.
+    Threads may share a tracker (e.g. the workers of a server calling one pipeline): each call's choice is kept for
+    its own thread, and the counts are updated under a lock; calls in flight at the same time choose from the same
+    running total, so the stream's average still converges, only later.
 
     Args:
         budget (`float`):
@@ -73,14 +76,25 @@ class BudgetTracker:
         if isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral) or horizon < 1:
             raise ValueError(f"`horizon` must be a positive number of samples, got {horizon!r}.")
         self.horizon = int(horizon)
+        self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
         """Forget the stream served so far."""
-        self.num_samples = 0
-        self.total_cost = 0.0
-        self.samples_per_budget: dict[float, int] = {}
-        self._pending: float | None = None
+        with self._lock:
+            self.num_samples = 0
+            self.total_cost = 0.0
+            self.samples_per_budget: dict[float, int] = {}
+            self._pending: dict[int, float] = {}  # thread id -> the budget chosen for its call in flight
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be copied or pickled: a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def average_cost(self) -> float | None:
@@ -102,24 +116,28 @@ class BudgetTracker:
         """
         if not budgets:
             raise ValueError("BudgetTracker.choose needs at least one budget to choose from.")
-        shortfall = self.budget * self.num_samples - self.total_cost  # negative after an overspend
-        wanted = self.budget + shortfall / max(int(batch_size), self.horizon)
-        self._pending = min(sorted(float(b) for b in budgets), key=lambda b: abs(b - wanted))
-        return self._pending
+        with self._lock:
+            shortfall = self.budget * self.num_samples - self.total_cost  # negative after an overspend
+            wanted = self.budget + shortfall / max(int(batch_size), self.horizon)
+            chosen = min(sorted(float(b) for b in budgets), key=lambda b: abs(b - wanted))
+            self._pending[threading.get_ident()] = chosen
+        return chosen
 
     def record(self, exit_cost: torch.Tensor) -> None:
-        """Account for the per-sample costs (`outputs.exit_cost`) of the call served at the last `choose`."""
-        if self._pending is None:
-            raise RuntimeError("BudgetTracker.record was called without a preceding choose.")
-        chosen, self._pending = self._pending, None
-        num_samples = exit_cost.numel()
-        self.num_samples += num_samples
-        self.total_cost += float(exit_cost.detach().float().sum())  # float32 on the device (MPS has no float64)
-        self.samples_per_budget[chosen] = self.samples_per_budget.get(chosen, 0) + num_samples
+        """Account for the per-sample costs (`outputs.exit_cost`) of the call served at this thread's last `choose`."""
+        cost = float(exit_cost.detach().float().sum())  # float32 on the device (MPS has no float64)
+        with self._lock:
+            chosen = self._pending.pop(threading.get_ident(), None)
+            if chosen is None:
+                raise RuntimeError("BudgetTracker.record was called without a preceding choose (in this thread).")
+            self.num_samples += exit_cost.numel()
+            self.total_cost += cost
+            self.samples_per_budget[chosen] = self.samples_per_budget.get(chosen, 0) + exit_cost.numel()
 
     def cancel(self) -> None:
-        """Forget the last `choose` (its call failed): nothing was served."""
-        self._pending = None
+        """Forget this thread's last `choose` (its call failed): nothing was served."""
+        with self._lock:
+            self._pending.pop(threading.get_ident(), None)
 
     def __repr__(self) -> str:
         average = "none yet" if self.average_cost is None else f"{self.average_cost:.4f}"

@@ -162,6 +162,9 @@ def add_early_exit_forward_docstring(inputs: str, *, unit: str, features_receive
             {features_receiver} received.
         return_dict (`bool`, *optional*):
             Return an [`EarlyExitClassifierOutput`] (default) or a tuple.
+        output_hidden_states (`bool`, *optional*):
+            Not supported: EENet models return each {unit}'s logits, exit and cost, so `True` raises a `ValueError`
+            (run the backbone module itself for its hidden states).
     """
     entries = "".join(
         textwrap.indent(textwrap.dedent(part).strip("\n") + "\n", " " * 12) for part in (inputs, shared, extra) if part
@@ -400,12 +403,19 @@ class EarlyExitMixin:
         from safetensors import safe_open
         from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
+        variant = kwargs.get("variant")  # `save_pretrained(..., variant="v1")` writes model.v1.safetensors
+
+        def with_variant(name: str) -> str:  # as transformers names a variant's files
+            stem, extension = name.rsplit(".", 1)
+            return f"{stem}.{variant}.{extension}" if variant else name
+
         where = {**hub_loading_kwargs(kwargs), "_raise_exceptions_for_missing_entries": False}
-        files = [cached_file(source, SAFE_WEIGHTS_NAME, **where)]
+        files = [cached_file(source, with_variant(SAFE_WEIGHTS_NAME), **where)]
         if files[0] is None:
-            index = cached_file(source, SAFE_WEIGHTS_INDEX_NAME, **where)
+            index = cached_file(source, with_variant(SAFE_WEIGHTS_INDEX_NAME), **where)
             if index is None:
-                heads = type(self).from_pretrained(source, **hub_loading_kwargs(kwargs)).exit_heads
+                again = {**hub_loading_kwargs(kwargs), **({"variant": variant} if variant else {})}
+                heads = type(self).from_pretrained(source, **again).exit_heads
                 return {j: head.state_dict() for j, head in enumerate(heads)}
             with open(index) as handle:
                 weight_map = json.load(handle)["weight_map"]
@@ -451,14 +461,20 @@ class EarlyExitMixin:
         output_all_exits: bool | None = None,
         output_exit_features: bool | None = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> EarlyExitClassifierOutput | tuple:
         """Run the model in the mode its arguments ask for (see the backbone's `forward`)."""
-        for flag in ("output_hidden_states", "output_attentions"):
-            if getattr(self.config, flag, False):
+        for flag, asked in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
+            if asked or getattr(self.config, flag, False):
+                where, fix = (
+                    (f"`{flag}=True` was passed", "drop it")
+                    if asked
+                    else (f"`config.{flag}` is True", "set it to False")
+                )
                 raise ValueError(
-                    f"`config.{flag}` is True, but EENet models return each sample's logits, exit and cost, not the "
-                    f"backbone's {flag.removeprefix('output_').replace('_', ' ')}: set it to False (run the backbone "
-                    "module itself for them)."
+                    f"{where}, but EENet models return each sample's logits, exit and cost, not the backbone's "
+                    f"{flag.removeprefix('output_').replace('_', ' ')}: {fix} (run the backbone module itself for them)."
                 )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None or self.training or output_all_exits or output_exit_features:
@@ -467,7 +483,7 @@ class EarlyExitMixin:
                 raise ValueError(
                     f"A budget or exit policy cannot be used when {reason} (training, evaluation with labels, "
                     "`output_all_exits=True` or `output_exit_features=True`): every exit runs on every sample. Call "
-                    "the model without labels and in eval mode to exit early."
+                    "the model without labels, after `model.eval()`, to exit early."
                 )
             output = self._all_exits_forward(inputs, labels, output_exit_features=bool(output_exit_features))
         else:

@@ -145,6 +145,10 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
         """,
         unit="sample",
         features_receiver="exit head",
+        extra="""
+            output_attentions (`bool`, *optional*):
+                Not supported, as `output_hidden_states`: `True` raises a `ValueError`.
+        """,
     )
     def forward(
         self,
@@ -159,6 +163,8 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
         output_all_exits: bool | None = None,
         output_exit_features: bool | None = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> EarlyExitClassifierOutput | tuple:
         inputs = {
             "input_ids": input_ids,
@@ -175,4 +181,6 @@ class EENetBertForSequenceClassification(EarlyExitMixin, BertPreTrainedModel):
             output_all_exits=output_all_exits,
             output_exit_features=output_exit_features,
             return_dict=return_dict,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )

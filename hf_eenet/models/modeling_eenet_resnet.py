@@ -159,6 +159,7 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
         output_all_exits: bool | None = None,
         output_exit_features: bool | None = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> EarlyExitClassifierOutput | tuple:
         return self.early_exit_forward(
             {"pixel_values": pixel_values},
@@ -168,4 +169,5 @@ class EENetResNetForImageClassification(EarlyExitMixin, ResNetPreTrainedModel):
             output_all_exits=output_all_exits,
             output_exit_features=output_exit_features,
             return_dict=return_dict,
+            output_hidden_states=output_hidden_states,
         )

@@ -110,6 +110,8 @@ class EENetViTForImageClassification(EarlyExitMixin, ViTPreTrainedModel):
             interpolate_pos_encoding (`bool`, *optional*):
                 Interpolate the position embeddings to the images' resolution, as in [`ViTModel`]. The FLOPs-based
                 exit costs stay those of `config.image_size`.
+            output_attentions (`bool`, *optional*):
+                Not supported, as `output_hidden_states`: `True` raises a `ValueError`.
         """,
     )
     def forward(
@@ -121,6 +123,8 @@ class EENetViTForImageClassification(EarlyExitMixin, ViTPreTrainedModel):
         output_all_exits: bool | None = None,
         output_exit_features: bool | None = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
     ) -> EarlyExitClassifierOutput | tuple:
         inputs = {"pixel_values": pixel_values, "interpolate_pos_encoding": interpolate_pos_encoding}
@@ -132,4 +136,6 @@ class EENetViTForImageClassification(EarlyExitMixin, ViTPreTrainedModel):
             output_all_exits=output_all_exits,
             output_exit_features=output_exit_features,
             return_dict=return_dict,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
