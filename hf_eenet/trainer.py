@@ -1148,6 +1148,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         rows = simulated
         if measured and self.is_world_process_zero():
             _warn_if_sorted_by_label(cached["labels"], split)
+            self._warn_if_timed_beside_other_processes(f"The measured rows of the {split} split")
             device = model.device
             policies = {n: self.policies[n].to(device) for n in names}
             batches = list(self._plain_dataloader(dataset))
@@ -1171,6 +1172,15 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
             self.save_budget_table(rows, split)
         return rows
 
+    def _warn_if_timed_beside_other_processes(self, what: str) -> None:
+        """Timings on the CPU under several processes are not those of one process serving alone: say so."""
+        if self.args.world_size > 1 and self.accelerator.unwrap_model(self.model).device.type == "cpu":
+            logger.warning(
+                f"{what} are timed in the main process while {self.args.world_size} processes share this machine's "
+                f"CPU (torch uses {torch.get_num_threads()} thread(s) per process here, e.g. 1 under torchrun): the "
+                "times are not those of one process serving alone. Measure in a single process for deployment costs."
+            )
+
     def measure_exit_costs(self, dataset=None) -> list[float]:
         """
         Set the model's exit costs to latencies measured on this device ([`~EarlyExitMixin.calibrate_exit_costs`])
@@ -1182,6 +1192,7 @@ class ExitSchedulerTrainer(EENetModelCardMixin, Trainer):
         dataset = dataset if dataset is not None else self.eval_dataset
 
         def measure():
+            self._warn_if_timed_beside_other_processes("The exit costs")
             batch_size = self._option("latency_costs_batch_size")
             batch = next(iter(self._plain_dataloader(dataset, batch_size)))
             inputs = {name: value for name, value in batch.items() if name not in ("labels", "label")}

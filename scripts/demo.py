@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "step, the others to the training step (every flag of scripts/train_exits.py, TrainingArguments' included).",
     )
     args, training_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ValueError(
+            f"The demo runs in one process, but {world_size} were launched. To train and fit with several processes, "
+            "launch scripts/train_exits.py, scripts/fit_scheduler.py and scripts/evaluate_budgets.py themselves with "
+            "torchrun (see the README)."
+        )
     output = Path(args.output_dir)
     dataset_flags, training_flags = split_dataset_flags(training_flags)
     data = data_arguments(args) + [

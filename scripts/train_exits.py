@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoConfig, HfArgumentParser, PreTrainedTokenizerBase
+from transformers import AutoConfig, HfArgumentParser, PreTrainedTokenizerBase, TrainerState, set_seed
 from transformers.utils import logging
 
 from hf_eenet.auto import checkpoint_config, eenet_model_class, is_eenet_config, load_eenet_model, load_processor
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
     if model_args.exit_layer_unit is not None:
         overrides["exit_layer_unit"] = model_args.exit_layer_unit
+    set_seed(training_args.seed)  # the new exit heads are initialised here, before the Trainer seeds (as run_glue)
     model = build_model(model_args, path, overrides)
     if not is_text:
         training_args.remove_unused_columns = False  # images become pixel_values on access: keep the image column
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=compute_exit_accuracies,
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    summary = training_summary(training_args, data_args, train_result.global_step, len(splits["train"]), is_text)
+    summary = training_summary(training_args, data_args, trainer.state, len(splits["train"]), is_text)
     card = model.model_card_data = EENetModelCardData(
         base_model=base_model,
         dataset_id=None if Path(data_args.dataset_name).exists() else data_args.dataset_name,
@@ -292,15 +293,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def training_summary(
-    training_args, data_args, steps: int, train_samples: int, is_text: bool = True
+    training_args, data_args, state: TrainerState, train_samples: int, is_text: bool = True
 ) -> dict[str, object]:
-    """The hyperparameters shown on the model card (those that do not apply are left out)."""
+    """
+    The hyperparameters shown on the model card (those that do not apply are left out): the epochs and steps the
+    run took (`--max_steps` may end it before `--num_train_epochs`), and the batch size of each optimiser step over
+    every process and accumulation step.
+    """
     summary = {
         "learning_rate": training_args.learning_rate,
         "exit_head_learning_rate": training_args.exit_head_learning_rate,
-        "epochs": training_args.num_train_epochs,
-        "steps": steps,
+        "epochs": round(state.epoch, 4) if state.epoch is not None else None,
+        "steps": state.global_step,
         "train_batch_size": training_args.per_device_train_batch_size,
+        "total_train_batch_size": (
+            training_args.per_device_train_batch_size
+            * training_args.world_size
+            * training_args.gradient_accumulation_steps
+        ),
         "weight_decay": training_args.weight_decay,
         "warmup_steps": training_args.warmup_steps,
         "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),

@@ -128,6 +128,18 @@ def test_evaluate_budgets_refuses_an_unservable_measured_budget_before_running_t
         trainer.evaluate_budgets(token_dataset(16, seed=3), split="test", measured_budgets=[0.5, cheapest / 2])
 
 
+def test_timing_on_a_cpu_shared_by_several_processes_warns(fitted, monkeypatch):
+    trainer, _, _, _ = fitted
+    logger = logging.get_logger("hf_eenet.trainer")
+    with CaptureLogger(logger) as captured:
+        trainer.evaluate_budgets(token_dataset(16, seed=5), split="alone", measured_budgets=[0.5])
+    assert "processes share this machine's CPU" not in captured.out
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    with CaptureLogger(logger) as captured:
+        trainer.evaluate_budgets(token_dataset(16, seed=5), split="shared", measured_budgets=[0.5])
+    assert "The measured rows of the shared split are timed in the main process while 2 processes" in captured.out
+
+
 def test_measuring_a_split_sorted_by_label_warns(fitted):
     trainer, _, _, _ = fitted
     dataset = token_dataset(32, seed=4).sort("label")

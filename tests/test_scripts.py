@@ -107,6 +107,17 @@ def test_train_exits_end_to_end(tiny_checkpoint, tiny_sst2, tmp_path):
     } <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     assert "| steps | 3 |" in card and "accuracy (dev, simulated)" in card and "| train_samples | 48 |" in card
+    # the epochs the run took (3 steps of 16 of 48 samples), not --num_train_epochs' default 3
+    assert "| epochs | 1.0 |" in card and "| total_train_batch_size | 16 |" in card
+
+
+def test_train_exits_is_reproducible_under_its_seed(tiny_checkpoint, tiny_sst2, tmp_path):
+    """The new exit heads are initialised under `--seed` too: the same command gives the same weights."""
+    for run in ("a", "b"):
+        train_exits.main([*common_args(tiny_checkpoint, tiny_sst2, tmp_path / run), "--max_steps", "2", "--seed", "7"])
+    first = load_eenet_model(str(tmp_path / "a")).state_dict()
+    for name, tensor in load_eenet_model(str(tmp_path / "b")).state_dict().items():
+        assert torch.equal(tensor, first[name]), name
 
 
 def test_train_exits_resumes_from_a_checkpoint(tiny_checkpoint, tiny_sst2, tmp_path):
@@ -507,6 +518,13 @@ def test_demo_sends_dataset_flags_to_every_step():
         ["--shuffle_seed", "3", "--max_test_samples=5"],
         ["--learning_rate=1e-4", "--exit_layers", "2", "4"],
     )
+
+
+def test_demo_refuses_a_multi_process_launch(tiny_sst2, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="The demo runs in one process, but 2 were launched"):
+        demo.main(["--output_dir", str(tmp_path / "demo"), "--dataset_name", tiny_sst2])
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_refuses_a_flag_no_step_knows(tiny_sst2, tmp_path):
