@@ -123,9 +123,9 @@ class EENetViTForImageClassification(EarlyExitMixin, ViTPreTrainedModel):
         output_all_exits: bool | None = None,
         output_exit_features: bool | None = None,
         return_dict: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        interpolate_pos_encoding: bool | None = None,
     ) -> EarlyExitClassifierOutput | tuple:
         inputs = {"pixel_values": pixel_values, "interpolate_pos_encoding": interpolate_pos_encoding}
         return self.early_exit_forward(
